@@ -1,0 +1,1 @@
+"""lightning_dlm: adapt pretrained autoregressive LMs into masked diffusion LMs."""

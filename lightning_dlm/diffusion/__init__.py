@@ -1,0 +1,33 @@
+"""Pure-torch diffusion math: schedules, corruption, loss and attention annealing.
+
+Nothing here imports Lightning or transformers.
+"""
+
+from lightning_dlm.diffusion.annealing import (
+    ANNEAL_MASKS,
+    additive_attention_mask,
+    anneal_ratio,
+    annealing_allowed,
+    causal_allowed,
+)
+from lightning_dlm.diffusion.corruption import corrupt, maskable_positions
+from lightning_dlm.diffusion.loss import LossTerms, align_for_shift, diffusion_loss, diffusion_loss_terms
+from lightning_dlm.diffusion.schedules import (
+    SCHEDULES,
+    T_SAMPLERS,
+    CosineSchedule,
+    LinearSchedule,
+    LogLinearSchedule,
+    NoiseSchedule,
+    PolynomialSchedule,
+    get_schedule,
+    sample_t,
+    t_grid,
+)
+
+__all__ = [
+    "ANNEAL_MASKS", "SCHEDULES", "T_SAMPLERS", "CosineSchedule", "LinearSchedule", "LogLinearSchedule",
+    "LossTerms", "NoiseSchedule", "PolynomialSchedule", "additive_attention_mask", "align_for_shift",
+    "anneal_ratio", "annealing_allowed", "causal_allowed", "corrupt", "diffusion_loss",
+    "diffusion_loss_terms", "get_schedule", "maskable_positions", "sample_t", "t_grid",
+]

@@ -1,0 +1,31 @@
+"""Configuration record of the diffusion objective (parsed by the CLI from YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Literal
+
+
+@dataclass
+class DiffusionConfig:
+    """The training objective.
+
+    Args:
+        schedule: noise schedule name (linear, cosine, polynomial, loglinear).
+        schedule_kwargs: its constructor arguments (e.g. ``{power: 2}`` for polynomial).
+        eps: t is drawn from U(eps, 1) (paper: 1e-3).
+        t_sampling: uniform, antithetic or stratified draws of t across the batch.
+        shift: predict token i from the hidden state at i-1 (keeps the AR alignment).
+        normalization: ``elbo`` (negative ELBO per token) or ``masked`` (reference code's choice).
+        anneal_steps: optimiser steps of causal-to-bidirectional annealing (0 = bidirectional).
+        anneal_mask: ``random`` (reference) or ``right_context`` (structured) annealing mask.
+    """
+
+    schedule: str = "linear"
+    schedule_kwargs: Dict[str, Any] = field(default_factory=dict)
+    eps: float = 1e-3
+    t_sampling: Literal["uniform", "antithetic", "stratified"] = "uniform"
+    shift: bool = True
+    normalization: Literal["elbo", "masked"] = "elbo"
+    anneal_steps: int = 0
+    anneal_mask: Literal["random", "right_context"] = "random"

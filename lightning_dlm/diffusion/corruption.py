@@ -1,0 +1,54 @@
+"""Forward (noising) process: replace maskable tokens by the mask token with prob 1 - alpha(t)."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from lightning_dlm.diffusion.schedules import NoiseSchedule
+
+
+def maskable_positions(
+    shape: Tuple[int, int],
+    shift: bool = True,
+    attention_mask: Optional[torch.Tensor] = None,
+    protected: Optional[torch.Tensor] = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Bool (B, L): positions the forward process may corrupt.
+
+    With the shift, position 0 is never a target (it predicts nothing before it) and must hold a
+    real token, so it is never masked. ``attention_mask`` (1 = real token) excludes padding;
+    ``protected`` (True = keep clean, e.g. an SFT prompt) excludes more.
+    """
+    maskable = torch.ones(shape, dtype=torch.bool, device=device)
+    if shift:
+        maskable[:, 0] = False
+    if attention_mask is not None:
+        maskable &= attention_mask.to(device=maskable.device).bool()
+    if protected is not None:
+        maskable &= ~protected.to(device=maskable.device).bool()
+    return maskable
+
+
+def corrupt(
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    mask_id: int,
+    schedule: NoiseSchedule,
+    maskable: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(x_t, masked)``: each maskable token of ``x0`` masked independently w.p. 1 - alpha(t_b).
+
+    ``masked`` records which positions were corrupted; loss positions come from it, never from
+    ``x_t == mask_id`` (the mask id may be a real vocabulary id).
+    """
+    p = schedule.mask_prob(t.float()).to(x0.device)[:, None]
+    u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    masked = u < p
+    if maskable is not None:
+        masked &= maskable
+    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    return xt, masked

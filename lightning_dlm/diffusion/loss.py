@@ -1,0 +1,96 @@
+"""The absorbing-state diffusion ELBO, with the shift that keeps AR next-token alignment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lightning_dlm.diffusion.schedules import ScheduleLike, get_schedule
+from lightning_dlm.errors import DLMError
+
+NORMALIZATIONS = ("elbo", "masked")
+
+
+@dataclass
+class LossTerms:
+    """Pieces of the loss, so callers can report several normalisations from one pass."""
+
+    weighted_sum: torch.Tensor  # sum over scored positions of w(t_b) * CE (float32 scalar)
+    ce_sum: torch.Tensor  # unweighted CE sum over scored positions
+    num_scored: torch.Tensor  # number of scored (corrupted, target) positions
+    num_targets: int  # B * (L - 1) with shift, B * L without
+
+    def normalized(self, normalization: str = "elbo") -> torch.Tensor:
+        if normalization == "elbo":
+            return self.weighted_sum / self.num_targets
+        if normalization == "masked":
+            return self.weighted_sum / self.num_scored.clamp_min(1)
+        raise DLMError(f"unknown loss normalization '{normalization}': choose one of {NORMALIZATIONS}")
+
+
+def align_for_shift(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, shift: bool):
+    """Return (logits, targets, scored) aligned so that logits[:, j] predicts targets[:, j].
+
+    With the shift, the hidden state at i-1 predicts token i (the AR alignment), so logits[:, :-1]
+    are scored against x0[:, 1:] where x_t[:, 1:] was masked.
+    """
+    if shift:
+        return logits[:, :-1], x0[:, 1:], masked[:, 1:]
+    return logits, x0, masked
+
+
+def diffusion_loss_terms(
+    logits: torch.Tensor,
+    x0: torch.Tensor,
+    masked: torch.Tensor,
+    t: torch.Tensor,
+    schedule: ScheduleLike,
+    shift: bool = True,
+) -> LossTerms:
+    """Weighted masked cross-entropy terms; cross-entropy in float32 on the scored rows only."""
+    if logits.dim() != 3 or x0.shape != logits.shape[:2] or masked.shape != x0.shape:
+        raise DLMError(
+            f"diffusion_loss expects logits (B, L, V) with x0 and masked (B, L); got "
+            f"{tuple(logits.shape)}, {tuple(x0.shape)}, {tuple(masked.shape)}"
+        )
+    schedule = get_schedule(schedule)
+    batch, length = x0.shape
+    logits, targets, scored = align_for_shift(logits, x0, masked.bool(), shift)
+    rows, cols = scored.nonzero(as_tuple=True)
+    ce = F.cross_entropy(logits[rows, cols].float(), targets[rows, cols], reduction="none")
+    weights = schedule.weight(t.float().to(logits.device))
+    return LossTerms(
+        weighted_sum=(weights[rows] * ce).sum(),
+        ce_sum=ce.sum(),
+        num_scored=scored.sum(),
+        num_targets=batch * (length - 1 if shift else length),
+    )
+
+
+def diffusion_loss(
+    logits: torch.Tensor,
+    x0: torch.Tensor,
+    masked: torch.Tensor,
+    t: torch.Tensor,
+    schedule: ScheduleLike,
+    shift: bool = True,
+    normalization: str = "elbo",
+) -> torch.Tensor:
+    """Diffusion loss (scalar).
+
+    Args:
+        logits: (B, L, V) model outputs on x_t.
+        x0: (B, L) clean token ids.
+        masked: (B, L) bool, the positions that were corrupted.
+        t: (B,) noise level of each sequence.
+        schedule: a :class:`NoiseSchedule` or its name.
+        shift: score logits[:, i-1] against x0[:, i] (True) or logits[:, i] against x0[:, i].
+        normalization: ``"elbo"``: sum_b sum_scored w(t_b) CE / (B * targets per sequence), the
+            negative ELBO per token; ``"masked"``: the same sum / number of scored positions
+            (the reference code's choice; not an ELBO).
+    """
+    if normalization not in NORMALIZATIONS:
+        raise DLMError(f"unknown loss normalization '{normalization}': choose one of {NORMALIZATIONS}")
+    return diffusion_loss_terms(logits, x0, masked, t, schedule, shift).normalized(normalization)

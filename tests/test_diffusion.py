@@ -1,0 +1,199 @@
+"""The pure-torch diffusion math: schedules, t sampling, corruption, loss, annealing masks."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_dlm.diffusion import (
+    SCHEDULES,
+    additive_attention_mask,
+    anneal_ratio,
+    annealing_allowed,
+    corrupt,
+    diffusion_loss,
+    get_schedule,
+    maskable_positions,
+    sample_t,
+    t_grid,
+)
+from lightning_dlm.errors import DLMError
+
+SCHEDULE_CASES = [("linear", {}), ("cosine", {}), ("polynomial", {"power": 2.0}), ("polynomial", {"power": 0.5}),
+                  ("loglinear", {"eps": 1e-3})]
+
+
+@pytest.mark.parametrize("name,kwargs", SCHEDULE_CASES)
+def test_schedule_weight_matches_autograd_derivative(name, kwargs):
+    schedule = get_schedule(name, **kwargs)
+    t = torch.linspace(0.01, 0.99, 50, dtype=torch.float64, requires_grad=True)
+    alpha = schedule.alpha(t)
+    (d_alpha,) = torch.autograd.grad(alpha.sum(), t)
+    expected = -d_alpha / (1 - alpha)
+    torch.testing.assert_close(schedule.alpha_prime(t.detach()), d_alpha, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(schedule.weight(t.detach()), expected.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_schedule_endpoints_and_closed_forms():
+    t = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(get_schedule("linear").weight(t), 1 / t)
+    torch.testing.assert_close(get_schedule("polynomial", power=3).weight(t), 3 / t)
+    torch.testing.assert_close(get_schedule("loglinear").weight(t), 1 / t)
+    assert get_schedule("cosine").alpha(torch.tensor(0.0)).item() == 1.0
+    assert abs(get_schedule("cosine").alpha(torch.tensor(1.0)).item()) < 1e-7
+    assert set(SCHEDULES) == {"linear", "cosine", "polynomial", "loglinear"}
+
+
+def test_unknown_schedule_is_a_clear_error():
+    with pytest.raises(DLMError, match="unknown noise schedule 'nope'"):
+        get_schedule("nope")
+
+
+@pytest.mark.parametrize("method", ["uniform", "antithetic", "stratified"])
+def test_sample_t_range_and_determinism(method):
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a, b = sample_t(1000, 1e-3, method, g1), sample_t(1000, 1e-3, method, g2)
+    assert torch.equal(a, b)
+    assert a.min() >= 1e-3 and a.max() < 1.0
+    assert abs(a.mean().item() - 0.5005) < 0.03
+
+
+def test_antithetic_pairs_and_stratified_strata():
+    t = sample_t(6, 0.0, "antithetic", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(t[:3] + t[3:], torch.ones(3))
+    s = sample_t(8, 0.0, "stratified", torch.Generator().manual_seed(0))
+    assert torch.equal(torch.floor(s * 8), torch.arange(8, dtype=s.dtype))
+
+
+def test_t_grid_midpoints():
+    torch.testing.assert_close(t_grid(4, 0.0), torch.tensor([0.125, 0.375, 0.625, 0.875]))
+
+
+def test_corrupt_respects_maskable_and_rate():
+    x0 = torch.arange(4000).view(4, 1000) % 50 + 1
+    t = torch.tensor([0.1, 0.5, 0.9, 1.0])
+    maskable = maskable_positions(x0.shape, shift=True)
+    xt, masked = corrupt(x0, t, 0, get_schedule("linear"), maskable, torch.Generator().manual_seed(0))
+    assert not masked[:, 0].any()  # position 0 is never a target with the shift
+    assert torch.equal(xt[masked], torch.zeros(int(masked.sum()), dtype=x0.dtype))
+    assert torch.equal(xt[~masked], x0[~masked])
+    rates = masked[:, 1:].float().mean(1)
+    torch.testing.assert_close(rates, t, atol=0.05, rtol=0)
+
+
+def test_maskable_excludes_padding_and_protected():
+    attn = torch.tensor([[0, 1, 1, 1]])
+    protected = torch.tensor([[False, True, False, False]])
+    m = maskable_positions((1, 4), shift=False, attention_mask=attn, protected=protected)
+    assert m.tolist() == [[False, False, True, True]]
+
+
+def _hand_loss_inputs():
+    # B=2, L=3, V=3; logits chosen by hand.
+    logits = torch.tensor(
+        [
+            [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.0]],
+            [[0.0, 0.0, 3.0], [1.0, 2.0, 3.0], [0.0, 0.0, 0.0]],
+        ]
+    )
+    x0 = torch.tensor([[0, 1, 2], [2, 0, 1]])
+    masked = torch.tensor([[False, True, True], [True, False, True]])
+    t = torch.tensor([0.5, 0.25])
+    return logits, x0, masked, t
+
+
+def _nll(row, target):
+    return -(row[target] - math.log(sum(math.exp(v) for v in row)))
+
+
+def test_loss_hand_computed_shift_on():
+    logits, x0, masked, t = _hand_loss_inputs()
+    L = logits.tolist()
+    # shift: logits[:, i-1] vs x0[:, i] where masked[:, i], i >= 1
+    # b=0: i=1 (logits[0][0] vs 1), i=2 (logits[0][1] vs 2), w = 1/0.5 = 2
+    # b=1: i=2 (logits[1][1] vs 1), w = 1/0.25 = 4   (i=0 masked but never a target)
+    total = 2 * (_nll(L[0][0], 1) + _nll(L[0][1], 2)) + 4 * _nll(L[1][1], 1)
+    got_elbo = diffusion_loss(logits, x0, masked, t, "linear", shift=True, normalization="elbo")
+    got_masked = diffusion_loss(logits, x0, masked, t, "linear", shift=True, normalization="masked")
+    assert got_elbo.item() == pytest.approx(total / (2 * 2), rel=1e-6)
+    assert got_masked.item() == pytest.approx(total / 3, rel=1e-6)
+
+
+def test_loss_hand_computed_shift_off():
+    logits, x0, masked, t = _hand_loss_inputs()
+    L = logits.tolist()
+    # no shift: logits[:, i] vs x0[:, i] where masked
+    total = 2 * (_nll(L[0][1], 1) + _nll(L[0][2], 2)) + 4 * (_nll(L[1][0], 2) + _nll(L[1][2], 1))
+    got_elbo = diffusion_loss(logits, x0, masked, t, "linear", shift=False, normalization="elbo")
+    got_masked = diffusion_loss(logits, x0, masked, t, "linear", shift=False, normalization="masked")
+    assert got_elbo.item() == pytest.approx(total / (2 * 3), rel=1e-6)
+    assert got_masked.item() == pytest.approx(total / 4, rel=1e-6)
+
+
+def test_reused_mask_id_real_occurrences_are_not_scored():
+    # The mask id 5 also occurs as a real token: what is scored comes from `masked`, not from x_t == 5.
+    x0 = torch.tensor([[1, 5, 5, 2, 5, 3]])
+    t = torch.tensor([0.5])
+    maskable = torch.tensor([[False, False, False, True, False, True]])
+    xt, masked = corrupt(x0, torch.tensor([1.0]), 5, get_schedule("linear"), maskable)  # t=1: all maskable masked
+    assert masked.tolist() == maskable.tolist()
+    assert (xt == 5).sum() == 5  # the three real 5s look like masks in x_t
+    logits = torch.randn(1, 6, 7)
+    by_positions = diffusion_loss(logits, x0, masked, t, "linear")
+    by_id = diffusion_loss(logits, x0, xt == 5, t, "linear")
+    assert by_positions.item() != by_id.item()
+    assert diffusion_loss(logits, x0, torch.zeros_like(masked), t, "linear").item() == 0.0
+
+
+def test_loss_is_float32_for_bf16_logits_and_has_gradients():
+    logits, x0, masked, t = _hand_loss_inputs()
+    lb = logits.bfloat16().requires_grad_()
+    loss = diffusion_loss(lb, x0, masked, t, "cosine")
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert lb.grad is not None and lb.grad.abs().sum() > 0
+
+
+def test_loss_rejects_bad_normalization_and_shapes():
+    logits, x0, masked, t = _hand_loss_inputs()
+    with pytest.raises(DLMError, match="normalization"):
+        diffusion_loss(logits, x0, masked, t, "linear", normalization="mean")
+    with pytest.raises(DLMError, match="expects logits"):
+        diffusion_loss(logits[0], x0, masked, t, "linear")
+
+
+def test_anneal_ratio():
+    assert anneal_ratio(0, 10) == pytest.approx(0.1)
+    assert anneal_ratio(4, 10) == pytest.approx(0.5)
+    assert anneal_ratio(9, 10) == 1.0
+    assert anneal_ratio(100, 10) == 1.0
+    assert anneal_ratio(0, 0) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["random", "right_context"])
+def test_annealing_masks(kind):
+    L = 64
+    g = torch.Generator().manual_seed(0)
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    zero = annealing_allowed(L, 0.0, kind, g)
+    assert torch.equal(zero, causal)
+    half = annealing_allowed(L, 0.5, kind, g)
+    assert torch.equal(half & causal, causal)  # the past is always visible
+    future = half.triu(1).sum().item() / (L * (L - 1) / 2)
+    assert 0.4 < future < 0.6
+    assert annealing_allowed(L, 1.0, kind, g) is None  # no dense mask once annealed
+    if kind == "right_context":  # contiguous: each row is a prefix of keys
+        for row in half:
+            n = int(row.sum())
+            assert row[:n].all() and not row[n:].any()
+
+
+def test_additive_mask_values_and_padding():
+    allowed = torch.ones(3, 3, dtype=torch.bool).tril()
+    pad = torch.tensor([[0, 1, 1]])
+    mask = additive_attention_mask(allowed, pad, torch.float32)
+    assert mask.shape == (1, 1, 3, 3)
+    minv = torch.finfo(torch.float32).min
+    expected = torch.tensor([[0, minv, minv], [minv, 0, minv], [minv, 0, 0]])
+    assert torch.equal(mask[0, 0], expected)
+    assert mask.dtype == torch.float32 and additive_attention_mask(allowed, None, torch.bfloat16).dtype == torch.bfloat16
