@@ -1,0 +1,105 @@
+"""The diffusion backbone: a Hugging Face causal LM run with diffusion attention masks.
+
+The wrapped model is switched to bidirectional attention through its config
+(``config.is_causal = False``, which transformers' mask builders honour); partial (annealing)
+masks are passed as 4-D additive float masks, which transformers forwards to the attention
+kernels unchanged. No transformers internals are patched.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from lightning_dlm.diffusion.annealing import additive_attention_mask
+from lightning_dlm.errors import DLMError
+from lightning_dlm.model.config import BackboneConfig
+from lightning_dlm.model.loading import load_causal_lm, load_tokenizer, max_positions, resolve_hf_config
+from lightning_dlm.model.mask_token import provide_mask_token
+
+
+def position_ids_from_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a padded row sees the same positions as alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class DiffusionBackbone(nn.Module):
+    """Wraps any ``AutoModelForCausalLM`` as the denoiser of a masked diffusion LM.
+
+    ``forward(input_ids, attention_mask=None, allowed=None)`` returns logits (B, L, V):
+    ``allowed`` None = full bidirectional attention (the fast kernel path); an (L, L) or
+    (B, L, L) boolean ``allowed[q, k]`` = that dense pattern (causal, or an annealing mask).
+    ``attention_mask`` (B, L), 1 for real tokens, handles padding in both cases.
+    """
+
+    def __init__(self, model: PreTrainedModel, mask_token_id: int, mask_token_added: bool):
+        super().__init__()
+        self.model = model
+        self.mask_token_id = int(mask_token_id)
+        self.mask_token_added = bool(mask_token_added)
+        # A diffusion LM attends both ways: transformers builds bidirectional masks from this flag.
+        self.model.config.is_causal = False
+
+    # --- construction -----------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: BackboneConfig, tokenizer=None, seed: int = 0) -> "DiffusionBackbone":
+        """Load (or build) the causal LM of ``cfg`` and provide its mask token.
+
+        ``tokenizer`` is modified in place when a mask token is added.
+        """
+        model = load_causal_lm(cfg)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        mask_id, added = provide_mask_token(model, tokenizer, cfg.mask_token, seed)
+        return cls(model, mask_id, added)
+
+    # --- properties -------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        return max_positions(self.model.config)
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.model.config._attn_implementation
+
+    # --- forward ----------------------------------------------------------------------------
+    def _mask_dtype(self) -> torch.dtype:
+        if torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype() if self.model.device.type == "cuda" else torch.get_autocast_cpu_dtype()
+        return self.model.dtype
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        allowed: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        length = input_ids.shape[1]
+        limit = self.max_positions
+        if limit is not None and length > limit:
+            raise DLMError(
+                f"sequence length {length} is above the model's position limit {limit}: lower seq_len / the target length"
+            )
+        mask = attention_mask
+        if allowed is not None:
+            if self.attn_implementation == "flash_attention_2":
+                raise DLMError(
+                    "flash_attention_2 takes no dense attention mask, so it cannot anneal: "
+                    "use attn_implementation: sdpa, or anneal_steps: 0"
+                )
+            mask = additive_attention_mask(allowed, attention_mask, dtype=self._mask_dtype())
+        position_ids = position_ids_from_padding(attention_mask) if attention_mask is not None else None
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        return out.logits
+

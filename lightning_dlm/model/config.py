@@ -1,0 +1,55 @@
+"""Plain configuration records of the model adapter (parsed by the CLI from YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Literal, Optional
+
+
+@dataclass
+class MaskTokenConfig:
+    """How the absorbing [MASK] token is provided.
+
+    ``mode: add`` appends a new token (embedding rows resized; the new row initialised at the mean
+    of the old rows, plus Gaussian noise of std ``init_noise_std``). ``mode: reuse`` takes an
+    existing vocabulary entry, by ``id`` or by ``token`` string (the paper reused GPT-2 id 10541
+    and LLaMA id 811).
+    """
+
+    mode: Literal["add", "reuse"] = "add"
+    token: str = "<|mask|>"
+    id: Optional[int] = None
+    init_noise_std: float = 0.0
+
+
+@dataclass
+class BackboneConfig:
+    """Which causal LM to adapt and how to load it.
+
+    Args:
+        pretrained: hub name or local folder of a causal LM (weights are loaded from it).
+        config: with ``pretrained`` unset, a full transformers config (with ``model_type``) to
+            build a randomly initialised model; with ``pretrained`` set, overrides of its config.
+        from_scratch: take the architecture of ``pretrained`` but initialise it randomly.
+        tokenizer: hub name or folder of the tokenizer (default: ``pretrained``).
+        attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
+        dtype: dtype of the weights (``float32``, ``bfloat16``, ``float16``); mixed precision is
+            the Trainer's ``precision``.
+        mask_token: see :class:`MaskTokenConfig`.
+        gradient_checkpointing: recompute activations in the backward pass.
+        trust_remote_code: passed to transformers for models with custom code.
+    """
+
+    pretrained: Optional[str] = None
+    config: Optional[Dict[str, Any]] = None
+    from_scratch: bool = False
+    tokenizer: Optional[str] = None
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    mask_token: MaskTokenConfig = field(default_factory=MaskTokenConfig)
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    @property
+    def tokenizer_source(self) -> Optional[str]:
+        return self.tokenizer or self.pretrained

@@ -1,0 +1,108 @@
+"""Load or build Hugging Face causal LMs and tokenizers, with one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from lightning_dlm.errors import DLMError
+from lightning_dlm.model.config import BackboneConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Config attributes that hold the position limit, by model family.
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length")
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id: explicit prefixes, deep paths, or an existing parent folder."""
+    if name.startswith((".", "/", "~")):
+        return True
+    parts = name.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and os.path.isdir(parts[0]))
+
+
+def check_source(name: str, what: str) -> None:
+    """Fail early on a local path that does not exist."""
+    if _looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        raise DLMError(
+            f"{what} path '{name}' does not exist: run `make assets` for the demo assets, "
+            f"or give a local folder or a Hugging Face hub name"
+        )
+
+
+def _hub_error(name: str, what: str, err: Exception) -> DLMError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return DLMError(f"could not load {what} '{name}' ({first}): check the name or path and your network access")
+
+
+def resolve_hf_config(cfg: BackboneConfig) -> PretrainedConfig:
+    """The transformers config of the model described by ``cfg`` (no weights loaded)."""
+    overrides = dict(cfg.config or {})
+    if cfg.pretrained is None:
+        if not overrides:
+            raise DLMError("model backbone needs `pretrained` (a hub name or folder) or `config` (with model_type)")
+        model_type = overrides.pop("model_type", None)
+        if model_type is None:
+            raise DLMError("backbone.config needs a `model_type` (e.g. llama, gpt2) to build a model from scratch")
+        try:
+            return AutoConfig.for_model(model_type, **overrides)
+        except ValueError as err:
+            raise DLMError(f"bad backbone.config: {err}") from None
+    check_source(cfg.pretrained, "model")
+    try:
+        config = AutoConfig.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(cfg.pretrained, "model", err) from None
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def _check_attn(impl: str) -> None:
+    if impl == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise DLMError(
+            "attn_implementation flash_attention_2 needs flash-attn: `pip install 'lightning_dlm[flash]'` "
+            "on a CUDA machine, or use attn_implementation: sdpa"
+        )
+
+
+def load_causal_lm(cfg: BackboneConfig) -> PreTrainedModel:
+    """Load pretrained weights, or build a randomly initialised model from a config."""
+    _check_attn(cfg.attn_implementation)
+    dtype = DTYPES[cfg.dtype]
+    kwargs = dict(attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    if cfg.pretrained is not None and not cfg.from_scratch:
+        check_source(cfg.pretrained, "model")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype, **(cfg.config or {}), **kwargs)
+        except (OSError, ValueError) as err:
+            raise _hub_error(cfg.pretrained, "model", err) from None
+    else:
+        config = resolve_hf_config(cfg)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
+    return model
+
+
+def load_tokenizer(source: Optional[str], trust_remote_code: bool = False):
+    if source is None:
+        raise DLMError("no tokenizer given: set backbone.tokenizer (or backbone.pretrained) to a hub name or folder")
+    check_source(source, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(source, "tokenizer", err) from None
+    return tokenizer
+
+
+def max_positions(config: PretrainedConfig) -> Optional[int]:
+    """The longest sequence the model's position embeddings allow (None when unbounded/unknown)."""
+    for key in _POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
