@@ -1,0 +1,285 @@
+"""``DiffusionLM``: the LightningModule, a thin composition of the backbone and the diffusion math.
+
+Noise (t, masks, annealing masks) and dropout are drawn from generators seeded by
+(seed, batch counter, rank), so a resumed run draws exactly what the uninterrupted run drew.
+Checkpoints are self-contained: they carry the model's transformers config and tokenizer, so
+``DiffusionLM.load_from_checkpoint(path)`` works without the original weights or paths.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import tempfile
+from dataclasses import asdict, replace
+from typing import Any, Dict, Optional, Union
+
+import lightning as L
+import torch
+from torchmetrics.aggregation import MeanMetric
+
+from lightning_dlm.diffusion import (
+    anneal_ratio,
+    annealing_allowed,
+    corrupt,
+    diffusion_loss_terms,
+    get_schedule,
+    maskable_positions,
+    sample_t,
+    t_grid,
+)
+from lightning_dlm.diffusion.config import DiffusionConfig
+from lightning_dlm.errors import DLMError
+from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig, load_tokenizer
+from lightning_dlm.optim import OptimConfig, build_optimizer
+from lightning_dlm.seeding import derive_seed, make_generator
+
+CHECKPOINT_KEY = "lightning_dlm"
+
+
+def _coerce(cls, value):
+    """Accept a config record or its dict form (checkpoints store plain dicts)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        value = dict(value)
+        if cls is BackboneConfig and isinstance(value.get("mask_token"), dict):
+            value["mask_token"] = MaskTokenConfig(**value["mask_token"])
+        if cls is OptimConfig and "betas" in value:
+            value["betas"] = tuple(value["betas"])
+        return cls(**value)
+    raise DLMError(f"expected a {cls.__name__} or a mapping, got {type(value).__name__}")
+
+
+class DiffusionLM(L.LightningModule):
+    """A pretrained causal LM trained as a masked diffusion LM.
+
+    Args:
+        backbone: which model to adapt (see :class:`BackboneConfig`).
+        diffusion: the objective: schedule, shift, normalisation, annealing.
+        optim: AdamW and learning-rate schedule.
+        seed: seeds every noise draw together with the batch counter and the rank.
+        val_t_levels: validation estimates E_t on this many fixed, equally spaced levels of t.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        diffusion: DiffusionConfig = DiffusionConfig(),
+        optim: OptimConfig = OptimConfig(),
+        seed: int = 0,
+        val_t_levels: int = 8,
+    ):
+        super().__init__()
+        self.backbone_cfg = _coerce(BackboneConfig, backbone)
+        self.diffusion_cfg = _coerce(DiffusionConfig, diffusion)
+        self.optim_cfg = _coerce(OptimConfig, optim)
+        if val_t_levels < 1:
+            raise DLMError(f"val_t_levels must be >= 1, got {val_t_levels}")
+        self.save_hyperparameters(
+            {
+                "backbone": asdict(self.backbone_cfg),
+                "diffusion": asdict(self.diffusion_cfg),
+                "optim": asdict(self.optim_cfg),
+                "seed": seed,
+                "val_t_levels": val_t_levels,
+            }
+        )
+        self.seed = seed
+        self.val_t_levels = val_t_levels
+        self.schedule = get_schedule(self.diffusion_cfg.schedule, **self.diffusion_cfg.schedule_kwargs)
+        self.net: Optional[DiffusionBackbone] = None
+        self.tokenizer = None
+        self.tokens_seen = 0
+        self.val_nelbo = MeanMetric()
+        self.test_nelbo = MeanMetric()
+
+    # --- model construction -------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Build the backbone once (also called by Lightning for sharded strategies)."""
+        if self.net is not None:
+            return
+        cfg = self.backbone_cfg
+        if cfg.tokenizer_source is not None:
+            self.tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.trust_remote_code)
+        self.net = DiffusionBackbone.from_config(cfg, self.tokenizer, seed=self.seed)
+
+    @property
+    def mask_token_id(self) -> int:
+        return self._require_net().mask_token_id
+
+    def _require_net(self) -> DiffusionBackbone:
+        if self.net is None:
+            self.configure_model()
+        return self.net
+
+    def forward(self, input_ids, attention_mask=None, allowed=None) -> torch.Tensor:
+        return self._require_net()(input_ids, attention_mask=attention_mask, allowed=allowed)
+
+    def setup(self, stage: str) -> None:
+        self._require_net()
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        seq_len = getattr(datamodule, "seq_len", None)
+        limit = self.net.max_positions
+        if seq_len is not None and limit is not None and seq_len > limit:
+            raise DLMError(
+                f"data.seq_len {seq_len} is above the model's position limit {limit}: set data.seq_len <= {limit}"
+            )
+
+    # --- the objective --------------------------------------------------------------------------
+    def _batch_counter(self, batch: Dict[str, Any], batch_idx: int) -> int:
+        if "index" in batch:
+            return int(batch["index"])
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return self.global_step * accumulate + batch_idx % accumulate
+
+    def diffusion_terms(self, x0, attention_mask, t, allowed, generator):
+        """Corrupt ``x0`` at times ``t``, run the backbone, return (LossTerms, masked, maskable)."""
+        cfg = self.diffusion_cfg
+        maskable = maskable_positions(x0.shape, cfg.shift, attention_mask, device=x0.device)
+        xt, masked = corrupt(x0, t, self.mask_token_id, self.schedule, maskable, generator)
+        logits = self(xt, attention_mask=attention_mask, allowed=allowed)
+        terms = diffusion_loss_terms(logits, x0, masked, t, self.schedule, cfg.shift)
+        return terms, masked, maskable
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Dropout draws from torch's global generator: reseed it per batch so resume is exact.
+        torch.manual_seed(derive_seed(self.seed, self._batch_counter(batch, batch_idx), self.global_rank, 1))
+
+    def training_step(self, batch, batch_idx):
+        cfg = self.diffusion_cfg
+        x0 = batch["input_ids"]
+        attention_mask = batch.get("attention_mask")
+        counter = self._batch_counter(batch, batch_idx)
+        generator = make_generator(self.seed, counter, self.global_rank, device=x0.device)
+        t = sample_t(x0.shape[0], cfg.eps, cfg.t_sampling, generator, x0.device)
+        ratio = anneal_ratio(self.global_step, cfg.anneal_steps)
+        allowed = annealing_allowed(x0.shape[1], ratio, cfg.anneal_mask, generator, x0.device)
+        terms, masked, maskable = self.diffusion_terms(x0, attention_mask, t, allowed, generator)
+        loss = terms.normalized(cfg.normalization)
+        if not torch.isfinite(loss):
+            raise DLMError(
+                f"the training loss is {loss.item()} at step {self.global_step}: lower model.optim.lr, set "
+                f"trainer.gradient_clip_val, or use bf16-mixed rather than 16-mixed; no checkpoint was written for it"
+            )
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self.tokens_seen += x0.numel() * world
+        log = dict(on_step=True, on_epoch=False, batch_size=x0.shape[0])
+        self.log("train/loss", loss, prog_bar=True, **log)
+        self.log("train/nelbo", terms.normalized("elbo"), **log)
+        self.log("train/anneal_ratio", ratio, prog_bar=ratio < 1, **log)
+        self.log("train/masked_fraction", masked.sum() / maskable.sum().clamp_min(1), **log)
+        self.log("train/tokens_seen", float(self.tokens_seen), **log)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], **log)
+        return loss
+
+    @torch.no_grad()
+    def nelbo_per_token(self, x0: torch.Tensor, attention_mask=None, batch_key: int = 0, levels: Optional[int] = None):
+        """Negative ELBO per target token of a batch, on a fixed grid of t with fixed masks.
+
+        The estimate is a pure function of the weights, the batch and ``batch_key``: two
+        evaluations of the same weights agree exactly. Returns (nelbo_per_token, num_targets).
+        """
+        levels = levels or self.val_t_levels
+        total = torch.zeros((), device=x0.device)
+        num_targets = 0
+        for k, level in enumerate(t_grid(levels, self.diffusion_cfg.eps).tolist()):
+            generator = make_generator(self.seed, batch_key, k, 7, device=x0.device)
+            t = torch.full((x0.shape[0],), level, device=x0.device)
+            terms, _, _ = self.diffusion_terms(x0, attention_mask, t, None, generator)
+            total = total + terms.weighted_sum
+            num_targets = terms.num_targets
+        return total / (levels * num_targets), num_targets
+
+    def _eval_step(self, batch, batch_idx, metric: MeanMetric) -> None:
+        nelbo, num_targets = self.nelbo_per_token(batch["input_ids"], batch.get("attention_mask"), batch_idx)
+        metric.update(nelbo, weight=num_targets)
+
+    def _eval_epoch_end(self, metric: MeanMetric, prefix: str) -> None:
+        if metric.update_count == 0:
+            return
+        value = metric.compute()
+        self.log(f"{prefix}/nelbo", value, prog_bar=True, sync_dist=False)
+        self.log(f"{prefix}/ppl_bound", torch.exp(value), sync_dist=False)
+        metric.reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, self.val_nelbo)
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end(self.val_nelbo, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, self.test_nelbo)
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end(self.test_nelbo, "test")
+
+    # --- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        optimizer, scheduler = build_optimizer(self._require_net(), self.optim_cfg, max_steps if max_steps > 0 else None)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        net = self._require_net()
+        hf_config = net.config.to_dict()
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": 1,
+            "mask_token_id": net.mask_token_id,
+            "mask_token_added": net.mask_token_added,
+            "tokens_seen": self.tokens_seen,
+            "tokenizer_files": _tokenizer_files(self.tokenizer),
+        }
+        # Rebuilding from the checkpoint needs neither the original weights nor their path: the
+        # backbone is described by its full transformers config and an explicit mask id.
+        restore = replace(
+            self.backbone_cfg,
+            pretrained=None,
+            config=hf_config,
+            from_scratch=False,
+            tokenizer=None,
+            mask_token=replace(self.backbone_cfg.mask_token, mode="reuse", id=net.mask_token_id),
+        )
+        checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "backbone": asdict(restore)}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        meta = checkpoint.get(CHECKPOINT_KEY)
+        if meta is None:
+            raise DLMError("this checkpoint was not written by lightning_dlm (no diffusion metadata): pass a DiffusionLM checkpoint")
+        self.tokens_seen = int(meta.get("tokens_seen", 0))
+        if self.tokenizer is None and meta.get("tokenizer_files"):
+            self.tokenizer = _tokenizer_from_files(meta["tokenizer_files"])
+        net = self._require_net()
+        net.mask_token_added = bool(meta["mask_token_added"])
+        if net.mask_token_id != meta["mask_token_id"]:
+            raise DLMError(
+                f"mask token id mismatch: the checkpoint used {meta['mask_token_id']}, this model "
+                f"{net.mask_token_id}: use the same backbone.mask_token settings as the checkpoint"
+            )
+
+
+def _tokenizer_files(tokenizer) -> Dict[str, str]:
+    """Serialise a tokenizer into {file name: base64 content} (storable in a checkpoint)."""
+    if tokenizer is None:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        files = {}
+        for name in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, name), "rb") as fh:
+                files[name] = base64.b64encode(fh.read()).decode("ascii")
+    return files
+
+
+def _tokenizer_from_files(files: Dict[str, str]):
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in files.items():
+            with open(os.path.join(tmp, name), "wb") as fh:
+                fh.write(base64.b64decode(content))
+        return load_tokenizer(tmp)
