@@ -1,0 +1,94 @@
+"""The first sampler: canvas layout, filtering, random-order decoding with prefix and suffix."""
+
+import pytest
+import torch
+
+from lightning_dlm.diffusion import get_schedule
+from lightning_dlm.errors import DLMError
+from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig
+from lightning_dlm.sampling import build_canvas, filter_logits, random_order_sample, slot_logits
+from tests.conftest import TINY_LLAMA
+
+MASK = 96
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    cfg = BackboneConfig(config=dict(TINY_LLAMA), mask_token=MaskTokenConfig(mode="reuse", id=MASK))
+    return DiffusionBackbone.from_config(cfg).eval()
+
+
+def _denoiser(net):
+    return lambda ids, attn: net(ids, attention_mask=attn)
+
+
+def test_canvas_layout_left_pads_and_marks_targets():
+    c = build_canvas([[5, 6, 7], [8]], 2, MASK, pad_id=0, start_id=1, suffixes=[[9], [10, 11]])
+    assert c.ids.tolist() == [[5, 6, 7, MASK, MASK, 9], [0, 8, MASK, MASK, 10, 11]]
+    assert c.attention_mask.tolist() == [[1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]]
+    assert c.target.tolist() == [[False, False, False, True, True, False], [False, False, True, True, False, False]]
+    assert torch.equal(c.masked, c.target)
+    empty = build_canvas([[]], 2, MASK, pad_id=0, start_id=1)
+    assert empty.ids.tolist() == [[1, MASK, MASK]] and empty.attention_mask is None
+
+
+def test_canvas_errors():
+    with pytest.raises(DLMError, match="length must be >= 1"):
+        build_canvas([[1]], 0, MASK, 0, 1)
+    with pytest.raises(DLMError, match="above the model's limit of 8"):
+        build_canvas([[1, 2, 3]], 4, MASK, 0, 1, suffixes=[[4, 5]], max_positions=8)
+    with pytest.raises(DLMError, match="empty prompt"):
+        build_canvas([[]], 2, MASK, 0, None)
+
+
+def test_slot_logits_shift():
+    logits = torch.arange(3).float().view(1, 3, 1)
+    assert slot_logits(logits, True).view(-1).tolist() == [0.0, 0.0, 1.0]
+    assert torch.equal(slot_logits(logits, False), logits)
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    k2 = filter_logits(logits, top_k=2)
+    assert torch.isfinite(k2).tolist() == [[True, True, False, False]]
+    p = filter_logits(logits, top_p=0.75)  # 0.5 + 0.3 reaches 0.75: keep two
+    assert torch.isfinite(p).tolist() == [[True, True, False, False]]
+    p1 = filter_logits(logits, top_p=0.4)  # the top token alone
+    assert torch.isfinite(p1).tolist() == [[True, False, False, False]]
+
+
+@pytest.mark.parametrize("steps", [1, 4, 64])
+def test_prefix_and_suffix_are_preserved_and_all_slots_decoded(net, steps):
+    canvas = build_canvas([[3, 4, 5], [6]], 6, MASK, pad_id=0, start_id=1, suffixes=[[7, 8], [9]])
+    ids, passes = random_order_sample(_denoiser(net), canvas, get_schedule("linear"), steps=steps,
+                                      suppress_ids=[MASK], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ids[~canvas.target], canvas.ids[~canvas.target])
+    assert not (ids[canvas.target] == MASK).any()
+    assert 1 <= passes <= steps
+    if steps == 1:
+        assert passes == 1
+
+
+def test_sampling_is_deterministic_given_the_seed(net):
+    canvas = build_canvas([[3, 4]], 8, MASK, 0, 1)
+    run = lambda seed: random_order_sample(_denoiser(net), canvas, get_schedule("cosine"), steps=8,  # noqa: E731
+                                           temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(seed))[0]
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_greedy_with_one_step_equals_argmax_of_one_forward(net):
+    canvas = build_canvas([[3, 4]], 5, MASK, 0, 1)
+    ids, _ = random_order_sample(_denoiser(net), canvas, get_schedule("linear"), steps=1, temperature=0.0)
+    with torch.no_grad():
+        expect = slot_logits(net(canvas.ids), True).argmax(-1)
+    assert torch.equal(ids[canvas.target], expect[canvas.target])
+
+
+def test_bad_sampling_arguments(net):
+    canvas = build_canvas([[3]], 2, MASK, 0, 1)
+    with pytest.raises(DLMError, match="steps T must be >= 1"):
+        random_order_sample(_denoiser(net), canvas, get_schedule("linear"), steps=0)
+    with pytest.raises(DLMError, match="top_p must be in"):
+        random_order_sample(_denoiser(net), canvas, get_schedule("linear"), top_p=1.5)
