@@ -1,0 +1,74 @@
+"""The ``dlm`` command: LightningCLI for fit/validate/test, plus lightning_dlm's own subcommands.
+
+    dlm fit --config experiments/debug.yaml [--trainer.max_steps 100 ...]
+    dlm validate --config experiments/smollm2_shakespeare.yaml [--ckpt_path ...]
+    dlm sample --ckpt runs/.../last.ckpt --prompt "To be" [--suffix "..."]
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Dict, List, Optional
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lightning_dlm.data import TextDataModule
+from lightning_dlm.errors import DLMError
+from lightning_dlm.module import DiffusionLM
+
+
+def _tokenizer_of(tokenizer: Optional[str], pretrained: Optional[str]) -> Optional[str]:
+    return tokenizer or pretrained
+
+
+class DLMCLI(LightningCLI):
+    """LightningCLI with a step-based checkpoint callback and the tokenizer linked model -> data."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.every_n_train_steps": 1000,
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.filename": "step{step:07d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.link_arguments(
+            ("model.backbone.tokenizer", "model.backbone.pretrained"), "data.tokenizer", compute_fn=_tokenizer_of
+        )
+
+
+def lightning_main(args: List[str]) -> None:
+    DLMCLI(
+        DiffusionLM,
+        TextDataModule,
+        args=args,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"default_root_dir": "runs"},
+        seed_everything_default=0,
+    )
+
+
+def sample_main(args: List[str]) -> None:
+    from lightning_dlm.commands.sample import sample_command
+
+    sample_command(args)
+
+
+COMMANDS: Dict[str, Callable[[List[str]], None]] = {"sample": sample_main}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] in COMMANDS:
+            COMMANDS[args[0]](args[1:])
+        else:
+            lightning_main(args)
+    except DLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,1 @@
+"""Subcommands of ``dlm`` beyond LightningCLI's fit/validate/test."""
