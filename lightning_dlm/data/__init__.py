@@ -1,0 +1,25 @@
+"""The data layer: corpora -> tokenized, packed blocks -> sharded, exactly resumable batches.
+
+* :mod:`.sources`: :class:`CorpusSource` and opening corpora through ``datasets`` (streaming);
+* :mod:`.packing`: tokenize documents (+ EOS) and pack them into ``seq_len`` blocks;
+* :mod:`.stream`: the per-rank training stream (sharding over ranks x workers, mixture, resume);
+* :mod:`.datamodule`: :class:`TextDataModule`, the LightningDataModule.
+"""
+
+from typing import TYPE_CHECKING
+
+from lightning_dlm.data.sources import CorpusSource
+
+if TYPE_CHECKING:
+    from lightning_dlm.data.datamodule import TextDataModule
+
+__all__ = ["CorpusSource", "TextDataModule"]
+
+
+def __getattr__(name: str):
+    # Lazy: only the datamodule needs Lightning; sources, packing and stream stay importable without it.
+    if name == "TextDataModule":
+        from lightning_dlm.data.datamodule import TextDataModule
+
+        return TextDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,217 @@
+"""``TextDataModule``: packed pretraining data for Lightning, resumable batch for batch.
+
+Resume bookkeeping: the module counts the batches training actually consumed (in
+``on_before_batch_transfer``, from each batch's ``index``), saves that count in the checkpoint
+through ``state_dict()`` and, on resume, starts the training stream at that counter (Lightning
+calls ``load_state_dict`` before ``train_dataloader``). The stream's content at every counter is
+a pure function of (seed, rank, world_size, num_workers, corpus), see
+:mod:`lightning_dlm.data.stream`, so the resumed run sees exactly the batches the interrupted
+one would have. Loader state is deliberately *not* saved through the dataset: Lightning's
+loader-state saving runs one batch ahead of training and keeps rank 0's state only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from lightning_dlm.data.packing import DocumentEncoder, load_tokenizer
+from lightning_dlm.data.sources import Corpus, CorpusSource, count_documents, open_corpora
+from lightning_dlm.data.stream import BlockDataset, PackedBatchStream, build_eval_blocks, too_few_documents_error
+from lightning_dlm.errors import DLMError, require
+
+#: Settings the data order depends on; a resume must keep them.
+_ORDER_KEYS = ("world_size", "num_workers", "seed", "seq_len", "batch_size")
+
+
+class TextDataModule(L.LightningDataModule):
+    """Packed text corpora for masked-diffusion continual pretraining.
+
+    Training: an infinite stream of ``dict(input_ids=LongTensor(batch_size, seq_len),
+    index=LongTensor())`` batches per rank (documents + EOS, concatenated, cut into blocks of
+    exactly ``seq_len`` tokens; several sources mixed by weight); its length is set by
+    ``trainer.max_steps``. Validation/test: the first ``val_max_blocks`` blocks of the val/test
+    sources, fixed once in ``setup()``, as ``dict(input_ids=...)`` batches.
+
+    Args:
+        train: Training sources (mixed by their weights).
+        val: Validation sources; none skips validation.
+        test: Test sources.
+        tokenizer: Tokenizer directory or hub name for ``AutoTokenizer``; may be set after
+            construction (the CLI links it from the model), but before ``setup()``.
+        seq_len: Tokens per block.
+        batch_size: Blocks per batch (per rank).
+        num_workers: DataLoader worker processes for training (0: the main process).
+        seed: Data seed (document shuffling, source mixture).
+        val_max_blocks: Blocks kept for validation (and for test).
+        shuffle_buffer: Documents in the per-epoch shuffle buffer; 0 keeps the corpus order.
+        add_bos: Put BOS before every document.
+        add_eos: Put EOS after every document.
+    """
+
+    def __init__(
+        self,
+        train: list[CorpusSource],
+        val: Optional[list[CorpusSource]] = None,
+        test: Optional[list[CorpusSource]] = None,
+        tokenizer: Optional[str] = None,
+        seq_len: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_max_blocks: int = 64,
+        shuffle_buffer: int = 0,
+        add_bos: bool = False,
+        add_eos: bool = True,
+    ):
+        super().__init__()
+        require(seq_len >= 1, f"data.seq_len must be >= 1 (got {seq_len})")
+        require(batch_size >= 1, f"data.batch_size must be >= 1 (got {batch_size})")
+        require(num_workers >= 0, f"data.num_workers must be >= 0 (got {num_workers})")
+        require(val_max_blocks >= 1, f"data.val_max_blocks must be >= 1 (got {val_max_blocks})")
+        require(shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0 (got {shuffle_buffer}); 0 keeps the order")
+        self.train_sources = list(train)
+        self.val_sources = list(val) if val else []
+        self.test_sources = list(test) if test else []
+        self.tokenizer: Union[str, Any, None] = tokenizer
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.val_max_blocks = val_max_blocks
+        self.shuffle_buffer = shuffle_buffer
+        self.add_bos = add_bos
+        self.add_eos = add_eos
+        self._consumed = 0
+        self._encoder: Optional[DocumentEncoder] = None
+        self._train: Optional[list[Corpus]] = None
+        self._val_blocks = None
+        self._test_blocks = None
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def encoder(self) -> DocumentEncoder:
+        """The document tokenizer (loaded on first use)."""
+        if self._encoder is None:
+            if self.num_workers > 0:
+                # Forking workers after the Rust tokenizer used its thread pool makes it warn and
+                # fall back; the workers parallelise instead.
+                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            self._encoder = DocumentEncoder(load_tokenizer(self.tokenizer), add_bos=self.add_bos, add_eos=self.add_eos)
+        return self._encoder
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Open and check the corpora and tokenizer, and build the evaluation blocks.
+
+        Fails early, with a one-line :class:`DLMError`, on a missing file, a tokenizer without EOS,
+        an empty corpus or a missing text field.
+        """
+        encoder = self.encoder
+        if stage in (None, "fit"):
+            require(len(self.train_sources) > 0, "data.train is empty; give at least one training source (path: ...)")
+            if self._train is None:
+                self._train = open_corpora(self.train_sources)
+        if stage in (None, "fit", "validate") and self.val_sources and self._val_blocks is None:
+            self._val_blocks = build_eval_blocks(open_corpora(self.val_sources), encoder, self.seq_len, self.val_max_blocks)
+            rank_zero_info(f"data: {self._val_blocks.shape[0]} validation blocks of {self.seq_len} tokens")
+        if stage == "test":
+            require(len(self.test_sources) > 0, "no test corpus is configured; set data.test (a list of sources)")
+            if self._test_blocks is None:
+                self._test_blocks = build_eval_blocks(open_corpora(self.test_sources), encoder, self.seq_len, self.val_max_blocks)
+                rank_zero_info(f"data: {self._test_blocks.shape[0]} test blocks of {self.seq_len} tokens")
+
+    # ------------------------------------------------------------ dataloaders
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def train_stream(self, start_batch: Optional[int] = None) -> PackedBatchStream:
+        """The training stream of this rank, starting at ``start_batch`` (default: the resume point)."""
+        if self._train is None:
+            self.setup("fit")
+        rank, world_size = self._rank_and_world()
+        stream = PackedBatchStream(
+            self._train,
+            self.encoder,
+            self.seq_len,
+            self.batch_size,
+            rank=rank,
+            world_size=world_size,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            start_batch=self._consumed if start_batch is None else start_batch,
+            shuffle_buffer=self.shuffle_buffer,
+        )
+        for corpus in self._train:  # catch "too few documents" here, as one line, not in a worker
+            if count_documents(corpus, limit=stream.num_slots) < stream.num_slots:
+                raise too_few_documents_error(corpus, world_size, stream.workers_per_rank)
+        return stream
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps is not None and trainer.max_steps < 0:
+            rank_zero_warn("the training stream is infinite: set trainer.max_steps (or max_time) to end training")
+        if self._consumed:
+            rank_zero_info(f"data: resuming the training stream at batch {self._consumed}")
+        return DataLoader(
+            self.train_stream(), batch_size=None, num_workers=self.num_workers, persistent_workers=False
+        )
+
+    def _eval_loader(self, blocks) -> Union[DataLoader, list]:
+        if blocks is None:
+            return []
+        return DataLoader(BlockDataset(blocks), batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> Union[DataLoader, list]:
+        if self.val_sources and self._val_blocks is None:
+            self.setup("validate")
+        return self._eval_loader(self._val_blocks)
+
+    def test_dataloader(self) -> Union[DataLoader, list]:
+        if self._test_blocks is None:
+            self.setup("test")
+        return self._eval_loader(self._test_blocks)
+
+    # ----------------------------------------------------------------- resume
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count training batches as they reach the model (after the Trainer's prefetch)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and isinstance(batch, dict) and "index" in batch:
+            self._consumed = int(batch["index"]) + 1
+        return batch
+
+    @property
+    def consumed_batches(self) -> int:
+        """Training batches consumed on this rank: where a resumed stream starts."""
+        return self._consumed
+
+    def state_dict(self) -> dict[str, Any]:
+        _, world_size = self._rank_and_world()
+        return {
+            "consumed_batches": self._consumed,
+            "world_size": world_size,
+            "num_workers": self.num_workers,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the resume point; refuse a resume whose data order would differ."""
+        current = self.state_dict()
+        for key in _ORDER_KEYS:
+            if key in state_dict and state_dict[key] != current[key]:
+                raise DLMError(
+                    f"cannot resume the data stream exactly: {key} changed from {state_dict[key]} (checkpoint) to "
+                    f"{current[key]}, and the data order depends on it; resume with data/trainer {key}={state_dict[key]}"
+                )
+        self._consumed = int(state_dict.get("consumed_batches", 0))

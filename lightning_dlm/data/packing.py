@@ -1,0 +1,89 @@
+"""Tokenize documents and pack them into fixed-length blocks.
+
+Packed pretraining (the DiffuGPT / DiffuLLaMA recipe): every document is tokenized without
+special tokens, followed by EOS (and preceded by BOS when asked), the documents are concatenated
+into one token stream and that stream is cut into blocks of exactly ``seq_len`` tokens. There is
+no padding; a block may span several documents and a document several blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from lightning_dlm.errors import DLMError, require
+
+
+def load_tokenizer(tokenizer: object):
+    """Load a tokenizer from a path or hub name with ``AutoTokenizer`` (objects pass through)."""
+    if tokenizer is None:
+        raise DLMError("no tokenizer is set for the data; set data.tokenizer (a tokenizer directory or hub name)")
+    if not isinstance(tokenizer, (str, bytes)) and not hasattr(tokenizer, "__fspath__"):
+        return tokenizer  # already a tokenizer object (notebooks, tests)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer))
+    except Exception as err:  # OSError, ValueError, hub errors: one line for the user either way
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DLMError(
+            f"cannot load tokenizer '{tokenizer}': {first_line}; set data.tokenizer to a tokenizer directory or hub name"
+        ) from err
+
+
+class DocumentEncoder:
+    """Turns a batch of document texts into token arrays, each followed by EOS (and led by BOS).
+
+    Text is tokenized with ``add_special_tokens=False`` and ``split_special_tokens=True``: a
+    literal ``<|endoftext|>`` (or mask token) inside a document is text, never a control token.
+    The tokenizer's "sequence longer than model_max_length" warning is silenced: documents are
+    meant to be longer than the context, packing cuts them.
+    """
+
+    def __init__(self, tokenizer, add_bos: bool = False, add_eos: bool = True):
+        self.tokenizer = tokenizer
+        self.add_bos = add_bos
+        self.add_eos = add_eos
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        self.eos_id: Optional[int] = getattr(tokenizer, "eos_token_id", None)
+        self.bos_id: Optional[int] = getattr(tokenizer, "bos_token_id", None)
+        require(
+            not add_eos or self.eos_id is not None,
+            f"tokenizer '{name}' has no eos token, which packing appends to every document; "
+            f"use a tokenizer with eos_token set (or set data.add_eos: false)",
+        )
+        require(
+            not add_bos or self.bos_id is not None,
+            f"tokenizer '{name}' has no bos token but data.add_bos is true; set data.add_bos: false or use a tokenizer with bos_token",
+        )
+        deprecation_warnings = getattr(tokenizer, "deprecation_warnings", None)
+        if isinstance(deprecation_warnings, dict):  # belt and braces next to verbose=False below
+            deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+
+    def __call__(self, texts: Sequence[str]) -> list[np.ndarray]:
+        if not texts:
+            return []
+        encoded = self.tokenizer(
+            list(texts), add_special_tokens=False, split_special_tokens=True, verbose=False
+        )["input_ids"]
+        prefix = [self.bos_id] if self.add_bos else []
+        suffix = [self.eos_id] if self.add_eos else []
+        return [np.asarray(prefix + ids + suffix, dtype=np.int64) for ids in encoded]
+
+
+def pack_blocks(documents: Iterable[Union[np.ndarray, Sequence[int]]], seq_len: int) -> Iterator[np.ndarray]:
+    """Concatenate token arrays and cut the stream into blocks of exactly ``seq_len`` tokens.
+
+    Lazy and linear in the number of tokens. The last ``len(stream) % seq_len`` tokens (the tail)
+    are dropped when ``documents`` ends; for an infinite document stream nothing is dropped.
+    """
+    require(seq_len >= 1, f"seq_len must be >= 1 (got {seq_len})")
+    buffer = np.empty(0, dtype=np.int64)
+    for doc in documents:
+        doc = np.asarray(doc, dtype=np.int64)
+        buffer = np.concatenate([buffer, doc]) if len(buffer) else doc
+        full = len(buffer) // seq_len
+        for i in range(full):
+            yield buffer[i * seq_len : (i + 1) * seq_len]
+        buffer = buffer[full * seq_len :]

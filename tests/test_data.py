@@ -1,0 +1,382 @@
+"""Tests of the data layer: packing, sharding over ranks x workers, exact resume, mixture, errors.
+
+Everything runs offline on tiny corpora written into tmp_path, with a byte-level BPE tokenizer
+built here (so these tests do not depend on any shipped fixture).
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_dlm.data import CorpusSource, TextDataModule
+from lightning_dlm.data.packing import DocumentEncoder, load_tokenizer, pack_blocks
+from lightning_dlm.data.sources import open_corpora, open_corpus
+from lightning_dlm.data.stream import PackedBatchStream, build_eval_blocks
+from lightning_dlm.errors import DLMError
+
+EOS = "<|endoftext|>"
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "zeta", "iota"]
+
+
+def _build_tokenizer(directory, eos: bool) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[EOS, "<|bos|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) + f" doc{i:04d} abcde vwxyz" for i in range(len(WORDS))]
+    tok.train_from_iterator(corpus * 20, trainer)
+    extra = {"eos_token": EOS, "bos_token": "<|bos|>"} if eos else {}
+    PreTrainedTokenizerFast(tokenizer_object=tok, **extra).save_pretrained(str(directory))
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    return _build_tokenizer(tmp_path_factory.mktemp("tokenizer"), eos=True)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def encoder(tokenizer):
+    return DocumentEncoder(tokenizer)
+
+
+def doc_text(i: int, n_words: int = 6) -> str:
+    return f"doc{i:04d} " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n_words))
+
+
+def write_lines(path, ids, n_words=6):
+    path.write_text("".join(doc_text(i, n_words) + "\n" for i in ids))
+    return str(path)
+
+
+def doc_ids_of(tokens: torch.Tensor, tokenizer) -> list:
+    """Document ids in a slot's token stream, in order (complete documents only)."""
+    eos = tokenizer.eos_token_id
+    pieces, current = [], []
+    for token in tokens.tolist():
+        if token == eos:
+            pieces.append(current)
+            current = []
+        else:
+            current.append(token)
+    ids = []
+    for piece in pieces:  # the unterminated tail (current) is ignored
+        match = re.search(r"doc(\d{4})", tokenizer.decode(piece))
+        assert match, tokenizer.decode(piece)
+        ids.append(int(match.group(1)))
+    return ids
+
+
+def take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            return out
+    raise AssertionError("stream ended")
+
+
+# --------------------------------------------------------------------------------------- packing
+
+
+def test_packing_exact_blocks_eos_and_stream(encoder, tokenizer):
+    texts = [doc_text(i, n_words=1 + (7 * i) % 13) for i in range(30)]
+    docs = encoder(texts)
+    eos = tokenizer.eos_token_id
+    for doc, text in zip(docs, texts):
+        assert doc[-1] == eos and eos not in doc[:-1]
+        assert tokenizer.decode(doc[:-1]) == text
+    stream = np.concatenate(docs)
+    blocks = list(pack_blocks(docs, seq_len=16))
+    assert all(block.shape == (16,) for block in blocks)
+    assert len(blocks) == len(stream) // 16
+    np.testing.assert_array_equal(np.concatenate(blocks), stream[: len(blocks) * 16])
+    assert int((np.concatenate(blocks) == eos).sum()) >= len(texts) - 2  # only the dropped tail may hold EOS
+
+
+def test_encoder_bos_and_literal_special_tokens(tokenizer):
+    enc = DocumentEncoder(tokenizer, add_bos=True, add_eos=True)
+    (doc,) = enc([f"text {EOS} more"])
+    assert doc[0] == tokenizer.bos_token_id and doc[-1] == tokenizer.eos_token_id
+    assert tokenizer.eos_token_id not in doc[1:-1]  # a literal EOS string in a document is text
+
+
+# -------------------------------------------------------------------------------------- sharding
+
+
+@pytest.mark.parametrize("layout", ["file", "example"])
+def test_sharding_two_ranks_two_workers_partitions_corpus(tmp_path, encoder, tokenizer, layout):
+    n_docs = 40
+    if layout == "file":  # 4 files = 4 slots: file-level sharding
+        for f in range(4):
+            write_lines(tmp_path / f"part{f}.txt", range(f * 10, f * 10 + 10))
+        source = CorpusSource(str(tmp_path / "part*.txt"), sample_by="line")
+    else:  # 1 file: example-level round-robin
+        source = CorpusSource(write_lines(tmp_path / "all.txt", range(n_docs)), sample_by="line")
+    corpora = open_corpora([source])
+    assert (corpora[0].dataset.num_shards % 4 == 0) == (layout == "file")
+
+    slot_ids = {}
+    for rank in range(2):
+        stream = PackedBatchStream(corpora, encoder, seq_len=16, batch_size=2, rank=rank, world_size=2, num_workers=2)
+        batches = take(DataLoader(stream, batch_size=None, num_workers=2), 24)
+        assert [int(b["index"]) for b in batches] == list(range(24))
+        for worker in range(2):
+            tokens = torch.cat([b["input_ids"].reshape(-1) for b in batches if int(b["index"]) % 2 == worker])
+            slot_ids[rank * 2 + worker] = doc_ids_of(tokens, tokenizer)
+
+    seen = [set(ids) for ids in slot_ids.values()]
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not seen[a] & seen[b], "a document went to two slots"
+    assert set().union(*seen) == set(range(n_docs)), "the slots do not cover the corpus"
+    for ids in slot_ids.values():  # one epoch of a slot has no duplicate, and the next repeats it
+        k = len(set(ids))
+        assert len(ids) >= 2 * k and len(set(ids[:k])) == k and ids[k : 2 * k] == ids[:k]
+
+
+def test_too_few_documents_for_slots(tmp_path, encoder):
+    path = tmp_path / "one.txt"
+    path.write_text(doc_text(0, 50))
+    corpora = open_corpora([CorpusSource(str(path))])
+    stream = PackedBatchStream(corpora, encoder, seq_len=8, batch_size=1, rank=1, world_size=2)
+    with pytest.raises(DLMError, match="too few documents for 2 rank.*num_workers.*sample_by: paragraph"):
+        next(iter(stream))
+    dm = TextDataModule([CorpusSource(str(path))], tokenizer=encoder.tokenizer, seq_len=8, batch_size=1)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=2, training=True, max_steps=10)
+    with pytest.raises(DLMError, match="too few documents"):
+        dm.train_dataloader()
+
+
+# ---------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_matches_uninterrupted_stream(tmp_path, encoder, num_workers):
+    a = write_lines(tmp_path / "a.txt", range(0, 25))
+    b = write_lines(tmp_path / "b.txt", range(100, 117), n_words=3)
+    corpora = open_corpora([CorpusSource(a, sample_by="line", weight=2), CorpusSource(b, sample_by="line")])
+
+    def batches(start, n):
+        stream = PackedBatchStream(
+            corpora, encoder, seq_len=12, batch_size=3, rank=1, world_size=2,
+            num_workers=num_workers, seed=7, start_batch=start, shuffle_buffer=8,
+        )
+        return take(DataLoader(stream, batch_size=None, num_workers=num_workers), n)
+
+    full = batches(0, 14)
+    for n0 in ([5] if num_workers else [1, 6]):
+        resumed = batches(n0, 14 - n0)
+        for expected, got in zip(full[n0:], resumed):
+            assert int(got["index"]) == int(expected["index"])
+            assert torch.equal(got["input_ids"], expected["input_ids"])
+    assert full[0]["input_ids"].shape == (3, 12) and full[0]["input_ids"].dtype == torch.long
+
+
+# --------------------------------------------------------------------------------------- mixture
+
+
+def test_mixture_shares_follow_weights_and_are_deterministic(tmp_path, encoder, tokenizer):
+    rng = np.random.default_rng(0)
+    a = tmp_path / "a.txt"
+    a.write_text("".join(" ".join("".join(rng.choice(list("abcde"), 4)) for _ in range(5)) + "\n" for _ in range(30)))
+    b = tmp_path / "b.txt"
+    b.write_text("".join(" ".join("".join(rng.choice(list("vwxyz"), 4)) for _ in range(5)) + "\n" for _ in range(30)))
+    corpora = open_corpora(
+        [CorpusSource(str(a), sample_by="line", weight=0.7), CorpusSource(str(b), sample_by="line", weight=0.3)]
+    )
+
+    def blocks():
+        stream = PackedBatchStream(corpora, encoder, seq_len=8, batch_size=4, seed=3, shuffle_buffer=4)
+        return torch.cat([batch["input_ids"] for batch in take(DataLoader(stream, batch_size=None), 50)])
+
+    first = blocks()
+    assert first.shape == (200, 8)
+    assert torch.equal(first, blocks())
+    from_a = 0
+    for block in first:
+        letters = set(tokenizer.decode(block, skip_special_tokens=True)) - {" ", "\n"}
+        assert letters <= set("abcde") or letters <= set("vwxyz"), "a block mixes sources"
+        from_a += letters <= set("abcde")
+    assert 0.6 <= from_a / 200 <= 0.8
+
+
+# ----------------------------------------------------------------------------------- datamodule
+
+
+def test_datamodule_state_roundtrip_and_exact_resume(tmp_path, tokenizer_dir):
+    train = [CorpusSource(write_lines(tmp_path / "train.txt", range(30)), sample_by="line")]
+    val = [CorpusSource(write_lines(tmp_path / "val.txt", range(500, 520)), sample_by="line")]
+
+    def make(**kw):
+        dm = TextDataModule(train, val=val, tokenizer=tokenizer_dir, seq_len=8, batch_size=2, seed=1, val_max_blocks=5, **kw)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=1, training=True, max_steps=100)
+        dm.setup("fit")
+        return dm
+
+    dm = make()
+    assert dm.seq_len == 8 and dm.batch_size == 2
+    full = take(dm.train_dataloader(), 6)
+    for batch in full[:4]:
+        assert dm.on_before_batch_transfer(batch, 0) is batch
+    dm.trainer.training = False  # validation batches do not count
+    dm.on_before_batch_transfer({"input_ids": full[5]["input_ids"], "index": full[5]["index"]}, 0)
+    state = dm.state_dict()
+    assert state == {"consumed_batches": 4, "world_size": 1, "num_workers": 0, "seed": 1, "seq_len": 8, "batch_size": 2}
+
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert resumed.consumed_batches == 4
+    for expected, got in zip(full[4:], take(resumed.train_dataloader(), 2)):
+        assert int(got["index"]) == int(expected["index"])
+        assert torch.equal(got["input_ids"], expected["input_ids"])
+
+    val_loader = dm.val_dataloader()
+    val_batches = list(val_loader)
+    assert [b["input_ids"].shape[0] for b in val_batches] == [2, 2, 1]
+    assert torch.equal(torch.cat([b["input_ids"] for b in val_batches]), resumed._val_blocks)
+
+    with pytest.raises(DLMError, match="num_workers changed from 0 .* to 2.*data order depends on it"):
+        make(num_workers=2).load_state_dict(state)
+    with pytest.raises(DLMError, match="world_size changed"):
+        make().load_state_dict({**state, "world_size": 4})
+
+
+def test_no_val_sources_gives_empty_val_loader(tmp_path, tokenizer):
+    dm = TextDataModule([CorpusSource(write_lines(tmp_path / "t.txt", range(5)))], tokenizer=tokenizer, seq_len=8)
+    dm.setup("fit")
+    assert dm.val_dataloader() == []
+
+
+def test_jsonargparse_builds_datamodule(tmp_path, tokenizer_dir):
+    from jsonargparse import ArgumentParser
+
+    path = write_lines(tmp_path / "t.txt", range(5))
+    parser = ArgumentParser()
+    parser.add_class_arguments(TextDataModule, "data")
+    cfg = parser.parse_object(
+        {"data": {"train": [{"path": path, "weight": 0.7, "sample_by": "line"}], "tokenizer": tokenizer_dir, "seq_len": 16}}
+    )
+    dm = parser.instantiate_classes(cfg).data
+    assert isinstance(dm, TextDataModule) and dm.seq_len == 16
+    assert dm.train_sources == [CorpusSource(path, weight=0.7, sample_by="line")]
+
+
+# ------------------------------------------------------------------------------- formats, errors
+
+
+def test_json_and_parquet_sources(tmp_path, encoder, tokenizer):
+    import pandas as pd
+
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "content": doc_text(i)}) + "\n" for i in range(10)))
+    parquet = tmp_path / "docs.parquet"
+    pd.DataFrame({"text": [doc_text(i) for i in range(10, 20)]}).to_parquet(parquet)
+    corpora = open_corpora([CorpusSource(str(jsonl), text_field="content"), CorpusSource(str(parquet))])
+    blocks = build_eval_blocks(corpora, encoder, seq_len=8, max_blocks=10)
+    assert blocks.shape == (10, 8)
+    text = tokenizer.decode(blocks.reshape(-1))
+    assert "doc0000" in text and "doc0010" in text  # 5 blocks from each source
+    stream = PackedBatchStream(corpora, encoder, seq_len=8, batch_size=4)
+    assert next(iter(stream))["input_ids"].shape == (4, 8)
+
+
+def test_errors_are_one_line_and_helpful(tmp_path, tokenizer_dir):
+    def message(fn):
+        with pytest.raises(DLMError) as info:
+            fn()
+        text = str(info.value)
+        assert "\n" not in text
+        return text
+
+    missing = str(tmp_path / "nope.txt")
+    assert missing in message(lambda: open_corpus(CorpusSource(missing)))
+    assert "matches no files" in message(lambda: open_corpus(CorpusSource(str(tmp_path / "*.jsonl"))))
+
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    assert re.search(r"corpus '.*empty\.txt' is empty", message(lambda: open_corpus(CorpusSource(str(tmp_path / "empty.txt"), sample_by="line"))))
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "is empty" in message(lambda: open_corpus(CorpusSource(str(tmp_path / "empty.jsonl"))))
+
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"body": "hello", "id": 1}) + "\n")
+    msg = message(lambda: open_corpus(CorpusSource(str(tmp_path / "docs.jsonl"))))
+    assert "'text'" in msg and "body" in msg and "text_field" in msg
+
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    assert "format" in message(lambda: open_corpus(CorpusSource(str(tmp_path / "notes.csv"))))
+
+    no_eos = _build_tokenizer(tmp_path / "no_eos_tok", eos=False)
+    dm = TextDataModule([CorpusSource(write_lines(tmp_path / "t.txt", range(3)))], tokenizer=no_eos)
+    assert "no eos token" in message(lambda: dm.setup("fit"))
+    dm = TextDataModule([CorpusSource(missing)], tokenizer=tokenizer_dir)
+    assert missing in message(lambda: dm.setup("fit"))
+    dm = TextDataModule([CorpusSource(str(tmp_path / "t.txt"))])
+    assert "data.tokenizer" in message(lambda: dm.setup("fit"))
+    assert "weights must be > 0" in message(lambda: open_corpus(CorpusSource(str(tmp_path / "t.txt"), weight=0)))
+    assert "seq_len" in message(lambda: TextDataModule([CorpusSource(missing)], seq_len=0))
+
+
+def test_trainer_resume_sees_the_uninterrupted_batches(tmp_path, tokenizer_dir):
+    """End to end through Lightning: fit 3 steps, checkpoint, resume to 6 == fit 6 steps straight."""
+    import lightning as L
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append((int(batch["index"]), batch["input_ids"].clone()))
+            return self.weight * batch["input_ids"].float().mean()
+
+        def validation_step(self, batch, batch_idx):
+            assert batch["input_ids"].shape[1] == 8
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    train = [CorpusSource(write_lines(tmp_path / "train.txt", range(30)), sample_by="line")]
+    val = [CorpusSource(write_lines(tmp_path / "val.txt", range(500, 510)), sample_by="line")]
+
+    def fit(max_steps, ckpt_path=None):
+        dm = TextDataModule(train, val=val, tokenizer=tokenizer_dir, seq_len=8, batch_size=2, val_max_blocks=3)
+        model = Recorder()
+        trainer = L.Trainer(
+            max_steps=max_steps, val_check_interval=2, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu",
+        )
+        trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+        return trainer, dm, model
+
+    _, _, straight = fit(6)
+    trainer, dm, first = fit(3)
+    assert dm.consumed_batches == 3
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    _, dm2, second = fit(6, ckpt_path=tmp_path / "half.ckpt")
+    assert dm2.consumed_batches == 6
+    resumed = first.seen + second.seen
+    assert [index for index, _ in resumed] == [index for index, _ in straight.seen] == list(range(6))
+    for (_, expected), (_, got) in zip(straight.seen, resumed):
+        assert torch.equal(expected, got)
