@@ -41,7 +41,7 @@ class DLMCLI(LightningCLI):
         )
 
 
-def lightning_main(args: List[str]) -> None:
+def lightning_main(args: Optional[List[str]]) -> None:
     DLMCLI(
         DiffusionLM,
         TextDataModule,
@@ -68,7 +68,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         if args and args[0] in COMMANDS:
             COMMANDS[args[0]](args[1:])
         else:
-            lightning_main(args)
+            # LightningCLI reads sys.argv itself when run as a program (args=None).
+            lightning_main(None if argv is None else args)
     except DLMError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -170,7 +170,7 @@ class DiffusionLM(L.LightningModule):
         log = dict(on_step=True, on_epoch=False, batch_size=x0.shape[0])
         self.log("train/loss", loss, prog_bar=True, **log)
         self.log("train/nelbo", terms.normalized("elbo"), **log)
-        self.log("train/anneal_ratio", ratio, prog_bar=ratio < 1, **log)
+        self.log("train/anneal_ratio", ratio, **log)
         self.log("train/masked_fraction", masked.sum() / maskable.sum().clamp_min(1), **log)
         self.log("train/tokens_seen", float(self.tokens_seen), **log)
         if self._trainer is not None and self.trainer.optimizers:
