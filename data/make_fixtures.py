@@ -41,6 +41,10 @@ MODEL_MAX_LENGTH = 1024
 
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 CORPUS_NAME = "tiny_corpus.txt"
+# Held-out stories from the same grammar (another seed), for validation in experiments/debug.yaml.
+VAL_CORPUS_NAME = "tiny_corpus_val.txt"
+VAL_SEED_OFFSET = 1
+VAL_TARGET_CHARS = 20_000
 TOKENIZER_DIRNAME = "tiny_tokenizer"
 
 # --------------------------------------------------------------------------------------------
@@ -181,10 +185,10 @@ def generate_corpus(seed: int = SEED, target_chars: int = TARGET_CHARS) -> str:
     return "\n\n".join(stories) + "\n"
 
 
-def write_corpus(out_dir: Path, seed: int = SEED, target_chars: int = TARGET_CHARS) -> Path:
-    """Generate the corpus and write it to ``out_dir/tiny_corpus.txt``; return the path."""
+def write_corpus(out_dir: Path, seed: int = SEED, target_chars: int = TARGET_CHARS, name: str = CORPUS_NAME) -> Path:
+    """Generate a corpus and write it to ``out_dir/name``; return the path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / CORPUS_NAME
+    path = out_dir / name
     # newline="\n": identical bytes on every platform.
     path.write_text(generate_corpus(seed, target_chars), encoding="utf-8", newline="\n")
     return path
@@ -241,6 +245,7 @@ def train_tokenizer(corpus_path: Path, out_dir: Path, vocab_size: int = VOCAB_SI
 def make_fixtures(out_dir: Path = FIXTURES_DIR, seed: int = SEED) -> tuple[Path, Path]:
     """Write the corpus and the tokenizer under ``out_dir``; return both paths."""
     corpus = write_corpus(out_dir, seed)
+    write_corpus(out_dir, seed + VAL_SEED_OFFSET, VAL_TARGET_CHARS, VAL_CORPUS_NAME)
     tokenizer_dir = train_tokenizer(corpus, out_dir / TOKENIZER_DIRNAME)
     return corpus, tokenizer_dir
 

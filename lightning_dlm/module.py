@@ -237,7 +237,8 @@ class DiffusionLM(L.LightningModule):
             "tokenizer_files": _tokenizer_files(self.tokenizer),
         }
         # Rebuilding from the checkpoint needs neither the original weights nor their path: the
-        # backbone is described by its full transformers config and an explicit mask id.
+        # backbone is described by its full transformers config and an explicit mask id. The
+        # hyper-parameters stay as the user wrote them (LightningCLI reads them on --ckpt_path).
         restore = replace(
             self.backbone_cfg,
             pretrained=None,
@@ -246,7 +247,19 @@ class DiffusionLM(L.LightningModule):
             tokenizer=None,
             mask_token=replace(self.backbone_cfg.mask_token, mode="reuse", id=net.mask_token_id),
         )
-        checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "backbone": asdict(restore)}
+        checkpoint[CHECKPOINT_KEY]["backbone"] = asdict(restore)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Load a checkpoint anywhere: the backbone is rebuilt from the config stored in it."""
+        if "backbone" not in kwargs:
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+            meta = checkpoint.get(CHECKPOINT_KEY)
+            if meta is None or "backbone" not in meta:
+                raise DLMError(f"'{checkpoint_path}' is not a lightning_dlm diffusion checkpoint: pass a .ckpt written by `dlm fit`")
+            kwargs["backbone"] = meta["backbone"]
+            del checkpoint
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Union
 
-from jsonargparse import CLI
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lightning_dlm.errors import DLMError
 
 
 def sample(
     ckpt: str,
-    prompt: List[str] = [""],
-    suffix: Optional[List[str]] = None,
+    prompt: Union[str, List[str]] = "",
+    suffix: Union[str, List[str], None] = None,
     length: int = 64,
     steps: int = 64,
     temperature: float = 0.9,
@@ -25,8 +25,8 @@ def sample(
 
     Args:
         ckpt: a .ckpt written by `dlm fit`.
-        prompt: text(s) before the generated region (repeat for a batch).
-        suffix: text(s) after it, for infilling (one per prompt).
+        prompt: text before the generated region, or a list of texts ('[a, b]') for a batch.
+        suffix: text after it, for infilling (a list: one per prompt).
         length: number of tokens to generate.
         steps: denoising steps T.
         temperature: sampling temperature (0 = greedy).
@@ -40,6 +40,9 @@ def sample(
     from lightning_dlm.checkpoints import load_diffusion_lm
     from lightning_dlm.sampling import generate
 
+    prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+    if isinstance(suffix, str):
+        suffix = [suffix]
     if suffix is not None and len(suffix) != len(prompt):
         raise DLMError(f"got {len(prompt)} --prompt and {len(suffix)} --suffix: give one suffix per prompt")
     if device == "auto":
@@ -58,4 +61,9 @@ def sample(
 
 
 def sample_command(args: List[str]) -> None:
-    CLI(sample, args=args)
+    parser = ArgumentParser(prog="dlm sample", description="Decode text with a lightning_dlm checkpoint.")
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with these options")
+    parser.add_function_arguments(sample, as_group=False)
+    cfg = parser.parse_args(args)
+    cfg.pop("config", None)
+    sample(**cfg.as_dict())
