@@ -27,7 +27,7 @@ assets: $(STAMP)
 	$(PY) data/prepare_assets.py --out $(ASSETS)
 
 demo: assets
-	$(PY) -m lightning_dlm demo --config experiments/smollm2_shakespeare.yaml
+	$(DLM) demo --config experiments/smollm2_shakespeare.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2

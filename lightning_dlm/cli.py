@@ -41,16 +41,20 @@ class DLMCLI(LightningCLI):
         )
 
 
-def lightning_main(args: Optional[List[str]]) -> None:
-    DLMCLI(
-        DiffusionLM,
-        TextDataModule,
-        args=args,
+def lightning_kwargs() -> dict:
+    """How ``dlm`` builds its LightningCLI (shared by the demo, which runs several in one process)."""
+    return dict(
+        model_class=DiffusionLM,
+        datamodule_class=TextDataModule,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"default_root_dir": "runs"},
         seed_everything_default=0,
     )
+
+
+def lightning_main(args: Optional[List[str]]) -> None:
+    DLMCLI(args=args, **lightning_kwargs())
 
 
 def sample_main(args: List[str]) -> None:
@@ -59,7 +63,13 @@ def sample_main(args: List[str]) -> None:
     sample_command(args)
 
 
-COMMANDS: Dict[str, Callable[[List[str]], None]] = {"sample": sample_main}
+def demo_main(args: List[str]) -> None:
+    from lightning_dlm.commands.demo import demo_command
+
+    demo_command(args)
+
+
+COMMANDS: Dict[str, Callable[[List[str]], None]] = {"sample": sample_main, "demo": demo_main}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

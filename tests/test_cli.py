@@ -148,3 +148,12 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "lightning_dlm", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and "fit" in out.stdout and "validate" in out.stdout
+
+
+def test_demo_runs_end_to_end_on_the_debug_config(tmp_path, capsys):
+    main(["demo", "--config", os.path.join(REPO, "experiments", "debug.yaml"), "--max_steps", "4",
+          "--run_dir", str(tmp_path), "--length", "8", "--steps", "8", "--prompt", "Once upon a time"])
+    out = capsys.readouterr().out
+    assert "Once upon a time[" in out
+    assert "val/nelbo before adaptation" in out and "val/nelbo after adaptation" in out
+    assert os.path.isfile(tmp_path / "checkpoints" / "last.ckpt")

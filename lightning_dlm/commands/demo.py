@@ -1,0 +1,115 @@
+"""``dlm demo``: adapt a pretrained causal LM into a diffusion LM and show what it generates.
+
+Runs, in one process: validation of the unadapted model (diffusion NELBO bound), ``fit``,
+validation of the adapted model, then a continuation and an infill from the last checkpoint,
+and prints a summary with timings.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from typing import List, Optional
+
+from jsonargparse import ArgumentParser
+from omegaconf import OmegaConf
+
+from lightning_dlm.errors import DLMError
+
+DEFAULT_PROMPT = "ROMEO:\nO gentle Juliet,"
+DEFAULT_INFILL = ("First Citizen:\nBefore we proceed any further,", "\n\nAll:\nSpeak, speak.")
+
+
+def _run_cli(args: List[str]):
+    from lightning_dlm.cli import DLMCLI, lightning_kwargs
+
+    return DLMCLI(args=args, **lightning_kwargs())
+
+
+def _val_nelbo(cli) -> float:
+    value = cli.trainer.callback_metrics.get("val/nelbo")
+    if value is None:
+        raise DLMError("the demo config has no validation data: set data.val")
+    return float(value)
+
+
+def demo(
+    config: str,
+    prompt: str = DEFAULT_PROMPT,
+    infill_prefix: str = DEFAULT_INFILL[0],
+    infill_suffix: str = DEFAULT_INFILL[1],
+    length: int = 48,
+    steps: int = 48,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
+    max_steps: Optional[int] = None,
+    run_dir: Optional[str] = None,
+) -> None:
+    """Adapt, evaluate before/after, and sample.
+
+    Args:
+        config: experiment YAML (e.g. experiments/smollm2_shakespeare.yaml).
+        prompt: prefix of the continuation sample.
+        infill_prefix: text before the infilled region.
+        infill_suffix: text after it.
+        length: tokens to generate in each sample.
+        steps: denoising steps.
+        temperature: sampling temperature.
+        top_p: nucleus mass.
+        max_steps: override trainer.max_steps of the config.
+        run_dir: write logs and checkpoints here instead of the config's folders.
+    """
+    from lightning_dlm.checkpoints import load_diffusion_lm
+    from lightning_dlm.sampling import generate
+
+    if not os.path.isfile(config):
+        raise DLMError(f"config '{config}' does not exist: give a YAML under experiments/")
+    ckpt_dir = OmegaConf.load(config).get("checkpoint", {}).get("dirpath")
+    overrides: List[str] = []
+    if run_dir is not None:
+        ckpt_dir = os.path.join(run_dir, "checkpoints")
+        overrides += ["--trainer.default_root_dir", run_dir, "--checkpoint.dirpath", ckpt_dir]
+    if ckpt_dir and os.path.isdir(ckpt_dir):
+        print(f"[demo] removing the previous demo checkpoints in {ckpt_dir}")
+        shutil.rmtree(ckpt_dir)
+    quiet = ["--trainer.enable_progress_bar", "false", *overrides]
+    t0 = time.time()
+    print("[demo] 1/4 validating the pretrained model before adaptation (diffusion NELBO bound)")
+    before = _val_nelbo(_run_cli(["validate", "--config", config, *quiet]))
+    t1 = time.time()
+    print(f"[demo] 2/4 adapting it into a diffusion LM (dlm fit --config {config})")
+    steps_override = ["--trainer.max_steps", str(max_steps)] if max_steps is not None else []
+    fit = _run_cli(["fit", "--config", config, *overrides, *steps_override])
+    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    if not ckpt or not os.path.isfile(ckpt):
+        raise DLMError("the fit wrote no checkpoint: check checkpoint.every_n_train_steps and trainer.max_steps")
+    t2 = time.time()
+    print("[demo] 3/4 validating the adapted model")
+    after = _val_nelbo(_run_cli(["validate", "--config", config, "--ckpt_path", ckpt, *quiet]))
+    t3 = time.time()
+    print(f"[demo] 4/4 sampling from {ckpt}")
+    module = load_diffusion_lm(ckpt)
+    cont = generate(module, [prompt], length=length, steps=steps, temperature=temperature, top_p=top_p, seed=0)
+    fill = generate(module, [infill_prefix], suffixes=[infill_suffix], length=length // 2, steps=steps // 2,
+                    temperature=temperature, top_p=top_p, seed=0)
+    t4 = time.time()
+    bar = "=" * 72
+    print(f"\n{bar}\nContinuation ({length} tokens, {steps} steps, generated text in [brackets]):\n{bar}")
+    print(f"{prompt}[{cont.texts[0]}]")
+    print(f"\n{bar}\nInfilling ({length // 2} tokens between a fixed prefix and suffix):\n{bar}")
+    print(f"{infill_prefix}[{fill.texts[0]}]{infill_suffix}")
+    print(f"\n{bar}\nSummary\n{bar}")
+    print(f"val/nelbo before adaptation : {before:8.3f}   (perplexity bound {math.exp(min(before, 50)):,.1f})")
+    print(f"val/nelbo after adaptation  : {after:8.3f}   (perplexity bound {math.exp(min(after, 50)):,.1f})")
+    print(f"checkpoint                  : {ckpt}")
+    print(f"time: validate {t1 - t0:.0f}s, fit {t2 - t1:.0f}s, validate {t3 - t2:.0f}s, sample {t4 - t3:.0f}s, "
+          f"total {t4 - t0:.0f}s")
+
+
+def demo_command(args: List[str]) -> None:
+    parser = ArgumentParser(prog="dlm demo", description="Adapt a pretrained LM into a diffusion LM and sample from it.")
+    parser.add_function_arguments(demo, as_group=False)
+    cfg = parser.parse_args(args)
+    demo(**cfg.as_dict())
