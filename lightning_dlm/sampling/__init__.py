@@ -1,11 +1,35 @@
-"""Samplers for adapted diffusion LMs (plain torch; no Lightning)."""
+"""Samplers for adapted diffusion LMs (plain torch; no Lightning).
 
-from lightning_dlm.sampling.canvas import Canvas, build_canvas, slot_logits
+* :func:`generate` — text in, text out, for a DiffusionLM (or a DiffusionBackbone + tokenizer).
+* :func:`decode` + :class:`SamplerConfig` — the sampler on token ids, for any denoiser.
+* :data:`STRATEGIES` — the registered strategies (``random``, ``confidence``, ``threshold``);
+  :func:`register` adds one.
+* :class:`ModelDenoiser` (with approximate prefix / dual KV caches), :class:`FunctionDenoiser`.
+"""
+
+from lightning_dlm.sampling.canvas import Canvas, build_canvas, slot_logit_positions, slot_logits
+from lightning_dlm.sampling.denoisers import CACHE_MODES, FunctionDenoiser, ModelDenoiser
+from lightning_dlm.sampling.engine import Decoded, SamplerConfig, SamplingStats, decode
 from lightning_dlm.sampling.filtering import draw_tokens, filter_logits
-from lightning_dlm.sampling.generate import Generation, generate
+from lightning_dlm.sampling.generate import Generation, generate, resolve_model, row_seeds, suppressed_ids
 from lightning_dlm.sampling.random_order import random_order_sample
+from lightning_dlm.sampling.strategies import (
+    CONFIDENCES,
+    STRATEGIES,
+    ConfidenceOrder,
+    RandomOrder,
+    StepContext,
+    Strategy,
+    ThresholdParallel,
+    get_strategy,
+    register,
+    reveal_probability,
+)
 
 __all__ = [
-    "Canvas", "Generation", "build_canvas", "draw_tokens", "filter_logits", "generate",
-    "random_order_sample", "slot_logits",
+    "CACHE_MODES", "CONFIDENCES", "STRATEGIES", "Canvas", "ConfidenceOrder", "Decoded", "FunctionDenoiser",
+    "Generation", "ModelDenoiser", "RandomOrder", "SamplerConfig", "SamplingStats", "StepContext", "Strategy",
+    "ThresholdParallel", "build_canvas", "decode", "draw_tokens", "filter_logits", "generate", "get_strategy",
+    "random_order_sample", "register", "resolve_model", "reveal_probability", "row_seeds", "slot_logit_positions",
+    "slot_logits", "suppressed_ids",
 ]

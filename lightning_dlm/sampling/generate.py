@@ -1,16 +1,21 @@
-"""Text in, text out: decode prompts (and optional suffixes, for infilling) with a DiffusionLM."""
+"""Text in, text out: decode prompts (and optional suffixes, for infilling) with an adapted model."""
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from lightning_dlm.diffusion.schedules import get_schedule
 from lightning_dlm.errors import DLMError
+from lightning_dlm.model import DiffusionBackbone
 from lightning_dlm.sampling.canvas import build_canvas
-from lightning_dlm.sampling.random_order import random_order_sample
-from lightning_dlm.seeding import make_generator
+from lightning_dlm.sampling.denoisers import ModelDenoiser
+from lightning_dlm.sampling.engine import SamplerConfig, SamplingStats, decode
+from lightning_dlm.seeding import derive_seed
 
 
 @dataclass
@@ -18,61 +23,148 @@ class Generation:
     texts: List[str]
     token_ids: List[List[int]]
     forward_passes: int
-    stats: dict = field(default_factory=dict)
+    stats: SamplingStats = field(default_factory=SamplingStats)
+    stopped_at_eos: List[bool] = field(default_factory=list)
+    seeds: List[int] = field(default_factory=list)
+    ids: Optional[torch.Tensor] = None  # the final canvas (B, W)
+    trajectory: Optional[List[torch.Tensor]] = None  # canvas after every step, if captured
+    mask_id: int = -1
+
+    def trajectory_texts(self, tokenizer, row: int = 0, mask_text: str = "_") -> List[str]:
+        """Row ``row`` of every captured step as text, with masked slots shown as ``mask_text``."""
+        if self.trajectory is None:
+            raise DLMError("no trajectory was captured: pass capture_trajectory=True")
+        return [_show(state[row].tolist(), tokenizer, self.mask_id, mask_text) for state in self.trajectory]
 
 
-def suppressed_ids(module) -> List[int]:
+def _show(row: List[int], tokenizer, mask_id: int, mask_text: str) -> str:
+    parts, run = [], []
+    for tok in row:
+        if tok == mask_id:
+            if run:
+                parts.append(tokenizer.decode(run))
+                run = []
+            parts.append(mask_text)
+        else:
+            run.append(tok)
+    if run:
+        parts.append(tokenizer.decode(run))
+    return "".join(parts)
+
+
+def suppressed_ids(net, tokenizer) -> List[int]:
     """Ids never sampled: an added mask token and embedding rows beyond the tokenizer."""
-    net = module.net
     ids = [net.mask_token_id] if net.mask_token_added else []
-    tokenizer = module.tokenizer
     if tokenizer is not None and len(tokenizer) < net.vocab_size:
         ids += list(range(len(tokenizer), net.vocab_size))
     return sorted(set(ids))
 
 
+def row_seeds(seed: int, prefixes: Sequence[Sequence[int]], suffixes: Optional[Sequence[Sequence[int]]] = None) -> List[int]:
+    """One seed per row from (seed, the row's own prompt and suffix tokens, its repeat number).
+
+    A row's seed does not depend on its position in the batch nor on the other prompts, so a
+    prompt decodes the same in any batch as alone; the k-th repeat of the same prompt gets the
+    k-th seed, so repeats give different samples.
+    """
+    suffixes = suffixes if suffixes is not None else [[] for _ in prefixes]
+    seen: Counter = Counter()
+    out = []
+    for prefix, suffix in zip(prefixes, suffixes):
+        key = hashlib.blake2b(repr((list(prefix), list(suffix))).encode(), digest_size=8).digest()
+        content = int.from_bytes(key, "little") & ((1 << 63) - 1)
+        out.append(derive_seed(seed, content, seen[content]))
+        seen[content] += 1
+    return out
+
+
+def resolve_model(model, tokenizer=None, schedule=None, shift=None) -> Tuple[DiffusionBackbone, object, object, bool]:
+    """(backbone, tokenizer, schedule, shift) of a DiffusionLM, or of a DiffusionBackbone plus arguments."""
+    if isinstance(model, DiffusionBackbone):
+        net = model
+    elif isinstance(getattr(model, "net", None), DiffusionBackbone) and hasattr(model, "diffusion_cfg"):
+        net = model.net
+        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        schedule = schedule if schedule is not None else model.schedule
+        shift = model.diffusion_cfg.shift if shift is None else shift
+    else:
+        raise DLMError(
+            f"a {type(model).__name__} is not a diffusion model: load one with lightning_dlm.checkpoints.load_diffusion_lm"
+        )
+    schedule = get_schedule(schedule if schedule is not None else "linear")
+    return net, tokenizer, schedule, True if shift is None else bool(shift)
+
+
 @torch.no_grad()
 def generate(
-    module,
+    model,
     prompts: Sequence[str],
-    length: int = 64,
+    length: Optional[int] = None,
     suffixes: Optional[Sequence[str]] = None,
     steps: int = 64,
     temperature: float = 0.9,
     top_k: int = 0,
     top_p: float = 0.9,
     seed: int = 0,
+    strategy: str = "random",
+    block_size: Optional[int] = None,
+    cache: str = "none",
+    refresh_every: Optional[int] = None,
+    max_length: Optional[int] = None,
+    capture_trajectory: bool = False,
+    seeds: Optional[Sequence[int]] = None,
+    tokenizer=None,
+    schedule=None,
+    shift: Optional[bool] = None,
+    **strategy_options,
 ) -> Generation:
-    """Random-order decoding of ``length`` tokens after each prompt (and before each suffix).
+    """Decode ``length`` tokens after each prompt (and before each suffix, for infilling).
 
-    ``module`` is a :class:`lightning_dlm.module.DiffusionLM` with a tokenizer.
+    ``model`` is a :class:`lightning_dlm.module.DiffusionLM` (its tokenizer, schedule and shift
+    are used) or a :class:`DiffusionBackbone` with ``tokenizer`` (schedule: linear, shift: on).
+    Give ``length`` for exactly that many tokens, or ``max_length`` to stop each row at its EOS
+    (at most that many tokens). ``strategy`` names a registered strategy; its options
+    (``confidence``, ``threshold``, ``rank_noise``) are keyword arguments. Every row draws its
+    randomness from its own seed (:func:`row_seeds`, or ``seeds``), so a prompt gives the same
+    text in a batch as alone. See :class:`SamplerConfig` for the other options.
     """
-    tokenizer = module.tokenizer
+    net, tokenizer, schedule, shift = resolve_model(model, tokenizer, schedule, shift)
     if tokenizer is None:
         raise DLMError("this model has no tokenizer: set backbone.tokenizer, or load a lightning_dlm checkpoint")
-    net = module._require_net()
-    was_training = module.training
-    module.eval()
+    if length is not None and max_length is not None:
+        raise DLMError("give either length (exactly that many tokens) or max_length (stop at EOS), not both")
+    stop_at_eos = max_length is not None
+    length = max_length if stop_at_eos else (64 if length is None else length)
+    prompts = list(prompts)
+    if not prompts:
+        raise DLMError("no prompts given: give at least one prompt (it may be empty)")
+    if suffixes is not None and len(suffixes) != len(prompts):
+        raise DLMError(f"got {len(prompts)} prompts but {len(suffixes)} suffixes: give one suffix per prompt")
+    config = SamplerConfig(steps=steps, temperature=temperature, top_k=top_k, top_p=top_p, strategy=strategy,
+                           strategy_options=strategy_options, block_size=block_size, cache=cache,
+                           refresh_every=refresh_every, stop_at_eos=stop_at_eos,
+                           capture_trajectory=capture_trajectory)
+    config.check()
     device = next(net.parameters()).device
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prefixes = [encode(p) for p in prompts]
     suffix_ids = [encode(s) for s in suffixes] if suffixes is not None else None
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (start if start is not None else 0)
-    canvas = build_canvas(prefixes, length, net.mask_token_id, pad, start, suffix_ids, net.max_positions, device)
-    ids, passes = random_order_sample(
-        lambda x, attn: net(x, attention_mask=attn),
-        canvas,
-        module.schedule,
-        steps=steps,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        shift=module.diffusion_cfg.shift,
-        suppress_ids=suppressed_ids(module),
-        generator=make_generator(seed, device=device),
-    )
-    module.train(was_training)
-    out_ids = [ids[b][canvas.target[b]].tolist() for b in range(ids.shape[0])]
-    texts = [tokenizer.decode(row) for row in out_ids]
-    return Generation(texts=texts, token_ids=out_ids, forward_passes=passes)
+    canvas = build_canvas(prefixes, length, net.mask_token_id, pad, start, suffix_ids, net.max_positions, device,
+                          align_targets=True)
+    if seeds is None:
+        seeds = row_seeds(seed, prefixes, suffix_ids)
+    elif len(seeds) != len(prompts):
+        raise DLMError(f"got {len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+    was_training = net.training
+    net.eval()
+    try:
+        out = decode(ModelDenoiser(net), canvas, config, schedule=schedule, seeds=seeds, shift=shift,
+                     eos_id=tokenizer.eos_token_id, pad_id=pad, suppress_ids=suppressed_ids(net, tokenizer))
+    finally:
+        net.train(was_training)
+    texts = [tokenizer.decode(row) for row in out.tokens]
+    return Generation(texts=texts, token_ids=out.tokens, forward_passes=out.stats.forward_passes, stats=out.stats,
+                      stopped_at_eos=out.stopped_at_eos, seeds=list(seeds), ids=out.ids, trajectory=out.trajectory,
+                      mask_id=net.mask_token_id)

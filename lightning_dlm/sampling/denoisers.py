@@ -1,0 +1,121 @@
+"""What the sampler calls: a model that maps a canvas to logits, with optional approximate KV caches.
+
+:class:`FunctionDenoiser` wraps any ``fn(ids, attention_mask) -> logits (B, W, V)`` (a stub in
+tests, or a model without caching). :class:`ModelDenoiser` wraps a
+:class:`~lightning_dlm.model.DiffusionBackbone` and calls its transformers model directly with
+explicit ``position_ids`` (that skip padding), computing the LM head only at the positions the
+sampler needs (``logits_to_keep``), and supports KV caching for block decoding.
+
+KV caching (``cache="prefix"`` or ``"dual"``) is an **approximation** for a bidirectional model:
+the keys/values of a token depend on every other token, including the masked slots that change
+at every step, so reusing them is exact only right after they were computed. At a refresh the
+sampler runs one full forward pass (its logits serve that step) and keeps the keys/values of the
+columns left of the current block's window (``prefix``), and also of those right of it
+(``dual``). Until the next refresh, a step runs the model on the window only: the block and
+everything right of it (``prefix``), or the block alone (``dual``), attending to the stale cached
+keys/values through transformers' ``DynamicCache``. A cache refreshed at every step is the
+uncached computation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from lightning_dlm.errors import DLMError
+
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+def positions_of(attention_mask: Optional[torch.Tensor], batch: int, width: int, device) -> torch.Tensor:
+    """Position ids that skip (left or right) padding."""
+    if attention_mask is None:
+        return torch.arange(width, device=device).unsqueeze(0).expand(batch, width)
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class FunctionDenoiser:
+    """``fn(ids, attention_mask) -> logits (B, W, V)``; no caching."""
+
+    supports_cache = False
+
+    def __init__(self, fn: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]):
+        self.fn = fn
+
+    def logits(self, ids, attention_mask, keep: Tuple[int, int]) -> torch.Tensor:
+        """Raw logits at positions ``keep = (start, end)`` of a full forward pass."""
+        return self.fn(ids, attention_mask)[:, keep[0]:keep[1]]
+
+
+class ModelDenoiser:
+    """A :class:`DiffusionBackbone` (any transformers causal LM run bidirectionally) with KV caching."""
+
+    supports_cache = True
+
+    def __init__(self, net):
+        model = getattr(net, "model", None)
+        if model is None or getattr(model.config, "is_causal", True):
+            raise DLMError("this is not a diffusion model (no bidirectional backbone): load a lightning_dlm checkpoint")
+        self.net = net
+        self.model = model
+        self._keep_ok = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+        self._kv_cols: Optional[torch.Tensor] = None  # the canvas columns held in the cache
+        self._kv_rows: Optional[torch.Tensor] = None  # the canvas rows held in the cache
+
+    def _run(self, ids, attention_mask, position_ids, keep: Tuple[int, int], past=None, use_cache=False):
+        kwargs = dict(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids)
+        if self._keep_ok:
+            kwargs["logits_to_keep"] = torch.arange(keep[0], keep[1], device=ids.device)
+        out = self.model(**kwargs, past_key_values=past, use_cache=use_cache)
+        logits = out.logits if self._keep_ok else out.logits[:, keep[0]:keep[1]]
+        return logits, out.past_key_values
+
+    def logits(self, ids, attention_mask, keep: Tuple[int, int]) -> torch.Tensor:
+        """Raw logits at positions ``keep`` of a full (uncached) forward pass."""
+        positions = positions_of(attention_mask, ids.shape[0], ids.shape[1], ids.device)
+        return self._run(ids, attention_mask, positions, keep)[0]
+
+    # --- caching ----------------------------------------------------------------------------------
+    def refresh(self, ids, attention_mask, keep: Tuple[int, int], window: Tuple[int, int], mode: str,
+                rows: torch.Tensor) -> torch.Tensor:
+        """Full forward pass: returns the logits at ``keep`` and caches every column outside ``window``
+        (``prefix``: only the columns left of it; ``dual``: left and right)."""
+        positions = positions_of(attention_mask, ids.shape[0], ids.shape[1], ids.device)
+        logits, cache = self._run(ids, attention_mask, positions, keep, use_cache=True)
+        width = ids.shape[1]
+        cols = torch.arange(0, window[0], device=ids.device)
+        if mode == "dual":
+            cols = torch.cat([cols, torch.arange(window[1], width, device=ids.device)])
+        self._kv = [(k.index_select(2, cols), v.index_select(2, cols)) for k, v, *_ in cache]
+        self._kv_cols, self._kv_rows = cols, rows
+        return logits
+
+    def cached(self, ids, attention_mask, keep: Tuple[int, int], window: Tuple[int, int],
+               rows: torch.Tensor) -> torch.Tensor:
+        """Forward pass of the ``window`` columns only, attending to the cached keys/values.
+
+        ``ids`` / ``attention_mask`` are the full canvas of the decoding ``rows`` (a subset of the
+        rows cached at the last refresh); ``keep`` is in canvas columns.
+        """
+        from transformers import DynamicCache
+
+        if self._kv is None:
+            raise RuntimeError("cached() before refresh()")
+        pick = torch.searchsorted(self._kv_rows, rows)
+        kv = self._kv
+        if pick.numel() != self._kv_rows.numel():
+            kv = [(k.index_select(0, pick), v.index_select(0, pick)) for k, v in kv]
+        positions = positions_of(attention_mask, ids.shape[0], ids.shape[1], ids.device)
+        a, b = window
+        mask = None
+        if attention_mask is not None:
+            mask = torch.cat([attention_mask.index_select(1, self._kv_cols), attention_mask[:, a:b]], dim=1)
+        logits, _ = self._run(ids[:, a:b], mask, positions[:, a:b], (keep[0] - a, keep[1] - a),
+                              past=DynamicCache(ddp_cache_data=kv), use_cache=True)
+        return logits
+
+    def clear(self) -> None:
+        self._kv = self._kv_cols = self._kv_rows = None

@@ -1,0 +1,264 @@
+"""The sampler: one loop for every strategy, with blocks, KV caches, EOS stopping and statistics.
+
+:func:`decode` takes a denoiser, an aligned canvas (every row's target region in the same
+columns: ``build_canvas(..., align_targets=True)``), a :class:`SamplerConfig` and one seed per
+row, and returns a :class:`Decoded`. The target region is decoded left to right in blocks of
+``block_size`` slots (one block = the whole region when ``block_size`` is None); the ``steps``
+denoising steps are split evenly over the blocks, and inside a block the strategy decides at
+each step which slots to commit. A block whose slots are all decided ends early (no more forward
+passes for it). The shift is handled here and only here: the strategy sees logits already
+aligned to slots (:func:`~lightning_dlm.sampling.canvas.slot_logit_positions`).
+
+Rows are independent: every random draw comes from the row's own generator, made from its seed,
+and only when that row still has slots to decode; the model sees each row with its own padding
+and positions. So a prompt decodes the same in a batch as alone (uncached decoding exactly, up
+to the floating-point effects of padding; cached decoding too as long as the cache refreshes
+fall on the same steps, which holds for every strategy but ``random``, whose forward passes
+depend on whether *any* row commits).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from lightning_dlm.diffusion.schedules import NoiseSchedule
+from lightning_dlm.errors import DLMError
+from lightning_dlm.sampling.canvas import Canvas, slot_logit_positions
+from lightning_dlm.sampling.denoisers import CACHE_MODES, FunctionDenoiser
+from lightning_dlm.sampling.filtering import check_sampling_args
+from lightning_dlm.sampling.strategies import StepContext, Strategy, get_strategy
+
+
+@dataclass
+class SamplerConfig:
+    """Every option of :func:`decode` except the model and the prompts.
+
+    Args:
+        steps: denoising steps T (split over the blocks; at least one per block).
+        temperature: 0 = argmax, else tokens are sampled at this temperature.
+        top_k: keep the k most likely tokens when sampling (0 = off).
+        top_p: nucleus mass in (0, 1].
+        strategy: a registered strategy name (``random``, ``confidence``, ``threshold``) or a
+            :class:`Strategy` instance.
+        strategy_options: options of a strategy given by name (e.g. ``{"threshold": 0.9}``).
+        block_size: decode left to right in blocks of this many slots (None = one block).
+        cache: ``none``, ``prefix`` or ``dual`` approximate KV caching (needs a model denoiser).
+        refresh_every: with a cache, also refresh it every this many steps inside a block
+            (None = once per block; 1 = every step, which is the uncached computation).
+        stop_at_eos: a row stops once it has committed an EOS and every slot left of it is
+            decided; the slots right of the EOS are set to the pad token.
+        capture_trajectory: keep the canvas after every step (on the CPU).
+    """
+
+    steps: int = 64
+    temperature: float = 0.9
+    top_k: int = 0
+    top_p: float = 0.9
+    strategy: Union[str, Strategy] = "random"
+    strategy_options: Dict[str, Any] = field(default_factory=dict)
+    block_size: Optional[int] = None
+    cache: str = "none"
+    refresh_every: Optional[int] = None
+    stop_at_eos: bool = False
+    capture_trajectory: bool = False
+
+    def check(self) -> Strategy:
+        """Validate the options; returns the strategy object."""
+        if self.steps < 1:
+            raise DLMError(f"the number of steps T must be >= 1, got {self.steps}")
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
+        if self.block_size is not None and self.block_size < 1:
+            raise DLMError(f"block_size must be >= 1 (or None for one block), got {self.block_size}")
+        if self.cache not in CACHE_MODES:
+            raise DLMError(f"unknown cache mode '{self.cache}': choose one of {list(CACHE_MODES)}")
+        if self.refresh_every is not None and self.refresh_every < 1:
+            raise DLMError(f"refresh_every must be >= 1 (or None for once per block), got {self.refresh_every}")
+        return get_strategy(self.strategy, **dict(self.strategy_options or {}))
+
+
+@dataclass
+class SamplingStats:
+    """What a decode cost. ``committed_per_step[i][b]``: slots row b committed at step i."""
+
+    steps: int = 0  # steps run (a block ends early once decided)
+    forward_passes: int = 0  # model calls (full or cached)
+    full_passes: int = 0  # of which over the whole canvas (uncached, or cache refreshes)
+    positions_computed: int = 0  # sum over model calls of rows x query positions
+    committed_per_step: List[List[int]] = field(default_factory=list)
+    tokens: int = 0  # generated tokens kept in the output (up to each row's EOS)
+    wall_time_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_time_s if self.wall_time_s > 0 else float("inf")
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / self.forward_passes if self.forward_passes else float("inf")
+
+    def as_dict(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["tokens_per_s"] = self.tokens_per_s
+        out["tokens_per_forward"] = self.tokens_per_forward
+        return out
+
+
+@dataclass
+class Decoded:
+    ids: torch.Tensor  # (B, W) the final canvas (pad right of a row's EOS when stop_at_eos)
+    tokens: List[List[int]]  # each row's generated tokens (cut before its first EOS when stop_at_eos)
+    stopped_at_eos: List[bool]
+    stats: SamplingStats
+    trajectory: Optional[List[torch.Tensor]] = None  # canvas after every step (CPU), if captured
+
+
+def _as_denoiser(denoiser):
+    if hasattr(denoiser, "logits"):
+        return denoiser
+    if callable(denoiser):
+        return FunctionDenoiser(denoiser)
+    raise DLMError(f"cannot decode with a {type(denoiser).__name__}: give a denoiser or fn(ids, attention_mask)")
+
+
+def _blocks(start: int, end: int, block_size: Optional[int], steps: int):
+    size = end - start if block_size is None else block_size
+    bounds = [(a, min(a + size, end)) for a in range(start, end, size)]
+    if steps < len(bounds):
+        raise DLMError(
+            f"{steps} steps cannot decode {len(bounds)} blocks (length {end - start}, block_size {block_size}): "
+            f"give at least one step per block"
+        )
+    base, extra = divmod(steps, len(bounds))
+    return [(a, b, base + (1 if j < extra else 0)) for j, (a, b) in enumerate(bounds)]
+
+
+def _eos_done(row_ids: torch.Tensor, row_masked: torch.Tensor, eos_id: int) -> Optional[int]:
+    """Index of the row's first committed EOS if every slot left of it is decided, else None."""
+    hits = ((row_ids == eos_id) & ~row_masked).nonzero().flatten()
+    if hits.numel() == 0:
+        return None
+    first = int(hits[0])
+    return None if bool(row_masked[:first].any()) else first
+
+
+@torch.no_grad()
+def decode(
+    denoiser,
+    canvas: Canvas,
+    config: SamplerConfig,
+    *,
+    schedule: NoiseSchedule,
+    seeds: Sequence[int],
+    shift: bool = True,
+    eos_id: Optional[int] = None,
+    pad_id: int = 0,
+    suppress_ids: Sequence[int] = (),
+) -> Decoded:
+    """Decode the masked target region of ``canvas`` (see the module docstring)."""
+    strategy = config.check()
+    denoiser = _as_denoiser(denoiser)
+    if config.cache != "none" and not getattr(denoiser, "supports_cache", False):
+        raise DLMError(f"cache='{config.cache}' needs a model denoiser (ModelDenoiser), not {type(denoiser).__name__}")
+    if config.stop_at_eos and eos_id is None:
+        raise DLMError("stop_at_eos needs an EOS token: the tokenizer has none")
+    batch, width = canvas.ids.shape
+    if len(seeds) != batch:
+        raise DLMError(f"got {len(seeds)} seeds for {batch} rows: give one seed per row")
+    t0, t1 = canvas.target_span()
+    device = canvas.ids.device
+    ids, masked = canvas.ids.clone(), canvas.masked.clone()
+    attention = canvas.attention_mask
+    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    stopped = [False] * batch
+    eos_at: List[Optional[int]] = [None] * batch
+    stats = SamplingStats()
+    trajectory: Optional[List[torch.Tensor]] = [] if config.capture_trajectory else None
+    suppress = sorted(set(int(i) for i in suppress_ids))
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start_time = time.perf_counter()
+    for a, b, block_steps in _blocks(t0, t1, config.block_size, config.steps):
+        keep = slot_logit_positions(a, b, shift)
+        window = (keep[0], width) if config.cache == "prefix" else (keep[0], max(b, keep[1]))
+        last_refresh: Optional[int] = None
+        if hasattr(denoiser, "clear"):
+            denoiser.clear()
+        for step in range(block_steps):
+            eligible = masked[:, a:b] & active.unsqueeze(1)
+            if not eligible.any():
+                break  # the block is decided: no more steps (nor forward passes) for it
+            rows = eligible.any(1).nonzero().flatten()
+
+            def compute(rows=rows, step=step):
+                nonlocal last_refresh
+                sub_ids = ids.index_select(0, rows)
+                sub_attn = attention.index_select(0, rows) if attention is not None else None
+                stats.forward_passes += 1
+                if config.cache == "none":
+                    raw = denoiser.logits(sub_ids, sub_attn, keep)
+                    stats.full_passes += 1
+                    stats.positions_computed += len(rows) * width
+                elif last_refresh is None or (config.refresh_every is not None
+                                              and step - last_refresh >= config.refresh_every):
+                    raw = denoiser.refresh(sub_ids, sub_attn, keep, window, config.cache, rows)
+                    last_refresh = step
+                    stats.full_passes += 1
+                    stats.positions_computed += len(rows) * width
+                else:
+                    raw = denoiser.cached(sub_ids, sub_attn, keep, window, rows)
+                    stats.positions_computed += len(rows) * (window[1] - window[0])
+                raw = raw.float()
+                if suppress:
+                    raw[..., suppress] = float("-inf")
+                if len(rows) == batch:
+                    return raw
+                full = raw.new_zeros((batch, b - a, raw.shape[-1]))
+                full[rows] = raw
+                return full
+
+            ctx = StepContext(eligible=eligible, step=step, steps=block_steps, schedule=schedule,
+                              generators=generators, temperature=config.temperature, top_k=config.top_k,
+                              top_p=config.top_p, _logits_fn=compute)
+            result = strategy.step(ctx)
+            stats.steps += 1
+            committed = [0] * batch
+            if result is not None:
+                commit, tokens = result
+                commit = commit & eligible
+                block_ids = ids[:, a:b]
+                block_ids[commit] = tokens[commit]
+                masked[:, a:b] &= ~commit
+                committed = commit.sum(1).tolist()
+                for r in commit.any(1).nonzero().flatten().tolist():
+                    if config.stop_at_eos:
+                        hit = _eos_done(ids[r, t0:t1], masked[r, t0:t1], eos_id)
+                        if hit is not None:
+                            eos_at[r], stopped[r] = hit, True
+                            ids[r, t0 + hit + 1:t1] = pad_id
+                            masked[r, t0:t1] = False
+                    if not bool(masked[r, t0:t1].any()):
+                        active[r] = False
+            stats.committed_per_step.append(committed)
+            if trajectory is not None:
+                trajectory.append(ids.cpu().clone())
+        if (masked[:, a:b] & active.unsqueeze(1)).any():
+            raise RuntimeError(f"strategy '{strategy.name}' left slots undecided at the end of a block")
+        if not active.any():
+            break
+    if hasattr(denoiser, "clear"):
+        denoiser.clear()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats.wall_time_s = time.perf_counter() - start_time
+    out = []
+    for r in range(batch):
+        row = ids[r, t0:t1].tolist()
+        out.append(row[:eos_at[r]] if eos_at[r] is not None else row)
+    stats.tokens = sum(len(r) for r in out)
+    return Decoded(ids=ids, tokens=out, stopped_at_eos=stopped, stats=stats, trajectory=trajectory)
