@@ -106,6 +106,9 @@ class DiffusionLM(L.LightningModule):
         if cfg.tokenizer_source is not None:
             self.tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.trust_remote_code)
         self.net = DiffusionBackbone.from_config(cfg, self.tokenizer, seed=self.seed)
+        # from_pretrained returns eval mode, and Lightning keeps the mode it finds: dropout-bearing
+        # models would silently train without dropout.
+        self.net.train()
 
     @property
     def mask_token_id(self) -> int:

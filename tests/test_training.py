@@ -140,3 +140,13 @@ def test_nan_loss_stops_with_a_clear_error_and_no_checkpoint(tmp_path):
 def test_seq_len_above_position_limit_is_refused(tmp_path):
     with pytest.raises(DLMError, match="data.seq_len 256 is above the model's position limit 128"):
         make_trainer(tmp_path, 1).fit(make_module(), make_data(seq_len=256))
+
+
+def test_pretrained_backbone_trains_in_train_mode(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(MODEL)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).save_pretrained(tmp_path / "m")
+    module = DiffusionLM(backbone=BackboneConfig(pretrained=str(tmp_path / "m"), tokenizer=TINY_TOKENIZER))
+    module.configure_model()
+    assert all(m.training for m in module.net.modules())

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from typing import List, Optional
 
 from jsonargparse import ArgumentParser
@@ -25,7 +26,10 @@ DEFAULT_INFILL = ("First Citizen:\nBefore we proceed any further,", "\n\nAll:\nS
 def _run_cli(args: List[str]):
     from lightning_dlm.cli import DLMCLI, lightning_kwargs
 
-    return DLMCLI(args=args, **lightning_kwargs())
+    with warnings.catch_warnings():
+        # the demo drives LightningCLI in-process on purpose, while sys.argv holds `dlm demo ...`
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return DLMCLI(args=args, **lightning_kwargs())
 
 
 def _val_nelbo(cli) -> float:
