@@ -369,3 +369,97 @@ def test_bad_input_gives_one_line_errors(net, text_model, tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(DLMError, match="not a lightning_dlm diffusion checkpoint"):
         load_diffusion_lm(str(foreign))
+
+
+# --- dlm sample -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A lightning_dlm checkpoint of an untrained tiny model (written without a Trainer)."""
+    import lightning
+
+    from lightning_dlm.module import DiffusionLM
+
+    module = DiffusionLM(backbone=BackboneConfig(config=dict(TINY_LLAMA, vocab_size=512, max_position_embeddings=96),
+                                                 tokenizer=TINY_TOKENIZER))
+    module.configure_model()
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                  "pytorch-lightning_version": lightning.__version__}
+    module.on_save_checkpoint(checkpoint)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+def _jsonl(text):
+    import json
+
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_cli_prompts_file_strategies_and_jsonl_statistics(tiny_ckpt, tmp_path, capsys):
+    from lightning_dlm.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the cat", "suffix": " end.", "id": 7}\n\n{"prompt": "hello world"}\n')
+    common = ["sample", "--ckpt", tiny_ckpt, "--prompts_file", str(prompts), "--length", "6", "--steps", "3",
+              "--num_samples", "2", "--strategy", "threshold", "--threshold", "0.5", "--confidence", "margin",
+              "--block_size", "3", "--cache", "dual", "--format", "jsonl", "--temperature", "0.7"]
+    main(common + ["--batch_size", "3"])
+    captured = capsys.readouterr()
+    records = _jsonl(captured.out)
+    assert [(r["prompt"], r["sample"]) for r in records] == [("the cat", 0), ("the cat", 1), ("hello world", 0),
+                                                             ("hello world", 1)]
+    assert records[0]["id"] == 7 and records[0]["suffix"] == " end." and records[2].get("suffix") is None
+    for r in records:
+        assert len(r["token_ids"]) == 6 and sum(r["committed_per_step"]) == 6
+        assert {"forward_passes", "tokens_per_s", "wall_time_s", "steps"} <= set(r["batch_stats"])
+    assert "sample/s" in captured.err  # the progress bar (two batches)
+    out_file = tmp_path / "one_batch.jsonl"
+    main(common + ["--batch_size", "8", "--output", str(out_file)])
+    assert capsys.readouterr().out == ""
+    again = _jsonl(out_file.read_text())
+    assert [r["token_ids"] for r in again] == [r["token_ids"] for r in records]  # batching does not matter
+
+
+def test_cli_text_output_with_max_length(tiny_ckpt, capsys):
+    from lightning_dlm.cli import main
+
+    main(["sample", "--ckpt", tiny_ckpt, "--prompt", "[a, the dog]", "--max_length", "5", "--steps", "5",
+          "--strategy", "confidence", "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert "--- sample 1/2" in out and "\na[" in out and "the dog[" in out
+    assert "forward passes" in out and "tokens/s" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--strategy", "beam"], "unknown sampling strategy 'beam'"),
+    (["--strategy", "random", "--threshold", "0.9"], "takes no option"),
+    (["--top_p", "0"], "top_p must be in"),
+    (["--steps", "0"], "steps T must be >= 1"),
+    (["--length", "0"], "target length must be >= 1"),
+    (["--length", "200"], "above the model's limit of 96"),
+    (["--prompts_file", "/nonexistent/prompts.jsonl"], "does not exist"),
+])
+def test_cli_bad_input_is_one_line(tiny_ckpt, capsys, args, message):
+    from lightning_dlm.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--ckpt", tiny_ckpt, *args])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_prompts_file_errors(tmp_path):
+    from lightning_dlm.commands.sample import read_prompts_file
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{not json\n')
+    with pytest.raises(DLMError, match="bad.jsonl:2 is not valid JSON"):
+        read_prompts_file(str(bad))
+    bad.write_text('{"text": "no prompt"}\n')
+    with pytest.raises(DLMError, match="no \"prompt\" string"):
+        read_prompts_file(str(bad))
+    bad.write_text("\n")
+    with pytest.raises(DLMError, match="holds no prompts"):
+        read_prompts_file(str(bad))
