@@ -173,9 +173,12 @@ def test_cache_refreshed_every_step_reproduces_uncached(net, cache, strategy, op
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_cached_window_pass_equals_the_full_pass_on_a_fresh_cache(net, cache):
+def test_cached_window_pass_equals_the_full_pass_on_a_fresh_cache(family_config, cache):
     """The cached forward pass (positions, padding, key order) is right: on the state it was
-    refreshed on, it gives the full pass's logits."""
+    refreshed on, it gives the full pass's logits (LLaMA: rotary positions; GPT-2: learned)."""
+    torch.manual_seed(0)
+    cfg = BackboneConfig(config=family_config, mask_token=MaskTokenConfig(mode="reuse", id=MASK))
+    net = DiffusionBackbone.from_config(cfg).eval()
     canvas = _canvas(length=9)
     ids, attn = canvas.ids.clone(), canvas.attention_mask
     ids[:, 4:6] = 11  # some committed slots

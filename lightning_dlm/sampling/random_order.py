@@ -1,5 +1,10 @@
 """The paper's ancestral sampler: masked slots are revealed in random order.
 
+This is the first, single-generator version, kept as a small self-contained function; the sampler
+library runs the same algorithm as the ``random`` strategy
+(:class:`lightning_dlm.sampling.strategies.RandomOrder`), with one generator per row, blocks,
+caches and statistics.
+
 Going from time t to s < t on a uniform grid of T steps, every still-masked slot is committed
 with probability (alpha(s) - alpha(t)) / (1 - alpha(t)) (1/k for the linear schedule at step k
 from the end), its token drawn from the model with temperature / top-k / top-p. A step that
@@ -16,6 +21,7 @@ from lightning_dlm.diffusion.schedules import NoiseSchedule
 from lightning_dlm.errors import DLMError
 from lightning_dlm.sampling.canvas import Canvas, slot_logits
 from lightning_dlm.sampling.filtering import check_sampling_args, draw_tokens
+from lightning_dlm.sampling.strategies import reveal_probability
 
 Denoiser = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -41,13 +47,11 @@ def random_order_sample(
         raise DLMError(f"the number of steps T must be >= 1, got {steps}")
     check_sampling_args(temperature, top_k, top_p)
     ids, masked = canvas.ids.clone(), canvas.masked.clone()
-    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     passes = 0
     for i in range(steps):
         if not masked.any():
             break
-        alpha_t, alpha_s = schedule.alpha(grid[i]), schedule.alpha(grid[i + 1])
-        p_commit = 1.0 if i == steps - 1 else float((alpha_s - alpha_t) / (1.0 - alpha_t))
+        p_commit = reveal_probability(schedule, i, steps)
         draw = torch.rand(ids.shape, generator=generator, device=ids.device)
         commit = masked & (draw < p_commit)
         if not commit.any():
