@@ -53,8 +53,9 @@ def _show(row: List[int], tokenizer, mask_id: int, mask_text: str) -> str:
 
 
 def suppressed_ids(net, tokenizer) -> List[int]:
-    """Ids never sampled: an added mask token and embedding rows beyond the tokenizer."""
-    ids = [net.mask_token_id] if net.mask_token_added else []
+    """Ids never sampled: the mask token (added or reused: once committed, the model would read it
+    as a mask) and embedding rows beyond the tokenizer."""
+    ids = [net.mask_token_id]
     if tokenizer is not None and len(tokenizer) < net.vocab_size:
         ids += list(range(len(tokenizer), net.vocab_size))
     return sorted(set(ids))
