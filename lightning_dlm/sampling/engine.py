@@ -145,6 +145,54 @@ def _eos_done(row_ids: torch.Tensor, row_masked: torch.Tensor, eos_id: int) -> O
     return None if bool(row_masked[:first].any()) else first
 
 
+class _BlockForward:
+    """The model call of one block: full passes, or cache refreshes and cached window passes.
+
+    Returns slot-aligned float logits (B, block length, V) with the suppressed ids at -inf (rows
+    not asked for are zeros).
+    """
+
+    def __init__(self, denoiser, config: SamplerConfig, stats: SamplingStats, a: int, b: int, width: int,
+                 shift: bool, suppress: List[int], batch: int):
+        self.denoiser, self.config, self.stats = denoiser, config, stats
+        self.block, self.width, self.suppress, self.batch = (a, b), width, suppress, batch
+        self.keep = slot_logit_positions(a, b, shift)  # the shift, in one place
+        self.window = (self.keep[0], width) if config.cache == "prefix" else (self.keep[0], max(b, self.keep[1]))
+        self.last_refresh: Optional[int] = None
+        if hasattr(denoiser, "clear"):
+            denoiser.clear()
+
+    def _refresh_due(self, step: int) -> bool:
+        every = self.config.refresh_every
+        return self.last_refresh is None or (every is not None and step - self.last_refresh >= every)
+
+    def __call__(self, ids: torch.Tensor, attention: Optional[torch.Tensor], rows: torch.Tensor, step: int):
+        sub_ids = ids.index_select(0, rows)
+        sub_attn = attention.index_select(0, rows) if attention is not None else None
+        stats, n = self.stats, len(rows)
+        stats.forward_passes += 1
+        if self.config.cache == "none":
+            raw = self.denoiser.logits(sub_ids, sub_attn, self.keep)
+            stats.full_passes += 1
+            stats.positions_computed += n * self.width
+        elif self._refresh_due(step):
+            raw = self.denoiser.refresh(sub_ids, sub_attn, self.keep, self.window, self.config.cache, rows)
+            self.last_refresh = step
+            stats.full_passes += 1
+            stats.positions_computed += n * self.width
+        else:
+            raw = self.denoiser.cached(sub_ids, sub_attn, self.keep, self.window, rows)
+            stats.positions_computed += n * (self.window[1] - self.window[0])
+        raw = raw.float()
+        if self.suppress:
+            raw[..., self.suppress] = float("-inf")
+        if n == self.batch:
+            return raw
+        full = raw.new_zeros((self.batch, raw.shape[1], raw.shape[-1]))
+        full[rows] = raw
+        return full
+
+
 @torch.no_grad()
 def decode(
     denoiser,
@@ -184,47 +232,16 @@ def decode(
         torch.cuda.synchronize(device)
     start_time = time.perf_counter()
     for a, b, block_steps in _blocks(t0, t1, config.block_size, config.steps):
-        keep = slot_logit_positions(a, b, shift)
-        window = (keep[0], width) if config.cache == "prefix" else (keep[0], max(b, keep[1]))
-        last_refresh: Optional[int] = None
-        if hasattr(denoiser, "clear"):
-            denoiser.clear()
+        forward = _BlockForward(denoiser, config, stats, a, b, width, shift, suppress, batch)
         for step in range(block_steps):
             eligible = masked[:, a:b] & active.unsqueeze(1)
             if not eligible.any():
                 break  # the block is decided: no more steps (nor forward passes) for it
             rows = eligible.any(1).nonzero().flatten()
-
-            def compute(rows=rows, step=step):
-                nonlocal last_refresh
-                sub_ids = ids.index_select(0, rows)
-                sub_attn = attention.index_select(0, rows) if attention is not None else None
-                stats.forward_passes += 1
-                if config.cache == "none":
-                    raw = denoiser.logits(sub_ids, sub_attn, keep)
-                    stats.full_passes += 1
-                    stats.positions_computed += len(rows) * width
-                elif last_refresh is None or (config.refresh_every is not None
-                                              and step - last_refresh >= config.refresh_every):
-                    raw = denoiser.refresh(sub_ids, sub_attn, keep, window, config.cache, rows)
-                    last_refresh = step
-                    stats.full_passes += 1
-                    stats.positions_computed += len(rows) * width
-                else:
-                    raw = denoiser.cached(sub_ids, sub_attn, keep, window, rows)
-                    stats.positions_computed += len(rows) * (window[1] - window[0])
-                raw = raw.float()
-                if suppress:
-                    raw[..., suppress] = float("-inf")
-                if len(rows) == batch:
-                    return raw
-                full = raw.new_zeros((batch, b - a, raw.shape[-1]))
-                full[rows] = raw
-                return full
-
             ctx = StepContext(eligible=eligible, step=step, steps=block_steps, schedule=schedule,
                               generators=generators, temperature=config.temperature, top_k=config.top_k,
-                              top_p=config.top_p, _logits_fn=compute)
+                              top_p=config.top_p,
+                              _logits_fn=lambda rows=rows, step=step: forward(ids, attention, rows, step))
             result = strategy.step(ctx)
             stats.steps += 1
             committed = [0] * batch
