@@ -156,6 +156,35 @@ def test_steps_are_split_over_blocks(net):
         _decode(ModelDenoiser(net), canvas, steps=3, block_size=2)
 
 
+def test_random_order_reveals_slots_at_the_schedule_rate():
+    """Going from t to s, the expected share of the region committed is alpha(s) - alpha(t)."""
+    cosine = get_schedule("cosine")
+    canvas = build_canvas([[3]] * 64, 32, MASK, PAD, 1, align_targets=True)
+    config = SamplerConfig(steps=8, temperature=1.0, strategy="random")
+    out = decode(peaked(lambda slot: 5), canvas, config, schedule=cosine, seeds=list(range(64)))
+    per_step = torch.tensor(out.stats.committed_per_step, dtype=torch.float64).mean(1) / 32
+    grid = torch.linspace(1.0, 0.0, 9, dtype=torch.float64)
+    expected = cosine.alpha(grid[1:]) - cosine.alpha(grid[:-1])
+    assert torch.allclose(per_step, expected, atol=0.03)
+
+
+def test_sampling_respects_top_k_and_rank_noise_is_seeded(net):
+    def fn(ids, attn):  # five equally likely tokens everywhere, then a long tail
+        logits = torch.zeros(ids.shape[0], ids.shape[1], 97)
+        logits[..., 40:45] = 5.0
+        return logits
+
+    canvas = _canvas(length=12)
+    out = _decode(FunctionDenoiser(fn), canvas, steps=4, temperature=1.0, top_k=5, strategy="confidence")
+    assert ((out.ids[canvas.target] >= 40) & (out.ids[canvas.target] < 45)).all()
+    runs = [_decode(ModelDenoiser(net), canvas, seeds=seeds, steps=12, temperature=0.0, strategy="confidence",
+                    strategy_options={"rank_noise": 5.0}, capture_trajectory=True)
+            for seeds in ([1, 2], [1, 2], [3, 4])]
+    orders = [[tuple((state != prev).nonzero()[:, 1].tolist()) for prev, state in
+               zip([canvas.ids] + r.trajectory[:-1], r.trajectory)] for r in runs]
+    assert orders[0] == orders[1] and orders[0] != orders[2]
+
+
 # --- KV caching -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("strategy,options,temperature", [STRATEGY_CASES[0], STRATEGY_CASES[2], STRATEGY_CASES[4]],
