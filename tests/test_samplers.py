@@ -189,8 +189,9 @@ def test_sampling_respects_top_k_and_rank_noise_is_seeded(net):
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 @pytest.mark.parametrize("strategy,options,temperature", [STRATEGY_CASES[0], STRATEGY_CASES[2], STRATEGY_CASES[4]],
                          ids=["random", "conf-margin-noise-sampled", "threshold"])
-def test_cache_refreshed_every_step_reproduces_uncached(net, cache, strategy, options, temperature):
-    canvas = _canvas(length=9)
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
+def test_cache_refreshed_every_step_reproduces_uncached(net, cache, strategy, options, temperature, padded):
+    canvas = _canvas(length=9) if padded else _canvas(prefixes=[[3, 4], [5, 6]], length=9, suffixes=None)
     common = dict(steps=9, temperature=temperature, strategy=strategy, strategy_options=options, block_size=3)
     plain = _decode(ModelDenoiser(net), canvas, **common)
     cached = _decode(ModelDenoiser(net), canvas, cache=cache, refresh_every=1, **common)
@@ -201,15 +202,17 @@ def test_cache_refreshed_every_step_reproduces_uncached(net, cache, strategy, op
     assert stale.stats.full_passes == 3 and plain.stats.full_passes == plain.stats.forward_passes
 
 
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_cached_window_pass_equals_the_full_pass_on_a_fresh_cache(family_config, cache):
+def test_cached_window_pass_equals_the_full_pass_on_a_fresh_cache(family_config, cache, padded):
     """The cached forward pass (positions, padding, key order) is right: on the state it was
     refreshed on, it gives the full pass's logits (LLaMA: rotary positions; GPT-2: learned)."""
     torch.manual_seed(0)
     cfg = BackboneConfig(config=family_config, mask_token=MaskTokenConfig(mode="reuse", id=MASK))
     net = DiffusionBackbone.from_config(cfg).eval()
-    canvas = _canvas(length=9)
+    canvas = _canvas(length=9) if padded else _canvas(prefixes=[[3, 4, 5], [6, 7, 8]], length=9, suffixes=[[7], [9]])
     ids, attn = canvas.ids.clone(), canvas.attention_mask
+    assert (attn is None) != padded
     ids[:, 4:6] = 11  # some committed slots
     denoiser, rows = ModelDenoiser(net), torch.arange(2)
     keep, width = (6, 9), ids.shape[1]
@@ -219,7 +222,7 @@ def test_cached_window_pass_equals_the_full_pass_on_a_fresh_cache(family_config,
     with torch.no_grad():
         reference = net(ids, attention_mask=attn)[:, 6:9]
     assert torch.allclose(full, reference, atol=1e-5)
-    one = denoiser.cached(ids[1:], attn[1:], keep, window, rows[1:])  # a subset of the cached rows
+    one = denoiser.cached(ids[1:], attn[1:] if padded else None, keep, window, rows[1:])  # a subset of the rows
     assert torch.allclose(one, full[1:], atol=1e-5)
 
 
