@@ -20,13 +20,21 @@ uncached computation.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
 from lightning_dlm.errors import DLMError
 
 CACHE_MODES = ("none", "prefix", "dual")
+
+Keep = Union[Tuple[int, int], torch.Tensor]  # positions whose logits are wanted: (start, end) or indices
+
+
+def keep_index(keep: Keep, device) -> torch.Tensor:
+    if isinstance(keep, torch.Tensor):
+        return keep.to(device)
+    return torch.arange(keep[0], keep[1], device=device)
 
 
 def positions_of(attention_mask: Optional[torch.Tensor], batch: int, width: int, device) -> torch.Tensor:
@@ -44,9 +52,9 @@ class FunctionDenoiser:
     def __init__(self, fn: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]):
         self.fn = fn
 
-    def logits(self, ids, attention_mask, keep: Tuple[int, int]) -> torch.Tensor:
-        """Raw logits at positions ``keep = (start, end)`` of a full forward pass."""
-        return self.fn(ids, attention_mask)[:, keep[0]:keep[1]]
+    def logits(self, ids, attention_mask, keep: Keep) -> torch.Tensor:
+        """Raw logits at positions ``keep`` ((start, end) or indices) of a full forward pass."""
+        return self.fn(ids, attention_mask).index_select(1, keep_index(keep, ids.device))
 
 
 class ModelDenoiser:
@@ -65,26 +73,26 @@ class ModelDenoiser:
         self._kv_cols: Optional[torch.Tensor] = None  # the canvas columns held in the cache
         self._kv_rows: Optional[torch.Tensor] = None  # the canvas rows held in the cache
 
-    def _run(self, ids, attention_mask, position_ids, keep: Tuple[int, int], past=None, use_cache=False):
+    def _run(self, ids, attention_mask, position_ids, keep: torch.Tensor, past=None, use_cache=False):
         kwargs = dict(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids)
-        if self._keep_ok:
-            kwargs["logits_to_keep"] = torch.arange(keep[0], keep[1], device=ids.device)
+        if self._keep_ok:  # the LM head runs at these positions only
+            kwargs["logits_to_keep"] = keep
         out = self.model(**kwargs, past_key_values=past, use_cache=use_cache)
-        logits = out.logits if self._keep_ok else out.logits[:, keep[0]:keep[1]]
+        logits = out.logits if self._keep_ok else out.logits.index_select(1, keep)
         return logits, out.past_key_values
 
-    def logits(self, ids, attention_mask, keep: Tuple[int, int]) -> torch.Tensor:
-        """Raw logits at positions ``keep`` of a full (uncached) forward pass."""
+    def logits(self, ids, attention_mask, keep: Keep) -> torch.Tensor:
+        """Raw logits at positions ``keep`` ((start, end) or indices) of a full (uncached) forward pass."""
         positions = positions_of(attention_mask, ids.shape[0], ids.shape[1], ids.device)
-        return self._run(ids, attention_mask, positions, keep)[0]
+        return self._run(ids, attention_mask, positions, keep_index(keep, ids.device))[0]
 
     # --- caching ----------------------------------------------------------------------------------
-    def refresh(self, ids, attention_mask, keep: Tuple[int, int], window: Tuple[int, int], mode: str,
+    def refresh(self, ids, attention_mask, keep: Keep, window: Tuple[int, int], mode: str,
                 rows: torch.Tensor) -> torch.Tensor:
         """Full forward pass: returns the logits at ``keep`` and caches every column outside ``window``
         (``prefix``: only the columns left of it; ``dual``: left and right)."""
         positions = positions_of(attention_mask, ids.shape[0], ids.shape[1], ids.device)
-        logits, cache = self._run(ids, attention_mask, positions, keep, use_cache=True)
+        logits, cache = self._run(ids, attention_mask, positions, keep_index(keep, ids.device), use_cache=True)
         width = ids.shape[1]
         cols = torch.arange(0, window[0], device=ids.device)
         if mode == "dual":
@@ -93,7 +101,7 @@ class ModelDenoiser:
         self._kv_cols, self._kv_rows = cols, rows
         return logits
 
-    def cached(self, ids, attention_mask, keep: Tuple[int, int], window: Tuple[int, int],
+    def cached(self, ids, attention_mask, keep: Keep, window: Tuple[int, int],
                rows: torch.Tensor) -> torch.Tensor:
         """Forward pass of the ``window`` columns only, attending to the cached keys/values.
 
@@ -113,7 +121,7 @@ class ModelDenoiser:
         mask = None
         if attention_mask is not None:
             mask = torch.cat([attention_mask.index_select(1, self._kv_cols), attention_mask[:, a:b]], dim=1)
-        logits, _ = self._run(ids[:, a:b], mask, positions[:, a:b], (keep[0] - a, keep[1] - a),
+        logits, _ = self._run(ids[:, a:b], mask, positions[:, a:b], keep_index(keep, ids.device) - a,
                               past=DynamicCache(ddp_cache_data=kv), use_cache=True)
         return logits
 

@@ -148,14 +148,14 @@ def _eos_done(row_ids: torch.Tensor, row_masked: torch.Tensor, eos_id: int) -> O
 class _BlockForward:
     """The model call of one block: full passes, or cache refreshes and cached window passes.
 
-    Returns slot-aligned float logits (B, block length, V) with the suppressed ids at -inf (rows
-    not asked for are zeros).
+    Returns slot-aligned float logits (rows, columns, V) of the block with the suppressed ids at
+    -inf: every column, or the block-relative ``cols`` only.
     """
 
     def __init__(self, denoiser, config: SamplerConfig, stats: SamplingStats, a: int, b: int, width: int,
                  shift: bool, suppress: List[int], batch: int):
         self.denoiser, self.config, self.stats = denoiser, config, stats
-        self.block, self.width, self.suppress, self.batch = (a, b), width, suppress, batch
+        self.width, self.suppress, self.batch = width, suppress, batch
         self.keep = slot_logit_positions(a, b, shift)  # the shift, in one place
         self.window = (self.keep[0], width) if config.cache == "prefix" else (self.keep[0], max(b, self.keep[1]))
         self.last_refresh: Optional[int] = None
@@ -166,31 +166,46 @@ class _BlockForward:
         every = self.config.refresh_every
         return self.last_refresh is None or (every is not None and step - self.last_refresh >= every)
 
-    def __call__(self, ids: torch.Tensor, attention: Optional[torch.Tensor], rows: torch.Tensor, step: int):
+    def __call__(self, ids: torch.Tensor, attention: Optional[torch.Tensor], rows: torch.Tensor, step: int,
+                 cols: Optional[torch.Tensor] = None):
+        keep = self.keep if cols is None else self.keep[0] + cols
         sub_ids = ids.index_select(0, rows)
         sub_attn = attention.index_select(0, rows) if attention is not None else None
         stats, n = self.stats, len(rows)
         stats.forward_passes += 1
         if self.config.cache == "none":
-            raw = self.denoiser.logits(sub_ids, sub_attn, self.keep)
+            raw = self.denoiser.logits(sub_ids, sub_attn, keep)
             stats.full_passes += 1
             stats.positions_computed += n * self.width
         elif self._refresh_due(step):
-            raw = self.denoiser.refresh(sub_ids, sub_attn, self.keep, self.window, self.config.cache, rows)
+            raw = self.denoiser.refresh(sub_ids, sub_attn, keep, self.window, self.config.cache, rows)
             self.last_refresh = step
             stats.full_passes += 1
             stats.positions_computed += n * self.width
         else:
-            raw = self.denoiser.cached(sub_ids, sub_attn, self.keep, self.window, rows)
+            raw = self.denoiser.cached(sub_ids, sub_attn, keep, self.window, rows)
             stats.positions_computed += n * (self.window[1] - self.window[0])
         raw = raw.float()
         if self.suppress:
             raw[..., self.suppress] = float("-inf")
-        if n == self.batch:
+        return raw
+
+    def block(self, ids, attention, rows: torch.Tensor, step: int) -> torch.Tensor:
+        """(B, block length, V); rows not in ``rows`` are zeros."""
+        raw = self(ids, attention, rows, step)
+        if len(rows) == self.batch:
             return raw
         full = raw.new_zeros((self.batch, raw.shape[1], raw.shape[-1]))
         full[rows] = raw
         return full
+
+    def at(self, ids, attention, rows: torch.Tensor, step: int, mask: torch.Tensor) -> torch.Tensor:
+        """(N, V) at the slots of ``mask`` (B, block length), in ``mask.nonzero()`` order; the LM
+        head runs only at the columns some row needs."""
+        cols = mask.any(0).nonzero().flatten()
+        raw = self(ids, attention, rows, step, cols)
+        where = mask.nonzero()
+        return raw[torch.searchsorted(rows, where[:, 0]), torch.searchsorted(cols, where[:, 1])]
 
 
 @torch.no_grad()
@@ -241,7 +256,9 @@ def decode(
             ctx = StepContext(eligible=eligible, step=step, steps=block_steps, schedule=schedule,
                               generators=generators, temperature=config.temperature, top_k=config.top_k,
                               top_p=config.top_p,
-                              _logits_fn=lambda rows=rows, step=step: forward(ids, attention, rows, step))
+                              _logits_fn=lambda rows=rows, step=step: forward.block(ids, attention, rows, step),
+                              _logits_at_fn=lambda mask, rows=rows, step=step: forward.at(ids, attention, rows, step,
+                                                                                         mask))
             result = strategy.step(ctx)
             stats.steps += 1
             committed = [0] * batch

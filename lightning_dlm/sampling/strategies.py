@@ -54,6 +54,7 @@ class StepContext:
     top_k: int
     top_p: float
     _logits_fn: Callable[[], torch.Tensor]
+    _logits_at_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     _logits: Optional[torch.Tensor] = None
 
     @property
@@ -69,6 +70,14 @@ class StepContext:
         if self._logits is None:
             self._logits = self._logits_fn()
         return self._logits
+
+    def logits_at(self, mask: torch.Tensor) -> torch.Tensor:
+        """``logits()[mask]`` (N, V), computing the LM head only where needed (one forward pass per step)."""
+        if self._logits is not None or self._logits_at_fn is None:
+            return self.logits()[mask]
+        self._logits_at_fn, at = None, self._logits_at_fn  # a second call reads the full logits
+        self._logits_fn = _refuse_second_pass
+        return at(mask)
 
     def rows_with_work(self) -> List[int]:
         return self.eligible.any(1).nonzero().flatten().tolist()
@@ -91,6 +100,10 @@ class StepContext:
             sel = rows == b
             out[sel] = torch.multinomial(probs[sel], 1, generator=self.generators[b]).squeeze(-1)
         return out
+
+
+def _refuse_second_pass() -> torch.Tensor:
+    raise RuntimeError("a strategy asked for the full logits after logits_at(): call logits() first instead")
 
 
 class Strategy:
@@ -173,9 +186,8 @@ class RandomOrder(Strategy):
             commit[b] = ctx.eligible[b] & (ctx.uniform(b, ctx.eligible.shape[1]) < p)
         if not commit.any():
             return None  # no forward pass needed
-        logits = ctx.logits()
         tokens = torch.zeros(commit.shape, dtype=torch.long, device=commit.device)
-        tokens[commit] = ctx.choose_tokens(logits[commit], commit.nonzero()[:, 0])
+        tokens[commit] = ctx.choose_tokens(ctx.logits_at(commit), commit.nonzero()[:, 0])
         return commit, tokens
 
 
