@@ -72,11 +72,14 @@ class StepContext:
         return self._logits
 
     def logits_at(self, mask: torch.Tensor) -> torch.Tensor:
-        """``logits()[mask]`` (N, V), computing the LM head only where needed (one forward pass per step)."""
+        """``logits()[mask]`` (N, V), with the LM head run only at the columns of ``mask``.
+
+        One forward pass per step: after this call, asking for more logits is an error (a strategy
+        that needs several views calls :meth:`logits` first).
+        """
         if self._logits is not None or self._logits_at_fn is None:
             return self.logits()[mask]
-        self._logits_at_fn, at = None, self._logits_at_fn  # a second call reads the full logits
-        self._logits_fn = _refuse_second_pass
+        at, self._logits_at_fn, self._logits_fn = self._logits_at_fn, None, _refuse_second_pass
         return at(mask)
 
     def rows_with_work(self) -> List[int]:
