@@ -327,7 +327,7 @@ def test_generate_reports_statistics_and_trajectory(text_model):
     assert set(stats.as_dict()) >= {"forward_passes", "committed_per_step", "wall_time_s", "tokens_per_s"}
     assert len(out.trajectory) == 3 and torch.equal(out.trajectory[-1], out.ids)
     views = out.trajectory_texts(tokenizer, row=1)
-    assert views[0].count("_") == 4 and "_" not in views[-1]
+    assert views[0].count("_") == 4 and "_" not in views[-1] and views[-1] == out.texts[1]
     assert all(isinstance(t, str) for t in out.texts) and [len(t) for t in out.token_ids] == [6, 6]
     mask = net.mask_token_id
     assert mask >= 512 and not (out.ids == mask).any()  # the added mask token is never sampled
@@ -460,10 +460,11 @@ def test_cli_text_output_with_max_length(tiny_ckpt, capsys):
     from lightning_dlm.cli import main
 
     main(["sample", "--ckpt", tiny_ckpt, "--prompt", "[a, the dog]", "--max_length", "5", "--steps", "5",
-          "--strategy", "confidence", "--temperature", "0"])
+          "--strategy", "confidence", "--temperature", "0", "--trajectory", "true"])
     out = capsys.readouterr().out
     assert "--- sample 1/2" in out and "\na[" in out and "the dog[" in out
     assert "forward passes" in out and "tokens/s" in out
+    assert "  step   1: '" in out
 
 
 @pytest.mark.parametrize("args,message", [

@@ -64,6 +64,7 @@ def sample(
     format: Literal["text", "jsonl"] = "text",
     output: Optional[str] = None,
     progress: bool = True,
+    trajectory: bool = False,
     device: str = "auto",
 ) -> None:
     """Decode text with a lightning_dlm checkpoint.
@@ -92,6 +93,7 @@ def sample(
         format: text, or jsonl (one JSON object per sample, with its statistics).
         output: write the samples to this file instead of stdout.
         progress: show a progress bar over the samples when there is more than one batch.
+        trajectory: also show the generated region after every step (masked slots as _).
         device: cpu, cuda, or auto.
     """
     import torch
@@ -108,7 +110,7 @@ def sample(
                if v is not None}
     gen_kwargs = dict(length=None if max_length is not None else length, max_length=max_length, steps=steps,
                       temperature=temperature, top_k=top_k, top_p=top_p, strategy=strategy, block_size=block_size,
-                      cache=cache, refresh_every=refresh_every)
+                      cache=cache, refresh_every=refresh_every, capture_trajectory=trajectory)
     if (max_length if max_length is not None else length) < 1:
         raise DLMError(f"the target length must be >= 1, got {max_length if max_length is not None else length}")
     SamplerConfig(steps=steps, temperature=temperature, top_k=top_k, top_p=top_p, strategy=strategy,
@@ -174,6 +176,8 @@ def _run(module, rows, options, stream, *, num_samples, batch_size, format, prog
                           "committed_per_step": [step[b] for step in stats.committed_per_step],
                           "batch_stats": {key: value for key, value in stats.as_dict().items()
                                           if key != "committed_per_step"}}
+                if out.trajectory is not None:
+                    record["trajectory"] = out.trajectory_texts(tokenizer, row=b)
                 stream.write(json.dumps(record) + "\n")
             else:
                 head = f"--- sample {start + b + 1}/{len(jobs)}"
@@ -181,6 +185,9 @@ def _run(module, rows, options, stream, *, num_samples, batch_size, format, prog
                     head += f" (prompt {i + 1}, sample {k + 1})"
                 stream.write(head + "\n")
                 tail = row.get("suffix") or ""
+                if out.trajectory is not None:
+                    for number, state in enumerate(out.trajectory_texts(tokenizer, row=b), 1):
+                        stream.write(f"  step {number:>3}: {state!r}\n")
                 stream.write(f"{row['prompt']}[{out.texts[b]}]{tail}\n")
         bar.update(len(chunk))
     bar.close()

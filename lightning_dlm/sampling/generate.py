@@ -29,12 +29,15 @@ class Generation:
     ids: Optional[torch.Tensor] = None  # the final canvas (B, W)
     trajectory: Optional[List[torch.Tensor]] = None  # canvas after every step, if captured
     mask_id: int = -1
+    target_span: Tuple[int, int] = (0, 0)  # the columns of the generated region in ``ids``
 
     def trajectory_texts(self, tokenizer, row: int = 0, mask_text: str = "_") -> List[str]:
-        """Row ``row`` of every captured step as text, with masked slots shown as ``mask_text``."""
+        """The generated region of row ``row`` after every captured step, as text, with the slots
+        still masked shown as ``mask_text``."""
         if self.trajectory is None:
             raise DLMError("no trajectory was captured: pass capture_trajectory=True")
-        return [_show(state[row].tolist(), tokenizer, self.mask_id, mask_text) for state in self.trajectory]
+        a, b = self.target_span
+        return [_show(state[row, a:b].tolist(), tokenizer, self.mask_id, mask_text) for state in self.trajectory]
 
 
 def _show(row: List[int], tokenizer, mask_id: int, mask_text: str) -> str:
@@ -168,4 +171,4 @@ def generate(
     texts = [tokenizer.decode(row) for row in out.tokens]
     return Generation(texts=texts, token_ids=out.tokens, forward_passes=out.stats.forward_passes, stats=out.stats,
                       stopped_at_eos=out.stopped_at_eos, seeds=list(seeds), ids=out.ids, trajectory=out.trajectory,
-                      mask_id=net.mask_token_id)
+                      mask_id=net.mask_token_id, target_span=canvas.target_span())
