@@ -11,6 +11,7 @@ from lightning_dlm.diffusion.schedules import ScheduleLike, get_schedule
 from lightning_dlm.errors import DLMError
 
 NORMALIZATIONS = ("elbo", "masked")
+IGNORE = -100  # cross-entropy ignore index for positions that are not scored
 
 
 @dataclass
@@ -30,17 +31,6 @@ class LossTerms:
         raise DLMError(f"unknown loss normalization '{normalization}': choose one of {NORMALIZATIONS}")
 
 
-def align_for_shift(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, shift: bool):
-    """Return (logits, targets, scored) aligned so that logits[:, j] predicts targets[:, j].
-
-    With the shift, the hidden state at i-1 predicts token i (the AR alignment), so logits[:, :-1]
-    are scored against x0[:, 1:] where x_t[:, 1:] was masked.
-    """
-    if shift:
-        return logits[:, :-1], x0[:, 1:], masked[:, 1:]
-    return logits, x0, masked
-
-
 def diffusion_loss_terms(
     logits: torch.Tensor,
     x0: torch.Tensor,
@@ -49,7 +39,11 @@ def diffusion_loss_terms(
     schedule: ScheduleLike,
     shift: bool = True,
 ) -> LossTerms:
-    """Weighted masked cross-entropy terms; cross-entropy in float32 on the scored rows only."""
+    """Weighted masked cross-entropy terms, cross-entropy in float32.
+
+    Unscored positions get the ignore index, so the cross-entropy runs over all rows without
+    gathering (no host synchronisation, no scatter in the backward pass).
+    """
     if logits.dim() != 3 or x0.shape != logits.shape[:2] or masked.shape != x0.shape:
         raise DLMError(
             f"diffusion_loss expects logits (B, L, V) with x0 and masked (B, L); got "
@@ -57,12 +51,21 @@ def diffusion_loss_terms(
         )
     schedule = get_schedule(schedule)
     batch, length = x0.shape
-    logits, targets, scored = align_for_shift(logits, x0, masked.bool(), shift)
-    rows, cols = scored.nonzero(as_tuple=True)
-    ce = F.cross_entropy(logits[rows, cols].float(), targets[rows, cols], reduction="none")
+    masked = masked.bool()
+    # targets[:, j] is what logits[:, j] must predict: x0[:, j + 1] with the shift, x0[:, j] without.
+    if shift:
+        targets = torch.full_like(x0, IGNORE)
+        targets[:, :-1] = torch.where(masked[:, 1:], x0[:, 1:], IGNORE)
+        scored = masked[:, 1:]
+    else:
+        targets = torch.where(masked, x0, IGNORE)
+        scored = masked
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none", ignore_index=IGNORE
+    ).view(batch, length)
     weights = schedule.weight(t.float().to(logits.device))
     return LossTerms(
-        weighted_sum=(weights[rows] * ce).sum(),
+        weighted_sum=(weights[:, None] * ce).sum(),
         ce_sum=ce.sum(),
         num_scored=scored.sum(),
         num_targets=batch * (length - 1 if shift else length),
