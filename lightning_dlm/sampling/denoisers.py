@@ -14,7 +14,8 @@ columns left of the current block's window (``prefix``), and also of those right
 (``dual``). Until the next refresh, a step runs the model on the window only: the block and
 everything right of it (``prefix``), or the block alone (``dual``), attending to the stale cached
 keys/values through transformers' ``DynamicCache``. A cache refreshed at every step is the
-uncached computation.
+uncached computation. The caches are tested on full-attention models (LLaMA, GPT-2); models
+with sliding-window or recurrent layers should decode with ``cache="none"``.
 """
 
 from __future__ import annotations
