@@ -12,7 +12,6 @@ from lightning_dlm.sampling.denoisers import CACHE_MODES, FunctionDenoiser, Mode
 from lightning_dlm.sampling.engine import Decoded, SamplerConfig, SamplingStats, decode
 from lightning_dlm.sampling.filtering import draw_tokens, filter_logits
 from lightning_dlm.sampling.generate import Generation, generate, resolve_model, row_seeds, suppressed_ids
-from lightning_dlm.sampling.random_order import random_order_sample
 from lightning_dlm.sampling.strategies import (
     CONFIDENCES,
     STRATEGIES,
@@ -30,6 +29,6 @@ __all__ = [
     "CACHE_MODES", "CONFIDENCES", "STRATEGIES", "Canvas", "ConfidenceOrder", "Decoded", "FunctionDenoiser",
     "Generation", "ModelDenoiser", "RandomOrder", "SamplerConfig", "SamplingStats", "StepContext", "Strategy",
     "ThresholdParallel", "build_canvas", "decode", "draw_tokens", "filter_logits", "generate", "get_strategy",
-    "random_order_sample", "register", "resolve_model", "reveal_probability", "row_seeds", "slot_logit_positions",
+    "register", "resolve_model", "reveal_probability", "row_seeds", "slot_logit_positions",
     "slot_logits", "suppressed_ids",
 ]
