@@ -8,9 +8,9 @@ Three variants of one optimiser step, on the same weights, batch, sequence lengt
   (the step the pretrained model was trained with; transformers shifts the labels itself).
 * ``diffusion (annealing, dense mask)``: what ``DiffusionLM.training_step`` does while the
   attention is being annealed (ratio 0.5): ``sample_t`` -> ``annealing_allowed`` (one random
-  L x L mask) -> ``maskable_positions`` + ``corrupt`` -> ``DiffusionBackbone`` forward (the mask goes
-  in as a 4-D additive float mask) -> ``diffusion_loss_terms(...).normalized("elbo")`` -> backward
-  -> AdamW step -> zero_grad.
+  L x L mask) -> ``DiffusionLM.diffusion_terms`` (corruption, the backbone with the mask as a 4-D
+  additive float mask, the LM head on the scored rows, the ELBO terms) -> backward -> AdamW step
+  -> zero_grad.
 * ``diffusion (after annealing)``: the same with ratio 1: no dense mask, the bidirectional kernel.
 
 Both models use the same vocabulary (the mask token reuses an existing id), so the LM head and the
@@ -49,15 +49,9 @@ sys.path.insert(0, str(REPO))
 
 import transformers  # noqa: E402
 
-from lightning_dlm.diffusion import (  # noqa: E402
-    annealing_allowed,
-    corrupt,
-    diffusion_loss_terms,
-    get_schedule,
-    maskable_positions,
-    sample_t,
-)
-from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig, resolve_hf_config  # noqa: E402
+from lightning_dlm.diffusion import annealing_allowed, sample_t  # noqa: E402
+from lightning_dlm.model import BackboneConfig, MaskTokenConfig, resolve_hf_config  # noqa: E402
+from lightning_dlm.module import DiffusionLM  # noqa: E402
 
 DEFAULT_MODEL = REPO / "assets" / "smollm2-135m"
 CAUSAL, ANNEALING, AFTER = "causal LM", "diffusion (annealing, dense mask)", "diffusion (after annealing)"
@@ -132,12 +126,13 @@ def backbone_config(args) -> BackboneConfig:
 
 
 def build_models(args, device):
-    """(causal HF model, DiffusionBackbone) with identical weights on ``device``."""
+    """(causal HF model, DiffusionLM) with identical weights on ``device``."""
     torch.manual_seed(args.seed)
-    backbone = DiffusionBackbone.from_config(backbone_config(args), tokenizer=None)
-    causal = copy.deepcopy(backbone.model)  # own config object, so is_causal can differ
+    module = DiffusionLM(backbone=backbone_config(args))
+    module.configure_model()
+    causal = copy.deepcopy(module.net.model)  # own config object, so is_causal can differ
     causal.config.is_causal = True
-    return causal.to(device).train(), backbone.to(device).train()
+    return causal.to(device).train(), module.to(device).train()
 
 
 @torch.no_grad()
@@ -173,16 +168,15 @@ def causal_step(model, optimizer, x0, autocast) -> torch.Tensor:
     return loss
 
 
-def diffusion_step(backbone, optimizer, x0, ratio, schedule, generator, autocast) -> torch.Tensor:
-    """One step of ``DiffusionLM.training_step`` (uniform t, random annealing mask, shift, ELBO)."""
+def diffusion_step(module, optimizer, x0, ratio, generator, autocast) -> torch.Tensor:
+    """One step of ``DiffusionLM.training_step`` (uniform t, random annealing mask, shift, ELBO),
+    through the module's own ``diffusion_terms`` (corruption, backbone, loss)."""
     batch, length = x0.shape
     with autocast():
         t = sample_t(batch, EPS, "uniform", generator, x0.device)
         allowed = annealing_allowed(length, ratio, "random", generator, x0.device)
-        maskable = maskable_positions(x0.shape, True, None, device=x0.device)
-        xt, masked = corrupt(x0, t, backbone.mask_token_id, schedule, maskable, generator)
-        logits = backbone(xt, allowed=allowed)
-        loss = diffusion_loss_terms(logits, x0, masked, t, schedule, shift=True).normalized("elbo")
+        terms, _, _ = module.diffusion_terms(x0, None, t, allowed, generator)
+        loss = terms.normalized("elbo")
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -190,19 +184,19 @@ def diffusion_step(backbone, optimizer, x0, ratio, schedule, generator, autocast
 
 
 def make_variants(args, device) -> Dict[str, Callable[[], torch.Tensor]]:
-    causal, backbone = build_models(args, device)
+    causal, module = build_models(args, device)
+    backbone = module.net
     check_attention(causal, backbone, device)
     args.params = count_params(causal)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x0 = torch.randint(0, backbone.vocab_size, (args.batch_size, args.seq_len), generator=gen, device=device)
-    schedule = get_schedule("linear")
     autocast = autocast_for(args, device)
     opt_causal = torch.optim.AdamW(causal.parameters(), lr=LR)
     opt_diff = torch.optim.AdamW(backbone.parameters(), lr=LR)
     return {
         CAUSAL: lambda: causal_step(causal, opt_causal, x0, autocast),
-        ANNEALING: lambda: diffusion_step(backbone, opt_diff, x0, ANNEAL_RATIO, schedule, gen, autocast),
-        AFTER: lambda: diffusion_step(backbone, opt_diff, x0, 1.0, schedule, gen, autocast),
+        ANNEALING: lambda: diffusion_step(module, opt_diff, x0, ANNEAL_RATIO, gen, autocast),
+        AFTER: lambda: diffusion_step(module, opt_diff, x0, 1.0, gen, autocast),
     }
 
 

@@ -25,8 +25,10 @@ from lightning_dlm.diffusion import (
     corrupt,
     diffusion_loss_terms,
     get_schedule,
+    loss_terms_from_rows,
     maskable_positions,
     sample_t,
+    scored_rows,
     t_grid,
 )
 from lightning_dlm.diffusion.config import DiffusionConfig
@@ -140,12 +142,24 @@ class DiffusionLM(L.LightningModule):
         return self.global_step * accumulate + batch_idx % accumulate
 
     def diffusion_terms(self, x0, attention_mask, t, allowed, generator):
-        """Corrupt ``x0`` at times ``t``, run the backbone, return (LossTerms, masked, maskable)."""
+        """Corrupt ``x0`` at times ``t``, run the backbone, return (LossTerms, masked, maskable).
+
+        When the model's logits are a plain linear head, the head runs only on the rows that are
+        scored (about half of them on average), which the loss needs and nothing else.
+        """
         cfg = self.diffusion_cfg
+        net = self._require_net()
         maskable = maskable_positions(x0.shape, cfg.shift, attention_mask, device=x0.device)
-        xt, masked = corrupt(x0, t, self.mask_token_id, self.schedule, maskable, generator)
-        logits = self(xt, attention_mask=attention_mask, allowed=allowed)
-        terms = diffusion_loss_terms(logits, x0, masked, t, self.schedule, cfg.shift)
+        xt, masked = corrupt(x0, t, net.mask_token_id, self.schedule, maskable, generator)
+        num_targets = x0.shape[0] * (x0.shape[1] - 1 if cfg.shift else x0.shape[1])
+        if net.row_logits_exact:
+            hidden = net.hidden_states(xt, attention_mask=attention_mask, allowed=allowed)
+            sources, targets = scored_rows(x0, masked, cfg.shift)
+            weights = self.schedule.weight(t.float()).to(x0.device)[:, None].expand_as(sources)[sources]
+            terms = loss_terms_from_rows(net.lm_head(hidden[sources]), targets, weights, num_targets)
+        else:
+            logits = self(xt, attention_mask=attention_mask, allowed=allowed)
+            terms = diffusion_loss_terms(logits, x0, masked, t, self.schedule, cfg.shift)
         return terms, masked, maskable
 
     def on_train_batch_start(self, batch, batch_idx) -> None:

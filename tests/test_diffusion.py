@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_dlm.diffusion import (
+    diffusion_loss_terms,
     SCHEDULES,
     additive_attention_mask,
     anneal_ratio,
@@ -197,3 +198,21 @@ def test_additive_mask_values_and_padding():
     expected = torch.tensor([[0, minv, minv], [minv, 0, minv], [minv, 0, 0]])
     assert torch.equal(mask[0, 0], expected)
     assert mask.dtype == torch.float32 and additive_attention_mask(allowed, None, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_rows_terms_equal_full_logits_terms(shift):
+    from lightning_dlm.diffusion import loss_terms_from_rows, scored_rows
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 11, generator=g)
+    x0 = torch.randint(0, 11, (3, 9), generator=g)
+    masked = torch.rand(3, 9, generator=g) < 0.5
+    t = torch.tensor([0.2, 0.5, 0.9])
+    full = diffusion_loss_terms(logits, x0, masked, t, "cosine", shift)
+    sources, targets = scored_rows(x0, masked, shift)
+    weights = get_schedule("cosine").weight(t)[:, None].expand_as(sources)[sources]
+    rows = loss_terms_from_rows(logits[sources], targets, weights, full.num_targets)
+    torch.testing.assert_close(rows.weighted_sum, full.weighted_sum)
+    torch.testing.assert_close(rows.ce_sum, full.ce_sum)
+    assert int(rows.num_scored) == int(full.num_scored)

@@ -150,3 +150,30 @@ def test_pretrained_backbone_trains_in_train_mode(tmp_path):
     module = DiffusionLM(backbone=BackboneConfig(pretrained=str(tmp_path / "m"), tokenizer=TINY_TOKENIZER))
     module.configure_model()
     assert all(m.training for m in module.net.modules())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lm_head_on_scored_rows_matches_full_logits(family):
+    from tests.conftest import FAMILIES
+
+    def terms_and_grads(force_full):
+        torch.manual_seed(0)
+        module = DiffusionLM(backbone=BackboneConfig(config=dict(FAMILIES[family]), mask_token=MaskTokenConfig(mode="reuse", id=3)))
+        module.configure_model()
+        if force_full:  # a logit transform after the head forces the full-logits path
+            module.net.config.final_logit_softcapping = 30.0
+            assert not module.net.row_logits_exact
+        else:
+            assert module.net.row_logits_exact
+        x0 = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
+        allowed = torch.ones(16, 16, dtype=torch.bool).tril()
+        terms, _, _ = module.diffusion_terms(x0, None, torch.tensor([0.3, 0.6, 0.9]), allowed, torch.Generator().manual_seed(2))
+        terms.normalized("elbo").backward()
+        return terms, [p.grad.clone() for p in module.parameters()]
+
+    rows, rows_grads = terms_and_grads(False)
+    full, full_grads = terms_and_grads(True)
+    torch.testing.assert_close(rows.weighted_sum, full.weighted_sum, rtol=1e-5, atol=1e-5)
+    assert int(rows.num_scored) == int(full.num_scored)
+    for a, b in zip(rows_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

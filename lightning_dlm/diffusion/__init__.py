@@ -11,7 +11,7 @@ from lightning_dlm.diffusion.annealing import (
     causal_allowed,
 )
 from lightning_dlm.diffusion.corruption import corrupt, maskable_positions
-from lightning_dlm.diffusion.loss import LossTerms, diffusion_loss, diffusion_loss_terms
+from lightning_dlm.diffusion.loss import LossTerms, diffusion_loss, diffusion_loss_terms, loss_terms_from_rows, scored_rows
 from lightning_dlm.diffusion.schedules import (
     SCHEDULES,
     T_SAMPLERS,
@@ -29,5 +29,5 @@ __all__ = [
     "ANNEAL_MASKS", "SCHEDULES", "T_SAMPLERS", "CosineSchedule", "LinearSchedule", "LogLinearSchedule",
     "LossTerms", "NoiseSchedule", "PolynomialSchedule", "additive_attention_mask",
     "anneal_ratio", "annealing_allowed", "causal_allowed", "corrupt", "diffusion_loss",
-    "diffusion_loss_terms", "get_schedule", "maskable_positions", "sample_t", "t_grid",
+    "diffusion_loss_terms", "get_schedule", "loss_terms_from_rows", "scored_rows", "maskable_positions", "sample_t", "t_grid",
 ]

@@ -72,6 +72,38 @@ def diffusion_loss_terms(
     )
 
 
+def scored_rows(x0: torch.Tensor, masked: torch.Tensor, shift: bool = True):
+    """Where the scored predictions come from, and what they must predict.
+
+    Returns ``(sources, targets)``: ``sources`` (B, L) bool marks the positions whose output
+    predicts a masked token (i-1 for a masked i with the shift, i itself without), and
+    ``targets`` (N,) are those tokens, in the row-major order of ``sources``.
+    """
+    masked = masked.bool()
+    if not shift:
+        return masked, x0[masked]
+    sources = torch.zeros_like(masked)
+    sources[:, :-1] = masked[:, 1:]
+    return sources, x0[:, 1:][masked[:, 1:]]
+
+
+def loss_terms_from_rows(
+    row_logits: torch.Tensor,
+    targets: torch.Tensor,
+    row_weights: torch.Tensor,
+    num_targets: int,
+) -> LossTerms:
+    """:class:`LossTerms` from the logits of the scored rows only (N, V), as given by
+    :func:`scored_rows`; ``row_weights`` (N,) is w(t_b) of each row's sequence."""
+    ce = F.cross_entropy(row_logits.float(), targets, reduction="none")
+    return LossTerms(
+        weighted_sum=(row_weights.float() * ce).sum(),
+        ce_sum=ce.sum(),
+        num_scored=torch.tensor(targets.numel(), device=ce.device),
+        num_targets=num_targets,
+    )
+
+
 def diffusion_loss(
     logits: torch.Tensor,
     x0: torch.Tensor,

@@ -21,6 +21,10 @@ from lightning_dlm.model.loading import load_causal_lm, load_tokenizer, max_posi
 from lightning_dlm.model.mask_token import provide_mask_token
 
 
+# Config attributes of model families that transform the logits after the LM head.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logit_scale")
+
+
 def position_ids_from_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, so a padded row sees the same positions as alone."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -79,12 +83,15 @@ class DiffusionBackbone(nn.Module):
             return torch.get_autocast_gpu_dtype() if self.model.device.type == "cuda" else torch.get_autocast_cpu_dtype()
         return self.model.dtype
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        allowed: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    @property
+    def row_logits_exact(self) -> bool:
+        """Whether ``lm_head(hidden_states(...))`` equals the model's logits (no soft-capping or
+        scaling of the logits after the head), so the head may run on selected rows only."""
+        cfg = self.model.config
+        transformed = any(getattr(cfg, key, None) not in (None, 1, 1.0) for key in _LOGIT_TRANSFORMS)
+        return not transformed and self.model.get_output_embeddings() is not None
+
+    def _inputs(self, input_ids, attention_mask, allowed) -> dict:
         length = input_ids.shape[1]
         limit = self.max_positions
         if limit is not None and length > limit:
@@ -100,6 +107,25 @@ class DiffusionBackbone(nn.Module):
                 )
             mask = additive_attention_mask(allowed, attention_mask, dtype=self._mask_dtype())
         position_ids = position_ids_from_padding(attention_mask) if attention_mask is not None else None
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
-        return out.logits
+        return dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
 
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        allowed: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return self.model(**self._inputs(input_ids, attention_mask, allowed)).logits
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        allowed: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Last hidden states (B, L, H): the decoder without the LM head (see :meth:`lm_head`)."""
+        return self.model.get_decoder()(**self._inputs(input_ids, attention_mask, allowed)).last_hidden_state
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden states of any shape (..., H); exact when :attr:`row_logits_exact`."""
+        return self.model.get_output_embeddings()(hidden)
