@@ -177,3 +177,10 @@ def test_lm_head_on_scored_rows_matches_full_logits(family):
     assert int(rows.num_scored) == int(full.num_scored)
     for a, b in zip(rows_grads, full_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_generate_builds_a_fresh_module_lazily():
+    module = make_module()
+    assert module.net is None
+    out = generate(module, ["Once"], length=4, steps=4)
+    assert len(out.token_ids[0]) == 4

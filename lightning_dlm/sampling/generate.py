@@ -86,7 +86,8 @@ def resolve_model(model, tokenizer=None, schedule=None, shift=None) -> Tuple[Dif
     """(backbone, tokenizer, schedule, shift) of a DiffusionLM, or of a DiffusionBackbone plus arguments."""
     if isinstance(model, DiffusionBackbone):
         net = model
-    elif isinstance(getattr(model, "net", None), DiffusionBackbone) and hasattr(model, "diffusion_cfg"):
+    elif hasattr(model, "diffusion_cfg") and hasattr(model, "configure_model"):
+        model.configure_model()  # a DiffusionLM builds its backbone lazily
         net = model.net
         tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         schedule = schedule if schedule is not None else model.schedule
