@@ -19,8 +19,12 @@ def load_diffusion_lm(path: str, map_location: str = "cpu"):
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # corrupt or foreign files raise many types
         raise DLMError(f"could not read checkpoint '{path}' ({type(err).__name__}): is it a PyTorch checkpoint?") from None
-    if CHECKPOINT_KEY not in checkpoint:
+    meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if meta is None or "backbone" not in meta:
         raise DLMError(f"'{path}' is not a lightning_dlm diffusion checkpoint: pass a .ckpt written by `dlm fit`")
-    module = DiffusionLM.load_from_checkpoint(path, map_location=map_location, weights_only=False)
+    backbone = meta["backbone"]
+    del checkpoint
+    # the stored backbone is passed on, so load_from_checkpoint does not read the file for it again
+    module = DiffusionLM.load_from_checkpoint(path, map_location=map_location, weights_only=False, backbone=backbone)
     module.eval()
     return module

@@ -16,20 +16,14 @@ from lightning_dlm.errors import DLMError, require
 
 
 def load_tokenizer(tokenizer: object):
-    """Load a tokenizer from a path or hub name with ``AutoTokenizer`` (objects pass through)."""
+    """The data's tokenizer: a path or hub name (loaded like the model's), or an object as is."""
     if tokenizer is None:
         raise DLMError("no tokenizer is set for the data; set data.tokenizer (a tokenizer directory or hub name)")
     if not isinstance(tokenizer, (str, bytes)) and not hasattr(tokenizer, "__fspath__"):
         return tokenizer  # already a tokenizer object (notebooks, tests)
-    from transformers import AutoTokenizer
+    from lightning_dlm.model.loading import load_tokenizer as load_named_tokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(str(tokenizer))
-    except Exception as err:  # OSError, ValueError, hub errors: one line for the user either way
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DLMError(
-            f"cannot load tokenizer '{tokenizer}': {first_line}; set data.tokenizer to a tokenizer directory or hub name"
-        ) from err
+    return load_named_tokenizer(str(tokenizer))
 
 
 class DocumentEncoder:

@@ -26,6 +26,7 @@ from typing import Callable, List, Optional, Tuple, Union
 import torch
 
 from lightning_dlm.errors import DLMError
+from lightning_dlm.model.backbone import position_ids_from_padding
 
 CACHE_MODES = ("none", "prefix", "dual")
 
@@ -42,7 +43,7 @@ def positions_of(attention_mask: Optional[torch.Tensor], batch: int, width: int,
     """Position ids that skip (left or right) padding."""
     if attention_mask is None:
         return torch.arange(width, device=device).unsqueeze(0).expand(batch, width)
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    return position_ids_from_padding(attention_mask)
 
 
 class FunctionDenoiser:
