@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_dlm.data import TextDataModule
+from lightning_dlm.distributed import check_devices
 from lightning_dlm.errors import DLMError
 from lightning_dlm.module import DiffusionLM
 
@@ -39,6 +40,11 @@ class DLMCLI(LightningCLI):
         parser.link_arguments(
             ("model.backbone.tokenizer", "model.backbone.pretrained"), "data.tokenizer", compute_fn=_tokenizer_of
         )
+
+    def before_instantiate_classes(self) -> None:
+        # before anything is built or written: FSDP or a GPU accelerator on a machine without CUDA
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_devices(config.trainer)
 
 
 def lightning_kwargs() -> dict:

@@ -32,6 +32,7 @@ from lightning_dlm.diffusion import (
     t_grid,
 )
 from lightning_dlm.diffusion.config import DiffusionConfig
+from lightning_dlm.distributed import clip_grad_norm_sharded
 from lightning_dlm.errors import DLMError
 from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig, load_tokenizer
 from lightning_dlm.optim import OptimConfig, build_optimizer
@@ -185,10 +186,11 @@ class DiffusionLM(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         self.tokens_seen += x0.numel() * world
         log = dict(on_step=True, on_epoch=False, batch_size=x0.shape[0])
-        self.log("train/loss", loss, prog_bar=True, **log)
-        self.log("train/nelbo", terms.normalized("elbo"), **log)
+        # Every rank draws its own batch and noise: log the mean over ranks (the loss DDP optimises).
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, **log)
+        self.log("train/nelbo", terms.normalized("elbo"), sync_dist=True, **log)
         self.log("train/anneal_ratio", ratio, **log)
-        self.log("train/masked_fraction", masked.sum() / maskable.sum().clamp_min(1), **log)
+        self.log("train/masked_fraction", masked.sum() / maskable.sum().clamp_min(1), sync_dist=True, **log)
         self.log("train/tokens_seen", float(self.tokens_seen), **log)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], **log)
@@ -241,6 +243,13 @@ class DiffusionLM(L.LightningModule):
         max_steps = self.trainer.max_steps if self._trainer is not None else -1
         optimizer, scheduler = build_optimizer(self._require_net(), self.optim_cfg, max_steps if max_steps > 0 else None)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's FSDP plugin cannot clip by norm; the sharded model clips by the global norm.
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            if clip_grad_norm_sharded(self.trainer.strategy, gradient_clip_val) is not None:
+                return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # --- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:

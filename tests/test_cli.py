@@ -20,14 +20,12 @@ from tests.conftest import REPO
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.yaml")))
 
 # The architectures behind the hub names the paper configs use (the hub is unreachable in tests).
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
 KNOWN = {
     "gpt2": (GPT2Config(), 124_439_808),
     "gpt2-medium": (GPT2Config(n_embd=1024, n_layer=24, n_head=16), 354_823_168),
-    "meta-llama/Llama-2-7b-hf": (
-        LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-        6_738_415_616,
-    ),
+    "meta-llama/Llama-2-7b-hf": (LlamaConfig(**LLAMA2_7B), 6_738_415_616),
     "assets/smollm2-135m": (
         LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True),
@@ -37,14 +35,21 @@ KNOWN = {
 
 
 class ParseOnly(DLMCLI):
+    """Parse a config without building anything (nor checking this machine's devices)."""
+
+    def before_instantiate_classes(self):
+        pass
+
     def instantiate_classes(self):
         pass
 
 
-def parse(path, *extra):
+def parse(path, *extra, instantiate=False):
     cli = ParseOnly(DiffusionLM, TextDataModule, run=False, args=["--config", path, *extra],
                     parser_kwargs={"parser_mode": "omegaconf"})
-    return cli.config
+    # instantiate: the objects the CLI would build from the config (model, data, strategy,
+    # callbacks), except the Trainer itself
+    return cli.parser.instantiate_classes(cli.config) if instantiate else cli.config
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
@@ -71,6 +76,55 @@ def test_every_config_parses_and_builds_on_meta(path):
         assert strategy.class_path.endswith("FSDPStrategy")
         built = FSDPStrategy(**strategy.init_args.as_dict())
         assert built.kwargs["auto_wrap_policy"] is not None
+        # the wrap and checkpointing policies name the decoder layer class this model is made of
+        layers = [m for m in model.modules() if isinstance(m, tuple(strategy.init_args.auto_wrap_policy))]
+        assert len(layers) == hf_config.num_hidden_layers
+        assert strategy.init_args.activation_checkpointing_policy == strategy.init_args.auto_wrap_policy
+    callbacks = [c.class_path for c in cfg.trainer.callbacks or []]
+    assert callbacks.count("lightning_dlm.callbacks.TrainingThroughput") == 1  # tokens/s and MFU in every run
+
+
+def test_7b_config_builds_on_meta_with_the_papers_size_and_mask_token():
+    """The DiffuLLaMA config through our own model path (config -> DiffusionBackbone), on the meta
+    device: LLaMA-2-7B's 6.74B parameters, the reused mask id 811 (no new row), 32 FSDP units."""
+    from lightning_dlm.model import BackboneConfig, MaskTokenConfig
+
+    cfg = parse(os.path.join(REPO, "experiments", "diffullama_7b.yaml"))
+    section = cfg.model.backbone.as_dict()
+    assert section["pretrained"] == "meta-llama/Llama-2-7b-hf" and section["dtype"] == "float32"
+    backbone = BackboneConfig(
+        config=dict(model_type="llama", **LLAMA2_7B), mask_token=MaskTokenConfig(**section["mask_token"]),
+        attn_implementation=section["attn_implementation"], dtype=section["dtype"],
+    )
+    with torch.device("meta"):
+        net = DiffusionBackbone.from_config(backbone)
+    assert sum(p.numel() for p in net.parameters()) == 6_738_415_616
+    assert net.mask_token_id == 811 and not net.mask_token_added and net.vocab_size == 32_000
+    assert all(p.device.type == "meta" and p.dtype == torch.float32 for p in net.parameters())
+    strategy = FSDPStrategy(**cfg.trainer.strategy.init_args.as_dict())
+    assert strategy.sharding_strategy.name == "FULL_SHARD" and strategy._state_dict_type == "sharded"
+    units = [m for m in net.modules() if isinstance(m, tuple(cfg.trainer.strategy.init_args.auto_wrap_policy))]
+    # 32 decoder-layer units of 202M parameters (what a GPU all-gathers at a time) and the root unit
+    # (embeddings, LM head, final norm) hold every parameter once
+    assert len(units) == 32 and {sum(p.numel() for p in u.parameters()) for u in units} == {202_383_360}
+    root = [p for name, p in net.named_parameters() if ".layers." not in name]
+    assert sum(p.numel() for p in root) == 2 * 32_000 * 4096 + 4096
+
+
+def test_fsdp_overrides_compose_hybrid_shard_and_float32_reduction():
+    overrides = os.path.join(REPO, "experiments", "overrides")
+    cfg = parse(os.path.join(REPO, "experiments", "diffullama_7b.yaml"),
+                "--config", os.path.join(overrides, "fsdp_hybrid_shard.yaml"),
+                "--config", os.path.join(overrides, "fsdp_fp32_reduce.yaml"), instantiate=True)
+    strategy = cfg.trainer.strategy
+    assert isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy.name == "HYBRID_SHARD"
+    assert strategy._state_dict_type == "sharded" and strategy.kwargs["auto_wrap_policy"]  # kept from the base
+    mixed = strategy.mixed_precision_config
+    assert (mixed.param_dtype, mixed.reduce_dtype, mixed.buffer_dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
+    # without the override: FULL_SHARD, and bf16-mixed reduces in bf16 (Lightning's FSDP precision plugin)
+    plain = parse(os.path.join(REPO, "experiments", "diffullama_7b.yaml"), instantiate=True)
+    assert plain.trainer.strategy.sharding_strategy.name == "FULL_SHARD"
+    assert plain.trainer.strategy.mixed_precision is None and plain.trainer.precision == "bf16-mixed"
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +147,12 @@ def test_fit_writes_checkpoints_and_tensorboard_logs(debug_run):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ["train/loss", "train/nelbo", "train/anneal_ratio", "train/masked_fraction", "train/lr",
-                "train/tokens_seen", "val/nelbo", "val/ppl_bound"]:
+                "train/tokens_seen", "val/nelbo", "val/ppl_bound", "perf/tokens_per_s", "perf/tokens_per_s_per_device",
+                "perf/flops_per_s_per_device"]:
         assert tag in tags, tag
+    assert "perf/mfu" not in tags  # no peak FLOP/s is known for a CPU
+    tokens = [e.value for e in acc.Scalars("perf/tokens_per_s")]
+    assert tokens and all(0 < v < 1e8 for v in tokens)
 
 
 def test_sample_continuation_and_infill(debug_run, capsys):
@@ -143,6 +201,21 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     torch.save({"state_dict": {}}, foreign)
     err = _error_of(["sample", "--ckpt", str(foreign)], capsys)
     assert "not a lightning_dlm diffusion checkpoint" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("config, extra, expected", [
+    ("diffullama_7b.yaml", [], "trainer.strategy FSDP needs CUDA GPUs and this machine has none"),
+    ("debug.yaml", ["--trainer.strategy", "fsdp"], "trainer.strategy FSDP needs CUDA GPUs and this machine has none"),
+    ("diffugpt_s.yaml", [], "trainer.accelerator is gpu but no CUDA GPU is visible"),
+])
+def test_gpu_configs_on_a_cpu_machine_stop_early_with_one_line(tmp_path, capsys, config, extra, expected):
+    root = tmp_path / "run"
+    err = _error_of(["fit", "--config", os.path.join(REPO, "experiments", config), "--trainer.default_root_dir", str(root),
+                     "--checkpoint.dirpath", str(root / "ck"), *extra], capsys)
+    assert err.startswith("error: " + expected) and "\n" not in err
+    assert "--trainer.accelerator cpu" in err  # names the fix
+    assert not root.exists()  # refused before anything was built or written
 
 
 def test_module_entry_point_runs():

@@ -1,0 +1,269 @@
+"""Training throughput: tokens/s and model FLOPs utilisation (MFU), with the FLOPs measured.
+
+The FLOPs of a training micro-batch are *counted*, not estimated from a formula: the first
+training micro-batch of a fit runs under :class:`torch.utils.flop_counter.FlopCounterMode`
+(matmuls and attention kernels, forward and backward, exactly as the step executes them: the
+diffusion loss, the LM head on the scored rows only, the annealing mask path). Forward
+recomputed in the backward pass by activation checkpointing (transformers'
+``gradient_checkpointing`` or FSDP's ``activation_checkpointing_policy``) is counted separately
+and left out of the model FLOPs, so MFU does not reward recomputation; the FLOPs with it are
+logged as ``perf/hfu`` (hardware FLOPs utilisation) when there are any.
+
+Logged every optimiser step (and written by the logger at ``trainer.log_every_n_steps``), over a
+rolling window of the last ``window`` optimiser steps (validation and the measured step are left
+out of the window):
+
+* ``perf/tokens_per_s``: tokens per second over all ranks;
+* ``perf/tokens_per_s_per_device``;
+* ``perf/flops_per_s_per_device``: achieved model FLOP/s of one device;
+* ``perf/mfu``: that divided by the device's peak FLOP/s for the training precision (the
+  ``peak_flops`` option, or Lightning's table of GPUs); on a device with no known peak (a CPU)
+  MFU is not logged, which one info line says.
+
+The LM head runs on the scored rows only, so a step's FLOPs move slightly with the noise draw
+(the masked fraction); the measured micro-batch stands for all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Deque, Optional, Tuple
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from lightning_dlm.errors import DLMError
+
+_aten = torch.ops.aten
+
+
+def _sdpa_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's counter knows the CUDA attention kernels; the CPU flash kernel has the same arithmetic.
+_EXTRA_FORMULAS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
+}
+
+_PRECISION_DTYPES = {
+    "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
+    "16": torch.float16, "16-mixed": torch.float16, "16-true": torch.float16,
+    "32": torch.float32, "32-true": torch.float32, "64": torch.float64, "64-true": torch.float64,
+}
+
+
+class StepFlops:
+    """FLOPs counted over one training micro-batch: forward, backward, and recomputed forward.
+
+    ``start()`` before the forward, ``backward_starts()`` / ``backward_ends()`` around the
+    backward pass, ``stop()`` at the end. Any module forward that runs between the two backward
+    calls is activation-checkpoint recomputation (a normal backward calls no module forward).
+    """
+
+    def __init__(self):
+        self.counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+        self.forward = 0
+        self.backward = 0
+        self.recompute = 0
+        self._depth = 0
+        self._entered_at = 0
+        self._hooks = []
+
+    @property
+    def model_flops(self) -> int:
+        """Forward + backward without recomputation."""
+        return self.forward + self.backward - self.recompute
+
+    @property
+    def hardware_flops(self) -> int:
+        """What the device executed, recomputation included."""
+        return self.forward + self.backward
+
+    def start(self) -> None:
+        self.counter.__enter__()
+
+    def backward_starts(self) -> None:
+        self.forward = self.counter.get_total_flops()
+        hooks = torch.nn.modules.module
+        self._hooks = [
+            hooks.register_module_forward_pre_hook(self._recompute_enters),
+            # always_call: non-reentrant checkpointing may stop a recomputation early by raising
+            hooks.register_module_forward_hook(self._recompute_leaves, always_call=True),
+        ]
+
+    def backward_ends(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.backward = self.counter.get_total_flops() - self.forward
+
+    def stop(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self.counter.mode is not None:
+            self.counter.__exit__(None, None, None)
+
+    def _recompute_enters(self, module, args) -> None:
+        if self._depth == 0:
+            self._entered_at = self.counter.get_total_flops()
+        self._depth += 1
+
+    def _recompute_leaves(self, module, args, output) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.recompute += self.counter.get_total_flops() - self._entered_at
+
+
+def compute_dtype(trainer: "L.Trainer") -> torch.dtype:
+    """The dtype the matmuls run in: FSDP's param dtype if it sets one, else the precision's."""
+    strategy = trainer.strategy
+    mixed = getattr(strategy, "mixed_precision", None)
+    if mixed is not None and getattr(mixed, "param_dtype", None) is not None:
+        return mixed.param_dtype
+    return _PRECISION_DTYPES.get(str(trainer.precision), torch.float32)
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """Peak dense FLOP/s of one device for ``dtype`` (Lightning's table), or None if unknown."""
+    if device.type == "cuda" and "h200" in torch.cuda.get_device_name(device).lower():
+        # Lightning's table has the H200 under a name no H200 reports; its compute is the H100 SXM's
+        # (the same GH100 chip with more memory).
+        from lightning.fabric.accelerators.cuda import _is_ampere_or_later
+        from lightning.fabric.utilities.throughput import _CUDA_FLOPS
+
+        if dtype is torch.float32 and _is_ampere_or_later() and torch.get_float32_matmul_precision() != "highest":
+            dtype = "tfloat32"
+        return _CUDA_FLOPS["h100 sxm"].get(dtype)
+    return get_available_flops(device, dtype)
+
+
+class TrainingThroughput(L.Callback):
+    """Log tokens/s and MFU during training (see the module docstring for the keys).
+
+    Args:
+        window: Optimiser steps in the rolling window the rates are computed over (>= 1).
+        peak_flops: Peak FLOP/s of one device; default: looked up for the device and precision.
+        measure_flops: Count the FLOPs of the first training micro-batch (needed for FLOP/s, MFU).
+    """
+
+    def __init__(self, window: int = 20, peak_flops: Optional[float] = None, measure_flops: bool = True):
+        super().__init__()
+        if window < 1:
+            raise DLMError(f"TrainingThroughput window must be >= 1 optimiser step, got {window}")
+        if peak_flops is not None and peak_flops <= 0:
+            raise DLMError(f"TrainingThroughput peak_flops must be > 0 FLOP/s per device, got {peak_flops}")
+        self.window = window
+        self.peak_flops = peak_flops
+        self.measure_flops = measure_flops
+        self.step_flops: Optional[StepFlops] = None  # the measurement, once done
+        self._measuring: Optional[StepFlops] = None
+        self._marks: Deque[Tuple[float, int, int]] = deque(maxlen=window + 1)  # (time, tokens, micro-batches)
+        self._tokens = 0
+        self._micro_batches = 0
+        self._last_step = -1
+        self._peak: Optional[float] = None
+
+    @property
+    def flops_per_micro_batch(self) -> Optional[int]:
+        """Model FLOPs of one training micro-batch on one rank (None until measured)."""
+        return None if self.step_flops is None else self.step_flops.model_flops
+
+    # --- setup ----------------------------------------------------------------------------------
+    def on_fit_start(self, trainer, pl_module) -> None:
+        dtype = compute_dtype(trainer)
+        self._peak = self.peak_flops or device_peak_flops(trainer.strategy.root_device, dtype)
+        if self._peak is None:
+            rank_zero_info(
+                f"throughput: no peak FLOP/s known for {trainer.strategy.root_device.type} in {dtype}: logging tokens/s "
+                "and FLOP/s but not MFU (set the callback's peak_flops to log it)"
+            )
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._marks.clear()
+        self._last_step = trainer.global_step
+        if not (self.measure_flops and self.step_flops is None):
+            self._mark(trainer)
+
+    # --- the measured micro-batch ---------------------------------------------------------------
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.measure_flops and self.step_flops is None and self._measuring is None:
+            self._measuring = StepFlops()
+            self._measuring.start()
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self._measuring is not None:
+            self._measuring.backward_starts()
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self._measuring is not None:
+            self._measuring.backward_ends()
+
+    def _finish_measurement(self, trainer, batch) -> None:
+        measured, self._measuring = self._measuring, None
+        measured.stop()
+        self.step_flops = measured
+        shape = "x".join(str(d) for d in batch["input_ids"].shape)
+        recompute = f", recomputed forward {measured.recompute / 1e9:.4g} left out" if measured.recompute else ""
+        rank_zero_info(
+            f"throughput: one training micro-batch ({shape} tokens per rank) = {measured.model_flops / 1e9:.4g} GFLOP "
+            f"(forward {measured.forward / 1e9:.4g}, backward {(measured.backward - measured.recompute) / 1e9:.4g}"
+            f"{recompute})"
+        )
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self._measuring is not None:
+            self._measuring.stop()
+            self._measuring = None
+
+    # --- rates ----------------------------------------------------------------------------------
+    def _mark(self, trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+        self._marks.append((time.perf_counter(), self._tokens, self._micro_batches))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._tokens += int(batch["input_ids"].numel())
+        self._micro_batches += 1
+        if self._measuring is not None:
+            self._finish_measurement(trainer, batch)
+            self._marks.clear()
+        if trainer.global_step == self._last_step:  # accumulating: no optimiser step yet
+            return
+        self._last_step = trainer.global_step
+        self._mark(trainer)
+        if len(self._marks) < 2:
+            return
+        (t0, tokens0, micro0), (t1, tokens1, micro1) = self._marks[0], self._marks[-1]
+        seconds = t1 - t0
+        if seconds <= 0:
+            return
+        per_device = (tokens1 - tokens0) / seconds
+        log = dict(on_step=True, on_epoch=False, sync_dist=False)
+        pl_module.log("perf/tokens_per_s", per_device * trainer.world_size, **log)
+        pl_module.log("perf/tokens_per_s_per_device", per_device, **log)
+        if self.step_flops is not None:
+            flops_per_s = (micro1 - micro0) * self.step_flops.model_flops / seconds
+            pl_module.log("perf/flops_per_s_per_device", flops_per_s, **log)
+            if self._peak:
+                pl_module.log("perf/mfu", flops_per_s / self._peak, **log)
+                if self.step_flops.recompute:
+                    hardware = (micro1 - micro0) * self.step_flops.hardware_flops / seconds
+                    pl_module.log("perf/hfu", hardware / self._peak, **log)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # restart the window after validation so its time is not counted as training time
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._marks.clear()
+            self._mark(trainer)
