@@ -75,7 +75,13 @@ def demo_main(args: List[str]) -> None:
     demo_command(args)
 
 
-COMMANDS: Dict[str, Callable[[List[str]], None]] = {"sample": sample_main, "demo": demo_main}
+def export_main(args: List[str]) -> None:
+    from lightning_dlm.commands.export import export_command
+
+    export_command(args)
+
+
+COMMANDS: Dict[str, Callable[[List[str]], None]] = {"sample": sample_main, "demo": demo_main, "export": export_main}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
