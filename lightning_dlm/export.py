@@ -75,9 +75,9 @@ def _target_dtype(state: Dict[str, torch.Tensor], choice: str) -> torch.dtype:
 
 
 def build_hf_model(backbone: Dict[str, Any], state: Dict[str, torch.Tensor], dtype: torch.dtype):
-    """The transformers causal LM of a checkpoint's ``backbone`` record, holding ``state`` (in
-    ``dtype``), configured for bidirectional attention. Built on the meta device, then given the
-    tensors themselves (no random initialisation)."""
+    """The transformers causal LM of a checkpoint's ``backbone`` record, holding ``state`` (cast to
+    ``dtype`` in place), configured for bidirectional attention. Built on the meta device, then
+    given the tensors themselves (no random initialisation)."""
     from transformers import AutoModelForCausalLM
 
     from lightning_dlm.model import BackboneConfig
@@ -87,7 +87,9 @@ def build_hf_model(backbone: Dict[str, Any], state: Dict[str, torch.Tensor], dty
     cfg = _coerce(BackboneConfig, backbone)
     config = resolve_hf_config(cfg)
     config.is_causal = False  # a diffusion LM attends both ways; transformers' mask builders read this
-    state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+    for key, value in state.items():  # one tensor at a time: a cast copy never doubles the model in memory
+        if value.is_floating_point():
+            state[key] = value.to(dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     result = model.load_state_dict(state, strict=False, assign=True)
@@ -159,7 +161,7 @@ def export(ckpt: str, out: str, dtype: str = "keep", progress: Optional[Callable
     say(f"reading {ckpt}" + (" (consolidating the shards on the CPU)" if os.path.isdir(ckpt) else ""))
     checkpoint = read_checkpoint(ckpt)
     meta = checkpoint[CHECKPOINT_KEY]
-    state = backbone_state_dict(checkpoint["state_dict"])
+    state = backbone_state_dict(checkpoint.pop("state_dict"))  # the only reference to the weights now
     target = _target_dtype(state, dtype)
     model = build_hf_model(meta["backbone"], state, target)
     tokenizer = _tokenizer_with_mask(meta)
