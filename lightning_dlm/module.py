@@ -1,7 +1,9 @@
 """``DiffusionLM``: the LightningModule, a thin composition of the backbone and the diffusion math.
 
-Noise (t, masks, annealing masks) and dropout are drawn from generators seeded by
-(seed, batch counter, rank), so a resumed run draws exactly what the uninterrupted run drew.
+Noise (t, masks, annealing masks) and dropout are drawn from generators (or, for the annealing
+mask, a hash) seeded by (seed, batch counter, rank), so a resumed run draws exactly what the
+uninterrupted run drew. Batches may carry ``document_ids`` (B, L) to keep attention within the
+documents of packed rows.
 Checkpoints are self-contained: they carry the model's transformers config and tokenizer, so
 ``DiffusionLM.load_from_checkpoint(path)`` works without the original weights or paths.
 """
@@ -21,7 +23,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_dlm.diffusion import (
     anneal_ratio,
-    annealing_allowed,
+    annealing_mask,
     corrupt,
     diffusion_loss_terms,
     get_schedule,
@@ -122,8 +124,8 @@ class DiffusionLM(L.LightningModule):
             self.configure_model()
         return self.net
 
-    def forward(self, input_ids, attention_mask=None, allowed=None) -> torch.Tensor:
-        return self._require_net()(input_ids, attention_mask=attention_mask, allowed=allowed)
+    def forward(self, input_ids, attention_mask=None, allowed=None, document_ids=None) -> torch.Tensor:
+        return self._require_net()(input_ids, attention_mask=attention_mask, allowed=allowed, document_ids=document_ids)
 
     def setup(self, stage: str) -> None:
         self._require_net()
@@ -142,7 +144,7 @@ class DiffusionLM(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         return self.global_step * accumulate + batch_idx % accumulate
 
-    def diffusion_terms(self, x0, attention_mask, t, allowed, generator):
+    def diffusion_terms(self, x0, attention_mask, t, allowed, generator, document_ids=None):
         """Corrupt ``x0`` at times ``t``, run the backbone, return (LossTerms, masked, maskable).
 
         When the model's logits are a plain linear head, the head runs only on the rows that are
@@ -154,12 +156,12 @@ class DiffusionLM(L.LightningModule):
         xt, masked = corrupt(x0, t, net.mask_token_id, self.schedule, maskable, generator)
         num_targets = x0.shape[0] * (x0.shape[1] - 1 if cfg.shift else x0.shape[1])
         if net.row_logits_exact:
-            hidden = net.hidden_states(xt, attention_mask=attention_mask, allowed=allowed)
+            hidden = net.hidden_states(xt, attention_mask=attention_mask, allowed=allowed, document_ids=document_ids)
             sources, targets = scored_rows(x0, masked, cfg.shift)
             weights = self.schedule.weight(t.float()).to(x0.device)[:, None].expand_as(sources)[sources]
             terms = loss_terms_from_rows(net.lm_head(hidden[sources]), targets, weights, num_targets)
         else:
-            logits = self(xt, attention_mask=attention_mask, allowed=allowed)
+            logits = self(xt, attention_mask=attention_mask, allowed=allowed, document_ids=document_ids)
             terms = diffusion_loss_terms(logits, x0, masked, t, self.schedule, cfg.shift)
         return terms, masked, maskable
 
@@ -175,8 +177,11 @@ class DiffusionLM(L.LightningModule):
         generator = make_generator(self.seed, counter, self.global_rank, device=x0.device)
         t = sample_t(x0.shape[0], cfg.eps, cfg.t_sampling, generator, x0.device)
         ratio = anneal_ratio(self.global_step, cfg.anneal_steps)
-        allowed = annealing_allowed(x0.shape[1], ratio, cfg.anneal_mask, generator, x0.device)
-        terms, masked, maskable = self.diffusion_terms(x0, attention_mask, t, allowed, generator)
+        # The annealing mask is a hash of its own seed (tag 2): evaluated densely or inside the kernel.
+        allowed = annealing_mask(cfg.anneal_mask, ratio, derive_seed(self.seed, counter, self.global_rank, 2))
+        terms, masked, maskable = self.diffusion_terms(
+            x0, attention_mask, t, allowed, generator, document_ids=batch.get("document_ids")
+        )
         loss = terms.normalized(cfg.normalization)
         if not torch.isfinite(loss):
             raise DLMError(
@@ -197,7 +202,9 @@ class DiffusionLM(L.LightningModule):
         return loss
 
     @torch.no_grad()
-    def nelbo_per_token(self, x0: torch.Tensor, attention_mask=None, batch_key: int = 0, levels: Optional[int] = None):
+    def nelbo_per_token(
+        self, x0: torch.Tensor, attention_mask=None, batch_key: int = 0, levels: Optional[int] = None, document_ids=None
+    ):
         """Negative ELBO per target token of a batch, on a fixed grid of t with fixed masks.
 
         The estimate is a pure function of the weights, the batch and ``batch_key``: two
@@ -209,13 +216,15 @@ class DiffusionLM(L.LightningModule):
         for k, level in enumerate(t_grid(levels, self.diffusion_cfg.eps).tolist()):
             generator = make_generator(self.seed, batch_key, k, 7, device=x0.device)
             t = torch.full((x0.shape[0],), level, device=x0.device)
-            terms, _, _ = self.diffusion_terms(x0, attention_mask, t, None, generator)
+            terms, _, _ = self.diffusion_terms(x0, attention_mask, t, None, generator, document_ids=document_ids)
             total = total + terms.weighted_sum
             num_targets = terms.num_targets
         return total / (levels * num_targets), num_targets
 
     def _eval_step(self, batch, batch_idx, metric: MeanMetric) -> None:
-        nelbo, num_targets = self.nelbo_per_token(batch["input_ids"], batch.get("attention_mask"), batch_idx)
+        nelbo, num_targets = self.nelbo_per_token(
+            batch["input_ids"], batch.get("attention_mask"), batch_idx, document_ids=batch.get("document_ids")
+        )
         metric.update(nelbo, weight=num_targets)
 
     def _eval_epoch_end(self, metric: MeanMetric, prefix: str) -> None:

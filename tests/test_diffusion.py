@@ -8,9 +8,14 @@ import torch
 from lightning_dlm.diffusion import (
     diffusion_loss_terms,
     SCHEDULES,
+    ANNEAL_MASKS,
+    RandomAnnealMask,
+    RightContextAnnealMask,
     additive_attention_mask,
     anneal_ratio,
     annealing_allowed,
+    annealing_mask,
+    attention_allowed,
     corrupt,
     diffusion_loss,
     get_schedule,
@@ -187,6 +192,67 @@ def test_annealing_masks(kind):
         for row in half:
             n = int(row.sum())
             assert row[:n].all() and not row[n:].any()
+
+
+def test_hash_mask_is_a_pure_function_of_ratio_and_seed():
+    L = 48
+    for cls in ANNEAL_MASKS.values():
+        a, b = cls(0.5, 123).dense(L), cls(0.5, 123).dense(L)
+        assert torch.equal(a, b)  # no generator state: the same (ratio, seed) is the same mask
+        assert not torch.equal(a, cls(0.5, 124).dense(L))
+        assert not torch.equal(a, cls(0.5, 123 + (1 << 40)).dense(L))  # the high bits of the seed count
+        assert torch.equal(cls(0.0, 123).dense(L), torch.ones(L, L, dtype=torch.bool).tril())
+        assert torch.equal(cls(1.0, 123).dense(L), torch.ones(L, L, dtype=torch.bool))
+    rand = RandomAnnealMask(0.5, 123)
+    assert torch.equal(rand.dense(L)[:20, :20], rand.dense(20))  # a pair's draw does not depend on L
+    # larger ratios only open more pairs (one uniform hash per pair, compared with the ratio)
+    assert torch.equal(RandomAnnealMask(0.3, 9).dense(L) & RandomAnnealMask(0.6, 9).dense(L), RandomAnnealMask(0.3, 9).dense(L))
+    assert annealing_mask("random", 1.0, 5) is None and annealing_mask("right_context", 0.999, 5) is not None
+    with pytest.raises(DLMError, match="unknown annealing mask"):
+        annealing_mask("blocky", 0.5, 0)
+    with pytest.raises(DLMError, match="ratio"):
+        RandomAnnealMask(1.5, 0)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 0.9])
+def test_random_hash_mask_opens_each_future_pair_independently_at_the_ratio(ratio):
+    L = 256
+    opened = RandomAnnealMask(ratio, 2024).dense(L).float()
+    future = torch.ones(L, L, dtype=torch.bool).triu(1)
+    n = int(future.sum())
+    sigma = math.sqrt(ratio * (1 - ratio) / n)
+    assert abs(opened[future].mean().item() - ratio) < 5 * sigma
+    # neighbouring pairs (same query, next key; next query, same key) are open together at ratio**2
+    for both in (opened[:, :-1] * opened[:, 1:], opened[:-1] * opened[1:]):
+        pairs = future[:-1, :-1].triu(1)
+        rate = both[: L - 1, : L - 1][pairs].mean().item()
+        assert abs(rate - ratio**2) < 5 * math.sqrt(ratio**2 * (1 - ratio**2) / int(pairs.sum()))
+    # per-query counts of opened future keys are Binomial(L - 1 - i, ratio): their standardised spread is ~1
+    counts = opened.triu(1).sum(1)[: L - 32]
+    trials = (L - 1 - torch.arange(L - 32)).float()
+    z = (counts - ratio * trials) / torch.sqrt(ratio * (1 - ratio) * trials)
+    assert abs(z.mean().item()) < 0.35 and 0.75 < z.std().item() < 1.25
+
+
+def test_right_context_reach_is_the_random_masks_count_made_contiguous():
+    L = 96
+    for ratio, seed in [(0.25, 1), (0.5, 77), (0.8, 3)]:
+        rand, right = RandomAnnealMask(ratio, seed).dense(L), RightContextAnnealMask(ratio, seed).dense(L)
+        assert torch.equal(right.triu(1).sum(1), rand.triu(1).sum(1))  # same number of future keys, row by row
+        reach = RightContextAnnealMask(ratio, seed).reach(L)
+        assert torch.equal(right, torch.arange(L)[None, :] <= reach[:, None])  # a prefix of the keys per query
+
+
+def test_attention_allowed_padding_documents_and_diagonal():
+    allowed = RandomAnnealMask(0.5, 4).dense(6)
+    pad = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 2, 2]])
+    full = attention_allowed(allowed, pad, docs)
+    q, k = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
+    for b in range(2):
+        expected = (allowed & pad[b].bool()[None, :] & (docs[b][:, None] == docs[b][None, :])) | (q == k)
+        assert torch.equal(full[b], expected)
+    assert torch.equal(attention_allowed(None, None, None, length=3), torch.ones(1, 3, 3, dtype=torch.bool))
 
 
 def test_additive_mask_values_and_padding():

@@ -8,7 +8,7 @@ no padding; a block may span several documents and a document several blocks.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -66,18 +66,35 @@ class DocumentEncoder:
         return [np.asarray(prefix + ids + suffix, dtype=np.int64) for ids in encoded]
 
 
-def pack_blocks(documents: Iterable[Union[np.ndarray, Sequence[int]]], seq_len: int) -> Iterator[np.ndarray]:
+def pack_blocks(
+    documents: Iterable[Union[np.ndarray, Sequence[int]]], seq_len: int, document_ids: bool = False
+) -> Iterator[Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]]:
     """Concatenate token arrays and cut the stream into blocks of exactly ``seq_len`` tokens.
 
     Lazy and linear in the number of tokens. The last ``len(stream) % seq_len`` tokens (the tail)
     are dropped when ``documents`` ends; for an infinite document stream nothing is dropped.
+
+    With ``document_ids=True`` it yields ``(block, ids)`` pairs instead: ``ids[i]`` numbers the
+    document token ``i`` comes from, 0 for the first document of the block, +1 at each document
+    start (for attention kept within documents: ``DiffusionBackbone(..., document_ids=...)``).
     """
     require(seq_len >= 1, f"seq_len must be >= 1 (got {seq_len})")
     buffer = np.empty(0, dtype=np.int64)
+    owners = np.empty(0, dtype=np.int64)  # running document number of each buffered token
+    count = 0
     for doc in documents:
         doc = np.asarray(doc, dtype=np.int64)
         buffer = np.concatenate([buffer, doc]) if len(buffer) else doc
+        if document_ids and len(doc):
+            owners = np.concatenate([owners, np.full(len(doc), count, dtype=np.int64)])
+            count += 1
         full = len(buffer) // seq_len
         for i in range(full):
-            yield buffer[i * seq_len : (i + 1) * seq_len]
+            block = buffer[i * seq_len : (i + 1) * seq_len]
+            if document_ids:
+                ids = owners[i * seq_len : (i + 1) * seq_len]
+                yield block, ids - ids[0]
+            else:
+                yield block
         buffer = buffer[full * seq_len :]
+        owners = owners[full * seq_len :]

@@ -5,9 +5,14 @@ Nothing here imports Lightning or transformers.
 
 from lightning_dlm.diffusion.annealing import (
     ANNEAL_MASKS,
+    AnnealMask,
+    RandomAnnealMask,
+    RightContextAnnealMask,
     additive_attention_mask,
     anneal_ratio,
     annealing_allowed,
+    annealing_mask,
+    attention_allowed,
     causal_allowed,
 )
 from lightning_dlm.diffusion.corruption import corrupt, maskable_positions
@@ -26,8 +31,8 @@ from lightning_dlm.diffusion.schedules import (
 )
 
 __all__ = [
-    "ANNEAL_MASKS", "SCHEDULES", "T_SAMPLERS", "CosineSchedule", "LinearSchedule", "LogLinearSchedule",
+    "ANNEAL_MASKS", "AnnealMask", "RandomAnnealMask", "RightContextAnnealMask", "SCHEDULES", "T_SAMPLERS", "CosineSchedule", "LinearSchedule", "LogLinearSchedule",
     "LossTerms", "NoiseSchedule", "PolynomialSchedule", "additive_attention_mask",
-    "anneal_ratio", "annealing_allowed", "causal_allowed", "corrupt", "diffusion_loss",
+    "anneal_ratio", "annealing_allowed", "annealing_mask", "attention_allowed", "causal_allowed", "corrupt", "diffusion_loss",
     "diffusion_loss_terms", "get_schedule", "loss_terms_from_rows", "scored_rows", "maskable_positions", "sample_t", "t_grid",
 ]

@@ -32,7 +32,12 @@ class BackboneConfig:
             build a randomly initialised model; with ``pretrained`` set, overrides of its config.
         from_scratch: take the architecture of ``pretrained`` but initialise it randomly.
         tokenizer: hub name or folder of the tokenizer (default: ``pretrained``).
-        attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2``.
+        attn_implementation: ``sdpa`` (default), ``eager``, ``flex_attention`` or
+            ``flash_attention_2``. ``flex_attention`` (PyTorch FlexAttention, through transformers)
+            anneals without a dense L x L mask: the annealing mask is evaluated inside the kernel;
+            it needs CUDA to train (PyTorch has no CPU backward for it) and a model family that
+            transformers runs with FlexAttention (LLaMA, Qwen2, Mistral, ...; not GPT-2).
+            ``flash_attention_2`` takes no mask, so it cannot anneal.
         dtype: dtype of the weights (``float32``, ``bfloat16``, ``float16``); mixed precision is
             the Trainer's ``precision``.
         mask_token: see :class:`MaskTokenConfig`.
@@ -44,7 +49,7 @@ class BackboneConfig:
     config: Optional[Dict[str, Any]] = None
     from_scratch: bool = False
     tokenizer: Optional[str] = None
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     mask_token: MaskTokenConfig = field(default_factory=MaskTokenConfig)
     gradient_checkpointing: bool = False
