@@ -3,6 +3,7 @@
     dlm fit --config experiments/debug.yaml [--trainer.max_steps 100 ...]
     dlm validate --config experiments/smollm2_shakespeare.yaml [--ckpt_path ...]
     dlm sample --ckpt runs/.../last.ckpt --prompt "To be" [--suffix "..."]
+    dlm eval --model runs/.../last.ckpt --model assets/smollm2-135m --task likelihood --data ...
 """
 
 from __future__ import annotations
@@ -81,7 +82,23 @@ def export_main(args: List[str]) -> None:
     export_command(args)
 
 
-COMMANDS: Dict[str, Callable[[List[str]], None]] = {"sample": sample_main, "demo": demo_main, "export": export_main}
+def eval_main(args: List[str]) -> None:
+    from lightning_dlm.commands.eval import eval_command
+
+    eval_command(args)
+
+
+def lm_eval_main(args: List[str]) -> None:
+    try:
+        from lightning_dlm.evaluation.harness import lm_eval_command
+    except ImportError as err:
+        raise DLMError(f"dlm lm-eval needs lm-eval ({err}): pip install 'lightning_dlm[eval]'") from None
+    lm_eval_command(args)
+
+
+COMMANDS: Dict[str, Callable[[List[str]], None]] = {
+    "sample": sample_main, "demo": demo_main, "export": export_main, "eval": eval_main, "lm-eval": lm_eval_main,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -1,0 +1,96 @@
+"""Per-row scores of token rows: the building block of every evaluation protocol.
+
+* :func:`diffusion_row_nll`: cross-entropy of the masked tokens of each row of x_t under a
+  diffusion backbone (the shift handled here, through :func:`scored_rows`), summed per row;
+* :func:`causal_row_nll`: next-token cross-entropy of chosen target positions of each row under
+  a plain causal LM.
+
+Rows are lists of token ids of any lengths; they are right-padded into batches here, sorted by
+length so that a batch wastes little on padding, and results come back in the input order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from lightning_dlm.diffusion.loss import scored_rows
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = 0) -> Iterator[List[int]]:
+    """Indices grouped into batches of similar lengths (longest first, so memory peaks early).
+
+    A batch holds at most ``batch_size`` rows and, with ``max_tokens``, at most that many padded
+    tokens (at least one row).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: List[int] = []
+    for i in order:
+        width = lengths[batch[0]] if batch else lengths[i]
+        if batch and (len(batch) >= batch_size or (max_tokens and (len(batch) + 1) * width > max_tokens)):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (B, W) ids and their (B, W) attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+        attention[i, : len(row)] = 1
+    return ids.to(device), attention.to(device)
+
+
+@torch.no_grad()
+def diffusion_row_nll(net, x0: torch.Tensor, xt: torch.Tensor, masked: torch.Tensor, attention_mask=None,
+                      shift: bool = True, want_greedy: bool = False):
+    """Per row: (sum of CE of the masked tokens, number of masked tokens[, all argmax-correct]).
+
+    ``x0`` are the clean ids, ``xt`` the corrupted input, ``masked`` (B, L) what was corrupted.
+    The LM head runs on the scored positions only when the backbone allows it.
+    """
+    sources, targets = scored_rows(x0, masked, shift)
+    if net.row_logits_exact:
+        logits = net.lm_head(net.hidden_states(xt, attention_mask=attention_mask)[sources])
+    else:
+        logits = net(xt, attention_mask=attention_mask)[sources]
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    row = sources.nonzero()[:, 0]
+    sums = torch.zeros(x0.shape[0], dtype=torch.float64, device=ce.device).index_add_(0, row, ce.double())
+    counts = sources.sum(dim=1)
+    if not want_greedy:
+        return sums, counts
+    wrong = torch.zeros(x0.shape[0], dtype=torch.long, device=ce.device)
+    wrong.index_add_(0, row, (logits.argmax(-1) != targets).long())
+    return sums, counts, wrong == 0
+
+
+@torch.no_grad()
+def causal_row_nll(model, rows: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int,
+                   batch_size: int = 16, device=None, want_greedy: bool = False,
+                   progress: Callable[[int], None] = lambda n: None):
+    """Per row: the NLL sum of tokens ``row[starts[i]:]`` given what precedes them (and their count).
+
+    With ``want_greedy`` also whether every one of those tokens is the argmax prediction.
+    """
+    sums = [0.0] * len(rows)
+    greedy = [False] * len(rows)
+    for batch in length_batches([len(r) for r in rows], batch_size):
+        ids, attention = pad_rows([rows[i] for i in batch], pad_id, device)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        for j, i in enumerate(batch):
+            lo, hi = starts[i], len(rows[i])
+            target = ids[j, lo:hi]
+            sums[i] = float(-logp[j, lo - 1: hi - 1].gather(-1, target[:, None]).sum())
+            greedy[i] = bool((logits[j, lo - 1: hi - 1].argmax(-1) == target).all())
+        progress(len(batch))
+    counts = [len(r) - s for r, s in zip(rows, starts)]
+    return (sums, counts, greedy) if want_greedy else (sums, counts)

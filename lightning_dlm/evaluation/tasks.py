@@ -1,0 +1,298 @@
+"""The evaluation tasks, by name: what data they read, how they score a model, what they report.
+
+=================  =========================================================================
+``likelihood``     NELBO bound (diffusion) or exact NLL (AR) per token of a corpus, perplexity
+``multiple_choice``HellaSwag / WinoGrande / SIQA / PIQA / generic choices: accuracy
+``lambada``        last-word exact match, the target's token count as the length (oracle)
+``short_answer``   TriviaQA / SQuAD: exact match and F1, length = answer tokens + 10
+``infilling``      ROCStories: generate the 3rd sentence between the others, ROUGE-1/2/L
+``gen_ppl``        samples scored by an AR evaluator: perplexity, distinct-n, entropy
+=================  =========================================================================
+
+Every task is a dataclass of its options (so a YAML entry or CLI flags are checked against its
+fields) with ``run(evaluator, bar) -> metrics``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from lightning_dlm.errors import DLMError
+from lightning_dlm.evaluation import metrics as M
+from lightning_dlm.evaluation.data import read_records
+from lightning_dlm.evaluation.formats import convert_records
+
+Bar = Callable[[int, str], Callable[[int], None]]  # (total work, label) -> advance(n)
+
+
+@dataclass
+class Task:
+    name: str = ""
+    data: str = ""
+    batch_size: int = 16
+    seed: int = 0
+    limit: Optional[int] = None
+
+    kind = "?"
+
+    def run(self, evaluator, bar: Bar) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def records(self, fmt: str, kind: str) -> list:
+        if not self.data:
+            raise DLMError(f"task '{self.name}' has no data: set data to a task file")
+        return convert_records(read_records(self.data, limit=self.limit), fmt, self.data, kind)
+
+
+# --- likelihood ------------------------------------------------------------------------------
+@dataclass
+class LikelihoodTask(Task):
+    """Per-token NLL of a corpus (text, json or parquet files, or a folder of them)."""
+
+    seq_len: int = 128
+    max_blocks: int = 64
+    sample_by: str = "document"
+    text_field: str = "text"
+    levels: int = 8  # diffusion: strata of t per block
+    draws: int = 4  # diffusion: independent replicates (standard error)
+    batch_size: int = 8
+
+    kind = "likelihood"
+
+    def blocks(self, tokenizer) -> torch.Tensor:
+        from lightning_dlm.data.packing import DocumentEncoder
+        from lightning_dlm.data.sources import CorpusSource, open_corpora
+        from lightning_dlm.data.stream import build_eval_blocks
+
+        if not self.data:
+            raise DLMError(f"task '{self.name}' has no data: set data to a corpus file or folder")
+        corpora = open_corpora([CorpusSource(path=self.data, sample_by=self.sample_by, text_field=self.text_field)])
+        return build_eval_blocks(corpora, DocumentEncoder(tokenizer), self.seq_len, self.max_blocks)
+
+    def run(self, evaluator, bar: Bar) -> Dict[str, Any]:
+        limit = evaluator.max_length
+        if limit is not None and self.seq_len > limit:
+            raise DLMError(f"seq_len {self.seq_len} is above the model's position limit {limit}: lower seq_len")
+        blocks = self.blocks(evaluator.tokenizer)
+        opts = dict(levels=self.levels, draws=self.draws, batch_size=self.batch_size, seed=self.seed)
+        advance = bar(evaluator.likelihood_work(blocks.shape[0], **opts), self.name)
+        result = evaluator.likelihood(blocks, progress=advance, **opts)
+        digest = hashlib.sha1(blocks.numpy().tobytes()).hexdigest()[:12]
+        return dict(result, blocks=blocks.shape[0], seq_len=self.seq_len, tokens_sha1=digest)
+
+
+# --- multiple choice -------------------------------------------------------------------------
+@dataclass
+class MultipleChoiceTask(Task):
+    """Accuracy: diffusion picks the lowest mean masked CE (the paper), AR the highest
+    log-likelihood (lm-eval's ``acc``); ``acc_norm`` divides the (bound on the) log-likelihood by
+    the continuation's characters for both."""
+
+    format: str = "choice"
+    levels: int = 32
+    batch_size: int = 32
+
+    kind = "multiple_choice"
+
+    def run(self, evaluator, bar: Bar) -> Dict[str, Any]:
+        from torchmetrics.functional.classification import multiclass_accuracy
+
+        items = self.records(self.format, "choice")
+        contexts = [c for item in items for c in item.contexts]
+        continuations = [c for item in items for c in item.continuations]
+        advance = bar(evaluator.choice_work(len(contexts), levels=self.levels), self.name)
+        out = evaluator.choice(contexts, continuations, levels=self.levels, batch_size=self.batch_size,
+                               seed=self.seed, progress=advance)
+        width = max(len(item.continuations) for item in items)
+        primary = out["per_token"] if evaluator.kind == "diffusion" else out["loglik"]
+        norm = [ll / max(1, len(c)) for ll, c in zip(out["loglik"], continuations)]
+        preds, preds_norm, at = [], [], 0
+        for item in items:
+            n = len(item.continuations)
+            pad = [float("-inf")] * (width - n)
+            preds.append(torch.tensor(primary[at: at + n] + pad).argmax())
+            preds_norm.append(torch.tensor(norm[at: at + n] + pad).argmax())
+            at += n
+        target = torch.tensor([item.label for item in items])
+        acc = multiclass_accuracy(torch.stack(preds), target, num_classes=width, average="micro")
+        acc_norm = multiclass_accuracy(torch.stack(preds_norm), target, num_classes=width, average="micro")
+        return dict(acc=float(acc), acc_norm=float(acc_norm), items=len(items), chance=M.mean(
+            [1 / len(item.continuations) for item in items]))
+
+
+# --- generation ------------------------------------------------------------------------------
+@dataclass
+class GenerationTask(Task):
+    """Shared options of the generation tasks: the sampler's (diffusion) or greedy decoding (AR)."""
+
+    steps: Optional[int] = None  # diffusion steps T (None: one per generated token)
+    strategy: str = "confidence"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    block_size: Optional[int] = None
+    cache: str = "none"
+    show: int = 3  # examples kept in the results
+
+    def sampler(self, length: int) -> Dict[str, Any]:
+        opts = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
+        return dict(opts, steps=self.steps or length, strategy=self.strategy, block_size=self.block_size,
+                    cache=self.cache)
+
+    def generate_grouped(self, evaluator, items, lengths: List[int], bar: Bar) -> List[str]:
+        """Generate each item at its own length, batching the items of equal length together."""
+        groups = defaultdict(list)
+        for i, n in enumerate(lengths):
+            groups[n].append(i)
+        advance = bar(len(items), self.name)
+        out: List[str] = [""] * len(items)
+        for n, idx in sorted(groups.items()):
+            prompts = [items[i].prompt for i in idx]
+            suffixes = [items[i].suffix for i in idx] if any(items[i].suffix for i in idx) else None
+            opts = self.sampler(n) if evaluator.kind == "diffusion" else dict(
+                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
+            texts = evaluator.generate(prompts, n, suffixes=suffixes, batch_size=self.batch_size,
+                                       progress=advance, **opts)
+            for i, text in zip(idx, texts):
+                out[i] = text
+        return out
+
+    def examples(self, items, predictions) -> List[Dict[str, Any]]:
+        return [dict(prompt=item.prompt[-200:], suffix=item.suffix[:200], answer=item.answers[0], prediction=pred)
+                for item, pred in list(zip(items, predictions))[: self.show]]
+
+
+@dataclass
+class LambadaTask(GenerationTask):
+    """Last-word exact match; the target word's token count is the generated length."""
+
+    format: str = "lambada"
+
+    kind = "lambada"
+
+    def run(self, evaluator, bar: Bar) -> Dict[str, Any]:
+        items = self.records(self.format, "answer")
+        lengths = [len(evaluator.encode(" " + item.answers[0])) for item in items]
+        predictions = self.generate_grouped(evaluator, items, lengths, bar)
+        words = [(p.strip().split() or [""])[0] for p in predictions]
+        hits = [float(w == item.answers[0].strip()) for w, item in zip(words, items)]
+        return dict(acc=M.mean(hits), items=len(items), examples=self.examples(items, words))
+
+
+@dataclass
+class ShortAnswerTask(GenerationTask):
+    """Exact match and F1 of the first line of the answer; length = answer tokens + ``extra``."""
+
+    format: str = "triviaqa"
+    extra: int = 10
+
+    kind = "short_answer"
+
+    def run(self, evaluator, bar: Bar) -> Dict[str, Any]:
+        items = self.records(self.format, "answer")
+        lengths = [len(evaluator.encode(" " + item.answers[0])) + self.extra for item in items]
+        predictions = [M.first_line(p) for p in self.generate_grouped(evaluator, items, lengths, bar)]
+        return dict(em=M.mean([M.exact_match(p, item.answers) for p, item in zip(predictions, items)]),
+                    f1=M.mean([M.token_f1(p, item.answers) for p, item in zip(predictions, items)]),
+                    items=len(items), examples=self.examples(items, predictions))
+
+
+@dataclass
+class InfillingTask(GenerationTask):
+    """ROUGE-1/2/L (F) of the infilled span against the reference, length = reference tokens.
+    An AR model sees the prefix only (it cannot condition on the suffix); the result says so."""
+
+    format: str = "rocstories"
+
+    kind = "infilling"
+
+    def run(self, evaluator, bar: Bar) -> Dict[str, Any]:
+        from torchmetrics.text.rouge import ROUGEScore
+
+        items = self.records(self.format, "answer")
+        lengths = [len(evaluator.encode(" " + item.answers[0])) for item in items]
+        predictions = [p.strip() for p in self.generate_grouped(evaluator, items, lengths, bar)]
+        rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
+        scores = rouge(predictions, [item.answers for item in items])
+        out = {k: float(scores[f"{k}_fmeasure"]) for k in ("rouge1", "rouge2", "rougeL")}
+        return dict(out, items=len(items), uses_suffix=evaluator.kind == "diffusion",
+                    examples=self.examples(items, predictions))
+
+
+@dataclass
+class GenerativePerplexityTask(Task):
+    """Samples (unconditional, or after ``prompt``) scored by an AR ``evaluator`` model."""
+
+    evaluator: str = ""
+    evaluator_kind: str = "ar"
+    num_samples: int = 16
+    length: int = 128
+    prompt: str = ""
+    steps: Optional[int] = None
+    strategy: str = "random"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    block_size: Optional[int] = None
+    cache: str = "none"
+    show: int = 2
+
+    kind = "gen_ppl"
+
+    def run(self, evaluator, bar: Bar) -> Dict[str, Any]:
+        from lightning_dlm.evaluation.genppl import score_samples
+        from lightning_dlm.evaluation.evaluators import load_evaluator
+
+        if not self.evaluator:
+            raise DLMError(f"task '{self.name}' needs an evaluator: set evaluator to an AR model name or folder")
+        prompts = [self.prompt] * self.num_samples
+        opts = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
+        if evaluator.kind == "diffusion":
+            opts.update(steps=self.steps or self.length, strategy=self.strategy, block_size=self.block_size,
+                        cache=self.cache)
+        texts = evaluator.generate(prompts, self.length, batch_size=self.batch_size,
+                                   progress=bar(self.num_samples, f"{self.name} (sampling)"), **opts)
+        judge = load_evaluator(self.evaluator, kind=self.evaluator_kind, device=str(evaluator.device))
+        if judge.kind != "ar":
+            raise DLMError(f"the evaluator '{self.evaluator}' is a diffusion model: use an AR model to score samples")
+        result = score_samples(judge, self.prompt, texts, batch_size=self.batch_size,
+                               progress=bar(len(texts), f"{self.name} (scoring)"))
+        # the samples are scored as text: say when the evaluator's tokens differ from the model's
+        result["retokenized"] = any(judge.encode(t) != evaluator.encode(t) for t in texts)
+        if result["retokenized"]:
+            print(f"[eval] {self.name}: the evaluator '{self.evaluator}' tokenizes differently from the model; "
+                  f"its samples were re-tokenized from their text", file=sys.stderr)
+        result["evaluator"] = self.evaluator
+        result["examples"] = [t[:300] for t in texts[: self.show]]
+        return result
+
+
+TASKS: Dict[str, type] = {
+    cls.kind: cls
+    for cls in (LikelihoodTask, MultipleChoiceTask, LambadaTask, ShortAnswerTask, InfillingTask,
+                GenerativePerplexityTask)
+}
+
+
+def build_task(spec: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None) -> Task:
+    """A task from ``{"task": <kind>, "name": ..., <options>}``, with clear errors for unknown keys."""
+    spec = dict(spec)
+    kind = spec.pop("task", None) or spec.pop("type", None)
+    if kind not in TASKS:
+        raise DLMError(f"unknown task '{kind}': choose one of {sorted(TASKS)}")
+    cls = TASKS[kind]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(spec) - names)
+    if unknown:
+        raise DLMError(f"task '{kind}' has no option(s) {unknown}: its options are {sorted(names)}")
+    options = {k: v for k, v in (defaults or {}).items() if k in names and k not in spec}
+    options.update(spec)
+    options.setdefault("name", kind)
+    return cls(**options)

@@ -1,0 +1,383 @@
+"""Evaluation: protocols checked on numbers, on tiny models and files the tests write."""
+
+import json
+import math
+import os
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from lightning_dlm.cli import main
+from lightning_dlm.data import CorpusSource, TextDataModule
+from lightning_dlm.diffusion.config import DiffusionConfig
+from lightning_dlm.errors import DLMError
+from lightning_dlm.evaluation import (CausalEvaluator, DiffusionEvaluator, EvalConfig, ModelSpec, build_task,
+                                      run_evaluation, table)
+from lightning_dlm.evaluation.choice import diffusion_choice_scores, encode_pair
+from lightning_dlm.evaluation.formats import convert_records
+from lightning_dlm.evaluation.likelihood import causal_perplexity, diffusion_nelbo
+from lightning_dlm.evaluation.metrics import distinct_n, exact_match, token_f1, unigram_entropy
+from lightning_dlm.model import BackboneConfig, MaskTokenConfig
+from lightning_dlm.model.loading import load_tokenizer
+from lightning_dlm.module import DiffusionLM
+from tests.conftest import TINY_CORPUS, TINY_TOKENIZER
+
+MODEL = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+
+
+def tiny_module(seed=0):
+    torch.manual_seed(seed)
+    module = DiffusionLM(backbone=BackboneConfig(config=dict(MODEL), tokenizer=TINY_TOKENIZER,
+                                                 mask_token=MaskTokenConfig(mode="add")),
+                         diffusion=DiffusionConfig(anneal_steps=0))
+    module.configure_model()
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def module():
+    return tiny_module()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TINY_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def ar_folder(tmp_path_factory, tokenizer):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**MODEL))
+    folder = tmp_path_factory.mktemp("ar")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A real diffusion checkpoint written by a 2-step fit."""
+    root = tmp_path_factory.mktemp("fit")
+    module = DiffusionLM(backbone=BackboneConfig(config=dict(MODEL), tokenizer=TINY_TOKENIZER),
+                         diffusion=DiffusionConfig(anneal_steps=0))
+    src = CorpusSource(path=TINY_CORPUS, sample_by="paragraph")
+    data = TextDataModule(train=[src], tokenizer=TINY_TOKENIZER, seq_len=32, batch_size=2)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root))
+    trainer.fit(module, datamodule=data)
+    path = str(root / "tiny.ckpt")
+    trainer.save_checkpoint(path)
+    return path
+
+
+# --- hand-built models ---------------------------------------------------------------------------
+class ForcedDenoiser(nn.Module):
+    """A diffusion 'backbone' whose every prediction puts probability ~1 on ``favoured``."""
+
+    row_logits_exact = False
+
+    def __init__(self, vocab, favoured, mask_token_id):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.vocab, self.favoured, self.mask_token_id = vocab, favoured, mask_token_id
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.favoured] = 12.0
+        return logits
+
+
+class ForcedCausalLM(nn.Module):
+    """A causal LM that predicts ``favoured`` after every token."""
+
+    def __init__(self, vocab, favoured):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+        self.vocab, self.favoured = vocab, favoured
+        self.config = type("C", (), {"max_position_embeddings": 128})()
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., self.favoured] = 12.0
+        return type("Out", (), {"logits": logits})()
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+# --- multiple choice -----------------------------------------------------------------------------
+@pytest.mark.parametrize("label", [0, 1, 2])
+def test_choice_scorers_pick_the_option_the_model_is_forced_to_prefer(tmp_path, tokenizer, label):
+    word = " the"
+    favoured = tokenizer(word, add_special_tokens=False)["input_ids"]
+    assert len(favoured) == 1
+    options = [" cat sat down", " on a big hill", " red blue green"]
+    options[label] = word * 3
+    path = write_jsonl(tmp_path / "mc.jsonl", [dict(context="Once upon a time", choices=options, label=label)])
+    task = build_task(dict(task="multiple_choice", data=path, levels=4))
+
+    diffusion = tiny_module()
+    diffusion.net = ForcedDenoiser(len(tokenizer) + 1, favoured[0], mask_token_id=len(tokenizer))
+    ar = CausalEvaluator(ForcedCausalLM(len(tokenizer), favoured[0]), tokenizer)
+    for evaluator in (DiffusionEvaluator(diffusion), ar):
+        result = task.run(evaluator, lambda total, label: (lambda n: None))
+        assert result["acc"] == 1.0 and result["items"] == 1
+    # raw diffusion scores: the forced option's mean masked CE is log(1 + 512 e^-12) ~ 0.003, the others ~12
+    rows = [[0] + tokenizer("Once upon a time" + o, add_special_tokens=False)["input_ids"] for o in options]
+    starts = [1 + len(tokenizer("Once upon a time", add_special_tokens=False)["input_ids"])] * 3
+    scores, greedy = diffusion_choice_scores(diffusion.net, rows, starts, pad_id=0, levels=4)
+    assert scores[label] < 0.01 and min(s for i, s in enumerate(scores) if i != label) > 10
+    assert greedy[label] and not any(g for i, g in enumerate(greedy) if i != label)
+
+
+def test_choice_scores_do_not_depend_on_batching_or_order(module, tokenizer):
+    ev = DiffusionEvaluator(module)
+    contexts = ["Once upon a time", "The dog", "A cat sat on the"]
+    conts = [" there was a king", " ran to the river", " mat"]
+    alone = [ev.choice([c], [o], levels=5)["per_token"][0] for c, o in zip(contexts, conts)]
+    together = ev.choice(contexts[::-1], conts[::-1], levels=5, batch_size=4)["per_token"][::-1]
+    assert alone == pytest.approx(together, abs=1e-5)
+
+
+def test_encode_pair_moves_trailing_space_to_the_continuation(tokenizer):
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ctx, cont = encode_pair(encode, "The dog ", "ran")
+    assert ctx == encode("The dog") and cont == encode("The dog ran")[len(ctx):]
+
+
+def test_task_formats_convert_public_records():
+    hs = convert_records([dict(ctx_a="A man", ctx_b="is sitting", activity_label="Fishing",
+                               endings=["a", "b", "c", "d"], label="2")], "hellaswag", "x", "choice")[0]
+    assert hs.contexts[0] == "Fishing: A man Is sitting" and hs.continuations[2] == " c" and hs.label == 2
+    wg = convert_records([dict(sentence="John gave _ the ball.", option1="Mary", option2="Bob", answer="2")],
+                         "winogrande", "x", "choice")[0]
+    assert wg.contexts == ["John gave Mary", "John gave Bob"] and wg.continuations == [" the ball."] * 2
+    assert wg.label == 1
+    si = convert_records([dict(context="C.", question="Q?", answerA="a", answerB="b", answerC="c", label="3")],
+                         "siqa", "x", "choice")[0]
+    assert si.label == 2 and si.contexts[0] == "Question: C. Q?\nAnswer:"
+    pi = convert_records([dict(goal="G", sol1="x", sol2="y", label=1)], "piqa", "x", "choice")[0]
+    assert pi.label == 1 and pi.continuations == [" x", " y"]
+    lam = convert_records([dict(text="he said hello")], "lambada", "x", "answer")[0]
+    assert lam.prompt == "he said" and lam.answers == ["hello"]
+    tq = convert_records([dict(question="Q", answer=dict(value="Paris", aliases=["paris", "Paris"]))],
+                         "triviaqa", "x", "answer")[0]
+    assert tq.answers == ["paris", "Paris"]
+    sq = convert_records([dict(context="C", question="Q", answers=dict(text=["A1", "A2"]))], "squad", "x", "answer")[0]
+    assert sq.answers == ["A1", "A2"] and sq.prompt.endswith("Question: Q\nAnswer:")
+    roc = convert_records([{f"sentence{i}": f"S{i}." for i in range(1, 6)}], "rocstories", "x", "answer")[0]
+    assert (roc.prompt, roc.answers, roc.suffix) == ("S1. S2.", ["S3."], " S4. S5.")
+
+
+# --- likelihood ----------------------------------------------------------------------------------
+def test_elbo_estimate_is_reproducible_and_its_standard_error_shrinks(module):
+    blocks = torch.randint(1, 500, (4, 24), generator=torch.Generator().manual_seed(0))
+    kw = dict(shift=True, levels=4, batch_size=3, seed=5)
+    a = diffusion_nelbo(module.net, blocks, draws=4, **kw)
+    b = diffusion_nelbo(module.net, blocks, draws=4, **dict(kw, batch_size=4))
+    assert diffusion_nelbo(module.net, blocks, draws=4, **kw) == a  # same seed: identical
+    assert b["nll_per_token"] == pytest.approx(a["nll_per_token"], rel=1e-6)  # same draws in other batches
+    assert b["se"] == pytest.approx(a["se"], rel=1e-5)
+    many = diffusion_nelbo(module.net, blocks, draws=64, **kw)
+    assert many["se"] < a["se"] / 2  # 1 / sqrt(16) expected
+    assert abs(many["nll_per_token"] - a["nll_per_token"]) < 4 * a["se"]
+    assert a["bound"] and a["tokens"] == 4 * 23 and a["ppl"] == pytest.approx(math.exp(a["nll_per_token"]))
+    other = diffusion_nelbo(module.net, blocks, draws=4, **dict(kw, seed=6))
+    assert other["nll_per_token"] != a["nll_per_token"]
+
+
+def test_ar_perplexity_equals_exp_mean_nll_by_hand(ar_folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ar_folder).eval()
+    blocks = torch.randint(0, 512, (5, 16), generator=torch.Generator().manual_seed(3))
+    result = causal_perplexity(model, blocks, batch_size=2)
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits[:, :-1]
+    by_hand = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), blocks[:, 1:].reshape(-1))
+    assert result["ppl"] == pytest.approx(math.exp(by_hand.item()), rel=1e-5)
+    assert result["nll_per_token"] == pytest.approx(by_hand.item(), rel=1e-5)
+    assert result["tokens"] == 5 * 15 and not result["bound"]
+
+
+# --- generation metrics --------------------------------------------------------------------------
+class ScriptedEvaluator:
+    """Generates fixed strings: isolates the scoring of the generation tasks."""
+
+    kind = "ar"
+
+    def __init__(self, tokenizer, outputs):
+        self.tokenizer, self.outputs = tokenizer, outputs
+
+    def encode(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompts, length, suffixes=None, progress=lambda n: None, **_):
+        progress(len(prompts))
+        return [self.outputs[p] for p in prompts]
+
+
+def test_rouge_of_infilling_matches_torchmetrics_and_rouge_score(tmp_path, tokenizer):
+    from rouge_score import rouge_scorer
+
+    stories = [{f"sentence{i}": f"Story {k} sentence {i}." for i in range(1, 6)} for k in range(2)]
+    stories[0]["sentence3"], stories[1]["sentence3"] = "the cat sat on the mat", "a dog ran in the park"
+    path = write_jsonl(tmp_path / "roc.jsonl", stories)
+    outputs = {"Story 0 sentence 1. Story 0 sentence 2.": " the cat is on the mat",
+               "Story 1 sentence 1. Story 1 sentence 2.": " dogs run in a park"}
+    result = build_task(dict(task="infilling", data=path)).run(ScriptedEvaluator(tokenizer, outputs), lambda *a: (lambda n: None))
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
+    refs = {k: [] for k in ("rouge1", "rouge2", "rougeL")}
+    for pred, gold in [("the cat is on the mat", "the cat sat on the mat"), ("dogs run in a park", "a dog ran in the park")]:
+        for k, s in scorer.score(gold, pred).items():
+            refs[k].append(s.fmeasure)
+    for k in refs:
+        assert result[k] == pytest.approx(sum(refs[k]) / 2, abs=1e-6)
+    # by hand: 5 of 6 unigrams shared (F 5/6); 3 shared of 5 predicted and 6 reference (F 6/11)
+    assert result["rouge1"] == pytest.approx((5 / 6 + 6 / 11) / 2, abs=1e-6)
+
+
+def test_exact_match_f1_and_diversity_metrics():
+    assert exact_match("The Eiffel Tower!", ["eiffel tower"]) == 1.0 and exact_match("Paris", ["London"]) == 0.0
+    assert token_f1("the big red ball", ["red ball"]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert distinct_n([1, 2, 1, 2], 2) == pytest.approx(2 / 3) and distinct_n([1], 2) == 0.0
+    assert unigram_entropy([1, 2, 3, 4]) == pytest.approx(2.0) and unigram_entropy([5, 5]) == 0.0
+
+
+def test_lambada_and_short_answer_scoring(tmp_path, tokenizer):
+    lam = write_jsonl(tmp_path / "lam.jsonl", [dict(text="he went to the river"), dict(text="she saw a cat")])
+    outputs = {"he went to the": " river and", "she saw a": " dog"}
+    res = build_task(dict(task="lambada", data=lam)).run(ScriptedEvaluator(tokenizer, outputs), lambda *a: (lambda n: None))
+    assert res["acc"] == 0.5
+    qa = write_jsonl(tmp_path / "qa.jsonl", [dict(question="Capital of France?", answer=dict(value="Paris", aliases=[]))])
+    outputs = {"Question: Capital of France?\nAnswer:": " paris.\nQuestion: next"}
+    res = build_task(dict(task="short_answer", data=qa)).run(ScriptedEvaluator(tokenizer, outputs), lambda *a: (lambda n: None))
+    assert res["em"] == 1.0 and res["f1"] == 1.0
+
+
+# --- real models end to end ----------------------------------------------------------------------
+def test_generation_tasks_run_on_a_diffusion_model_and_keep_the_suffix(tmp_path, module):
+    path = write_jsonl(tmp_path / "roc.jsonl", [{f"sentence{i}": f"The dog ran {i}." for i in range(1, 6)}])
+    res = build_task(dict(task="infilling", data=path, steps=4)).run(DiffusionEvaluator(module), lambda *a: (lambda n: None))
+    assert res["uses_suffix"] and 0.0 <= res["rouge1"] <= 1.0 and res["examples"][0]["suffix"] == " The dog ran 4. The dog ran 5."
+
+
+def test_dlm_eval_side_by_side_json_and_table(tmp_path, ckpt, ar_folder, capsys):
+    mc = write_jsonl(tmp_path / "mc.jsonl", [dict(context="Once upon a time", choices=[" there was", " the dog"],
+                                                  label=0)] * 3)
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"""
+models: [{ckpt}, {{path: {ar_folder}, name: base}}]
+defaults: {{batch_size: 4}}
+tasks:
+  - {{task: likelihood, name: corpus, data: {TINY_CORPUS}, seq_len: 32, max_blocks: 3, levels: 2, draws: 2}}
+  - {{task: multiple_choice, name: mc, data: {mc}, levels: 3}}
+  - {{task: gen_ppl, name: samples, evaluator: {ar_folder}, num_samples: 2, length: 6, steps: 3}}
+""")
+    out = tmp_path / "results.json"
+    main(["eval", "--config", str(config), "--out", str(out), "--no-progress"])
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    diff, base = results["models"]["tiny.ckpt"], results["models"]["base"]
+    assert diff["kind"] == "diffusion" and base["kind"] == "ar"
+    assert diff["results"]["corpus"]["bound"] and not base["results"]["corpus"]["bound"]
+    assert diff["results"]["corpus"]["tokens_sha1"] == base["results"]["corpus"]["tokens_sha1"]  # same tokens
+    assert base["results"]["corpus"]["tokens"] == 3 * 31
+    assert 0 <= diff["results"]["mc"]["acc"] <= 1 and diff["results"]["mc"]["items"] == 3
+    assert diff["results"]["samples"]["samples"] == 2 and not diff["results"]["samples"]["retokenized"]
+    assert "| corpus | ppl |" in printed and "(bound)" in printed and "(exact)" in printed
+    assert printed.count("|") > 20 and "note:" not in printed
+
+
+def _error(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+def test_bad_evaluation_input_gives_one_line_errors(tmp_path, ckpt, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    wrong = write_jsonl(tmp_path / "wrong.jsonl", [dict(question="q", answer="a")])
+    mc = write_jsonl(tmp_path / "mc.jsonl", [dict(context="a", choices=["b", "c"], label=0)])
+    cases = [
+        (["--task", "squish", "--data", mc], "unknown task 'squish'"),
+        (["--task", "multiple_choice", "--data", str(empty)], "has no records"),
+        (["--task", "multiple_choice", "--data", wrong, "--format", "hellaswag"], "lacks field(s)"),
+        (["--task", "multiple_choice", "--data", mc, "--format", "lambada"], "is a answer format"),
+        (["--task", "multiple_choice", "--data", mc, "--set", "levels=0"], "levels must be >= 1"),
+        (["--task", "multiple_choice", "--data", mc, "--set", "lvls=3"], "has no option(s) ['lvls']"),
+        (["--task", "multiple_choice", "--data", str(tmp_path / "nope.jsonl")], "does not exist"),
+        (["--task", "likelihood", "--data", TINY_CORPUS, "--set", "seq_len=4096"], "above the model's position limit"),
+    ]
+    for extra, message in cases:
+        line = _error(["eval", "--model", ckpt, "--no-progress", *extra], capsys)
+        assert line.startswith("error: ") and message in line, (extra, line)
+    assert _error(["eval", "--task", "likelihood", "--data", TINY_CORPUS], capsys).startswith("error: no model")
+
+
+def word_level_tokenizer(folder):
+    """A different tokenizer than the model's: word-level, trained here on the fixture corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train([TINY_CORPUS], trainers.WordLevelTrainer(special_tokens=["<eos>", "<unk>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def test_gen_ppl_with_another_tokenizer_retokenizes_and_says_so(tmp_path, module, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "judge"
+    vocab = len(word_level_tokenizer(folder))
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, eos_token_id=0, bos_token_id=0)).save_pretrained(folder)
+    task = build_task(dict(task="gen_ppl", evaluator=str(folder), num_samples=2, length=5, steps=2))
+    res = task.run(DiffusionEvaluator(module), lambda *a: (lambda n: None))
+    assert res["retokenized"] and res["gen_ppl"] > 1 and res["tokens"] > 0
+    assert "re-tokenized from their text" in capsys.readouterr().err
+
+
+# --- lm-evaluation-harness -----------------------------------------------------------------------
+def test_lm_eval_adapter_answers_lm_evals_own_requests(module):
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    import lightning_dlm.evaluation.harness  # noqa: F401  (registers the model)
+
+    cls = get_model("lightning_dlm")
+    ev = DiffusionEvaluator(module)
+    lm = cls(evaluator=ev, levels=4, batch_size=8, max_gen_toks=6, steps=3)
+    requests = [Instance("loglikelihood", {}, ("Once upon a time", " there was a king"), 0),
+                Instance("loglikelihood", {}, ("The dog", " ran"), 1)]
+    answers = lm.loglikelihood(requests, disable_tqdm=True)
+    direct = ev.choice(["Once upon a time", "The dog"], [" there was a king", " ran"], levels=4)
+    assert [a[0] for a in answers] == pytest.approx(direct["loglik"]) and all(a[0] < 0 for a in answers)
+    assert all(isinstance(a[1], bool) for a in answers)
+
+    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("The dog ran to the river.",), 0)],
+                                       disable_tqdm=True)
+    assert len(rolling) == 1 and rolling[0] < 0
+
+    gen = lm.generate_until([Instance("generate_until", {}, ("Once upon a time", dict(until=["\n\n"], max_gen_toks=6)), 0),
+                             Instance("generate_until", {}, ("The dog", dict(until=["the"], max_gen_toks=4)), 1)],
+                            disable_tqdm=True)
+    assert len(gen) == 2 and all(isinstance(g, str) for g in gen) and "the" not in gen[1]
+    raw = ev.generate(["Once upon a time"], 6, stop_at_eos=True, steps=3, strategy="confidence", temperature=0.0,
+                      top_p=1.0, block_size=None, cache="none", seed=0)[0]
+    assert gen[0] == raw.split("\n\n")[0]
