@@ -10,7 +10,7 @@ ASSETS ?= assets
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install assets demo test test-slow bench clean
+.PHONY: install assets demo eval test test-slow bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ assets: $(STAMP)
 
 demo: assets
 	$(DLM) demo --config experiments/smollm2_shakespeare.yaml
+
+# The demo's checkpoint next to the original model on held-out Shakespeare (run `make demo` first).
+eval: assets
+	$(PY) data/make_next_line_mc.py --text $(ASSETS)/shakespeare/val --out runs/next_line_mc.jsonl --items 40
+	$(DLM) eval --config experiments/eval/shakespeare.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2

@@ -381,3 +381,13 @@ def test_lm_eval_adapter_answers_lm_evals_own_requests(module):
     raw = ev.generate(["Once upon a time"], 6, stop_at_eos=True, steps=3, strategy="confidence", temperature=0.0,
                       top_p=1.0, block_size=None, cache="none", seed=0)[0]
     assert gen[0] == raw.split("\n\n")[0]
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob(os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "eval", "*.yaml"))))
+def test_shipped_eval_configs_parse_into_tasks(path):
+    from lightning_dlm.commands.eval import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(["--config", path]))
+    assert config.models and config.tasks
+    assert [build_task(t, config.defaults).kind for t in config.tasks]
