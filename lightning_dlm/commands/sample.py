@@ -70,7 +70,7 @@ def sample(
     """Decode text with a lightning_dlm checkpoint.
 
     Args:
-        ckpt: a .ckpt written by `dlm fit`.
+        ckpt: a .ckpt written by `dlm fit`, a sharded checkpoint folder, or a folder written by `dlm export`.
         prompt: text before the generated region, or a list of texts ('[a, b]') for a batch.
         suffix: text after it, for infilling (a list: one per prompt).
         prompts_file: a JSON-lines file of {"prompt": ..., "suffix": ...} objects (instead of --prompt).
