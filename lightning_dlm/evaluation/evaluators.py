@@ -29,9 +29,12 @@ def _nothing(n: int) -> None:
 
 
 class Evaluator:
+    """Shared plumbing; ``weights`` is the torch module that holds the model (with ``.config``)."""
+
     kind = "?"
 
-    def __init__(self, tokenizer, name: str):
+    def __init__(self, weights: torch.nn.Module, tokenizer, name: str):
+        self.weights = weights
         self.tokenizer = tokenizer
         self.name = name
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -47,10 +50,14 @@ class Evaluator:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     @property
+    def device(self) -> torch.device:
+        return next(self.weights.parameters()).device
+
+    @property
     def max_length(self) -> Optional[int]:
         from lightning_dlm.model.loading import max_positions
 
-        return max_positions(self.model_config)
+        return max_positions(self.weights.config)
 
 
 class DiffusionEvaluator(Evaluator):
@@ -63,15 +70,7 @@ class DiffusionEvaluator(Evaluator):
         module.eval()
         self.module = module
         self.net = module.net
-        super().__init__(module.tokenizer, name)
-
-    @property
-    def model_config(self):
-        return self.net.config
-
-    @property
-    def device(self):
-        return next(self.net.parameters()).device
+        super().__init__(self.net, module.tokenizer, name)
 
     def likelihood(self, blocks: torch.Tensor, levels: int = 8, draws: int = 4, batch_size: int = 8, seed: int = 0,
                    progress: Progress = _nothing) -> Dict[str, float]:
@@ -122,15 +121,7 @@ class CausalEvaluator(Evaluator):
 
     def __init__(self, model, tokenizer, name: str = "ar"):
         self.model = model.eval()
-        super().__init__(tokenizer, name)
-
-    @property
-    def model_config(self):
-        return self.model.config
-
-    @property
-    def device(self):
-        return next(self.model.parameters()).device
+        super().__init__(self.model, tokenizer, name)
 
     def likelihood(self, blocks: torch.Tensor, batch_size: int = 8, progress: Progress = _nothing,
                    **_) -> Dict[str, float]:

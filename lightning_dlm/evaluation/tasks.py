@@ -141,10 +141,13 @@ class GenerationTask(Task):
     cache: str = "none"
     show: int = 3  # examples kept in the results
 
-    def sampler(self, length: int) -> Dict[str, Any]:
+    def decoding(self, evaluator, length: int) -> Dict[str, Any]:
+        """The decoding options for ``length`` tokens: the sampler's for a diffusion model."""
         opts = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
-        return dict(opts, steps=self.steps or length, strategy=self.strategy, block_size=self.block_size,
-                    cache=self.cache)
+        if evaluator.kind == "diffusion":
+            opts.update(steps=self.steps or length, strategy=self.strategy, block_size=self.block_size,
+                        cache=self.cache)
+        return opts
 
     def generate_grouped(self, evaluator, items, lengths: List[int], bar: Bar) -> List[str]:
         """Generate each item at its own length, batching the items of equal length together."""
@@ -156,10 +159,8 @@ class GenerationTask(Task):
         for n, idx in sorted(groups.items()):
             prompts = [items[i].prompt for i in idx]
             suffixes = [items[i].suffix for i in idx] if any(items[i].suffix for i in idx) else None
-            opts = self.sampler(n) if evaluator.kind == "diffusion" else dict(
-                temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
             texts = evaluator.generate(prompts, n, suffixes=suffixes, batch_size=self.batch_size,
-                                       progress=advance, **opts)
+                                       progress=advance, **self.decoding(evaluator, n))
             for i, text in zip(idx, texts):
                 out[i] = text
         return out
@@ -227,21 +228,17 @@ class InfillingTask(GenerationTask):
 
 
 @dataclass
-class GenerativePerplexityTask(Task):
-    """Samples (unconditional, or after ``prompt``) scored by an AR ``evaluator`` model."""
+class GenerativePerplexityTask(GenerationTask):
+    """Samples (unconditional, or after ``prompt``) scored by an AR ``evaluator`` model; the
+    sampler's options as in the other generation tasks, drawing from the model by default."""
 
     evaluator: str = ""
     evaluator_kind: str = "ar"
     num_samples: int = 16
     length: int = 128
     prompt: str = ""
-    steps: Optional[int] = None
     strategy: str = "random"
     temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    block_size: Optional[int] = None
-    cache: str = "none"
     show: int = 2
 
     kind = "gen_ppl"
@@ -253,12 +250,9 @@ class GenerativePerplexityTask(Task):
         if not self.evaluator:
             raise DLMError(f"task '{self.name}' needs an evaluator: set evaluator to an AR model name or folder")
         prompts = [self.prompt] * self.num_samples
-        opts = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
-        if evaluator.kind == "diffusion":
-            opts.update(steps=self.steps or self.length, strategy=self.strategy, block_size=self.block_size,
-                        cache=self.cache)
         texts = evaluator.generate(prompts, self.length, batch_size=self.batch_size,
-                                   progress=bar(self.num_samples, f"{self.name} (sampling)"), **opts)
+                                   progress=bar(self.num_samples, f"{self.name} (sampling)"),
+                                   **self.decoding(evaluator, self.length))
         judge = load_evaluator(self.evaluator, kind=self.evaluator_kind, device=str(evaluator.device))
         if judge.kind != "ar":
             raise DLMError(f"the evaluator '{self.evaluator}' is a diffusion model: use an AR model to score samples")
