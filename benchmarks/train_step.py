@@ -2,16 +2,28 @@
 
 What it measures
 ----------------
-Three variants of one optimiser step, on the same weights, batch, sequence length and precision:
+Variants of one optimiser step, on the same weights, batch, sequence length and precision
+(``--variants`` picks them; the default is the first three):
 
 * ``causal LM``: ``model(input_ids, labels=input_ids).loss`` -> backward -> AdamW step -> zero_grad
   (the step the pretrained model was trained with; transformers shifts the labels itself).
 * ``diffusion (annealing, dense mask)``: what ``DiffusionLM.training_step`` does while the
-  attention is being annealed (ratio 0.5): ``sample_t`` -> ``annealing_allowed`` (one random
-  L x L mask) -> ``DiffusionLM.diffusion_terms`` (corruption, the backbone with the mask as a 4-D
-  additive float mask, the LM head on the scored rows, the ELBO terms) -> backward -> AdamW step
-  -> zero_grad.
-* ``diffusion (after annealing)``: the same with ratio 1: no dense mask, the bidirectional kernel.
+  attention is being annealed (ratio 0.5): ``sample_t`` -> ``annealing_mask`` (a seeded hash
+  mask, here made dense: one L x L boolean) -> ``DiffusionLM.diffusion_terms`` (corruption, the
+  backbone with the mask as a 4-D additive float mask, the LM head on the scored rows, the ELBO
+  terms) -> backward -> AdamW step -> zero_grad.
+* ``diffusion (after annealing)``: the same with ratio 1: no dense mask, the bidirectional kernel
+  (``--attn``, sdpa by default).
+* ``diffusion (annealing, flex_attention)`` (``anneal-flex``): the annealing step on a copy with
+  ``attn_implementation: flex_attention``: the same mask as a FlexAttention ``BlockMask``,
+  evaluated inside the kernel (no L x L mask).
+* ``diffusion (after annealing, flex_attention)`` (``after-flex``): that copy at ratio 1 (a full
+  ``BlockMask``).
+
+PyTorch's FlexAttention has no backward pass on the CPU: there the flex variants run only with
+``--forward-only`` (every variant then times forward + loss under ``torch.no_grad()``), and
+transformers compiles the flex kernel for the CPU on first use (during warm-up; ``--flex-eager``
+runs the unfused reference instead). CPU numbers of the flex path say little about a GPU.
 
 Both models use the same vocabulary (the mask token reuses an existing id), so the LM head and the
 cross-entropy are the same size. The diffusion model is a deep copy of the causal one: identical
@@ -27,6 +39,8 @@ How to run
     python benchmarks/train_step.py --model builtin     # the built-in ~35M LLaMA-shaped model (random init)
     python benchmarks/train_step.py --model assets/smollm2-135m --steps 3 --warmup 1
     python benchmarks/train_step.py --device cuda --precision bf16 --batch-size 8 --seq-len 1024 --json out.json
+    python benchmarks/train_step.py --device cuda --precision bf16 --seq-len 2048 --variants all   # attention paths
+    python benchmarks/train_step.py --model builtin --variants all --forward-only --steps 2 --warmup 1  # CPU check
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import platform
 import statistics
@@ -49,13 +64,23 @@ sys.path.insert(0, str(REPO))
 
 import transformers  # noqa: E402
 
-from lightning_dlm.diffusion import annealing_allowed, sample_t  # noqa: E402
+from lightning_dlm.diffusion import annealing_mask, sample_t  # noqa: E402
 from lightning_dlm.model import BackboneConfig, MaskTokenConfig, resolve_hf_config  # noqa: E402
 from lightning_dlm.module import DiffusionLM  # noqa: E402
 
 DEFAULT_MODEL = REPO / "assets" / "smollm2-135m"
 CAUSAL, ANNEALING, AFTER = "causal LM", "diffusion (annealing, dense mask)", "diffusion (after annealing)"
-TARGETS = {ANNEALING: 1.15, AFTER: 1.05}
+ANNEALING_FLEX, AFTER_FLEX = "diffusion (annealing, flex_attention)", "diffusion (after annealing, flex_attention)"
+# --variants keys -> table names
+VARIANTS = {
+    "causal": CAUSAL,
+    "anneal-dense": ANNEALING,
+    "after": AFTER,
+    "anneal-flex": ANNEALING_FLEX,
+    "after-flex": AFTER_FLEX,
+}
+DEFAULT_VARIANTS = "causal,anneal-dense,after"
+TARGETS = {ANNEALING: 1.15, AFTER: 1.05, ANNEALING_FLEX: 1.15, AFTER_FLEX: 1.05}
 ANNEAL_RATIO = 0.5
 EPS = 1e-3
 LR = 1e-5
@@ -87,10 +112,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds per variant before timing")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = torch.autocast on the device")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa",
+                   help="attention of the causal and dense-mask variants (the flex ones use flex_attention)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help=f"comma-separated, from {', '.join(VARIANTS)}, or `all` (causal is always run: the ratios' base)")
+    p.add_argument("--anneal-mask", choices=["random", "right_context"], default="random",
+                   help="annealing mask of the annealing variants (right_context is block-sparse for flex)")
+    p.add_argument("--forward-only", action="store_true",
+                   help="time forward + loss under no_grad (no backward / optimiser step); needed for flex on the CPU")
+    p.add_argument("--flex-eager", action="store_true",
+                   help="run FlexAttention unfused (torch.compiler.set_stance('force_eager')) instead of compiled")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
+
+
+def pick_variants(spec: str) -> List[str]:
+    """The --variants keys, in table order, causal first (the base of every ratio)."""
+    keys = list(VARIANTS) if spec == "all" else [k.strip() for k in spec.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)} or all")
+    return [k for k in VARIANTS if k in keys or k == "causal"]
 
 
 def pick_device(name: str) -> torch.device:
@@ -125,14 +168,21 @@ def backbone_config(args) -> BackboneConfig:
     return cfg
 
 
-def build_models(args, device):
-    """(causal HF model, DiffusionLM) with identical weights on ``device``."""
+def build_models(args, device, flex: bool):
+    """(causal HF model, DiffusionLM, flex_attention DiffusionLM or None) with identical weights."""
     torch.manual_seed(args.seed)
-    module = DiffusionLM(backbone=backbone_config(args))
+    cfg = backbone_config(args)
+    module = DiffusionLM(backbone=cfg)
     module.configure_model()
     causal = copy.deepcopy(module.net.model)  # own config object, so is_causal can differ
     causal.config.is_causal = True
-    return causal.to(device).train(), module.to(device).train()
+    flexed = None
+    if flex:
+        flexed = DiffusionLM(backbone=dataclasses.replace(cfg, attn_implementation="flex_attention"))
+        flexed.configure_model()
+        flexed.net.load_state_dict(module.net.state_dict())
+        flexed = flexed.to(device).train()
+    return causal.to(device).train(), module.to(device).train(), flexed
 
 
 @torch.no_grad()
@@ -159,45 +209,78 @@ def autocast_for(args, device) -> Callable[[], contextlib.AbstractContextManager
     return contextlib.nullcontext
 
 
+def _update(loss, optimizer) -> None:
+    """backward -> AdamW step -> zero_grad (nothing with --forward-only: ``optimizer`` is None)."""
+    if optimizer is None:
+        return
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def causal_step(model, optimizer, x0, autocast) -> torch.Tensor:
     with autocast():
         loss = model(input_ids=x0, labels=x0, use_cache=False).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    _update(loss, optimizer)
     return loss
 
 
-def diffusion_step(module, optimizer, x0, ratio, generator, autocast) -> torch.Tensor:
-    """One step of ``DiffusionLM.training_step`` (uniform t, random annealing mask, shift, ELBO),
-    through the module's own ``diffusion_terms`` (corruption, backbone, loss)."""
-    batch, length = x0.shape
+def diffusion_step(module, optimizer, x0, ratio, generator, autocast, mask_kind="random") -> torch.Tensor:
+    """One step of ``DiffusionLM.training_step`` (uniform t, a freshly seeded annealing mask,
+    shift, ELBO), through the module's own ``diffusion_terms`` (corruption, backbone, loss)."""
+    batch = x0.shape[0]
     with autocast():
         t = sample_t(batch, EPS, "uniform", generator, x0.device)
-        allowed = annealing_allowed(length, ratio, "random", generator, x0.device)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x0.device).item())
+        allowed = annealing_mask(mask_kind, ratio, seed)  # dense for sdpa / eager, a BlockMask for flex
         terms, _, _ = module.diffusion_terms(x0, None, t, allowed, generator)
         loss = terms.normalized("elbo")
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    _update(loss, optimizer)
     return loss
 
 
 def make_variants(args, device) -> Dict[str, Callable[[], torch.Tensor]]:
-    causal, module = build_models(args, device)
+    keys = pick_variants(args.variants)
+    flex = any(k.endswith("flex") for k in keys)
+    if flex and device.type == "cpu" and not args.forward_only:
+        raise SystemExit("error: PyTorch's FlexAttention has no backward pass on the CPU: add --forward-only, "
+                         "or run the flex variants with --device cuda")
+    causal, module, flexed = build_models(args, device, flex)
     backbone = module.net
-    check_attention(causal, backbone, device)
+    with flex_stance(args):
+        check_attention(causal, backbone, device)
+        if flexed is not None:
+            check_attention(causal, flexed.net, device)
     args.params = count_params(causal)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x0 = torch.randint(0, backbone.vocab_size, (args.batch_size, args.seq_len), generator=gen, device=device)
     autocast = autocast_for(args, device)
-    opt_causal = torch.optim.AdamW(causal.parameters(), lr=LR)
-    opt_diff = torch.optim.AdamW(backbone.parameters(), lr=LR)
-    return {
-        CAUSAL: lambda: causal_step(causal, opt_causal, x0, autocast),
-        ANNEALING: lambda: diffusion_step(module, opt_diff, x0, ANNEAL_RATIO, gen, autocast),
-        AFTER: lambda: diffusion_step(module, opt_diff, x0, 1.0, gen, autocast),
+    optimizer = (lambda model: None) if args.forward_only else (lambda model: torch.optim.AdamW(model.parameters(), lr=LR))
+    opt_causal, opt_diff = optimizer(causal), optimizer(backbone)
+    opt_flex = optimizer(flexed.net) if flexed is not None else None
+    kind = args.anneal_mask
+    steps = {
+        "causal": lambda: causal_step(causal, opt_causal, x0, autocast),
+        "anneal-dense": lambda: diffusion_step(module, opt_diff, x0, ANNEAL_RATIO, gen, autocast, kind),
+        "after": lambda: diffusion_step(module, opt_diff, x0, 1.0, gen, autocast, kind),
+        "anneal-flex": lambda: diffusion_step(flexed, opt_flex, x0, ANNEAL_RATIO, gen, autocast, kind),
+        "after-flex": lambda: diffusion_step(flexed, opt_flex, x0, 1.0, gen, autocast, kind),
     }
+    return {VARIANTS[k]: in_context(steps[k], args) for k in keys}
+
+
+def in_context(step: Callable[[], torch.Tensor], args) -> Callable[[], torch.Tensor]:
+    """The step under no_grad (--forward-only) and the flex stance (--flex-eager)."""
+    def run() -> torch.Tensor:
+        with torch.no_grad() if args.forward_only else contextlib.nullcontext(), flex_stance(args):
+            return step()
+
+    return run
+
+
+def flex_stance(args) -> contextlib.AbstractContextManager:
+    """--flex-eager: torch.compile'd functions (transformers' flex_attention) run unfused and eager."""
+    return torch.compiler.set_stance("force_eager") if args.flex_eager else contextlib.nullcontext()
 
 
 # --- timing ---------------------------------------------------------------------------------------
@@ -224,14 +307,14 @@ def time_round_robin(variants, warmup: int, steps: int, device) -> Dict[str, Lis
     return times
 
 
-def summarize(times: Dict[str, List[float]], tokens: int) -> List[dict]:
+def summarize(times: Dict[str, List[float]], tokens: int, targets: Dict[str, float] = TARGETS) -> List[dict]:
     """Per variant: median/min/max ms, tokens/s, ratio of medians vs causal, and the paired ratio
     (median over rounds of t_variant / t_causal in the same round, robust to slow drifts of load)."""
     base = statistics.median(times[CAUSAL])
     rows = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        target = TARGETS.get(name)
+        target = targets.get(name)
         ratio = med / base
         paired = statistics.median(t / c for t, c in zip(ts, times[CAUSAL]))
         rows.append(dict(
@@ -257,6 +340,9 @@ def header(args, device) -> str:
         f"model: {args.model_label} | params {args.params / 1e6:.1f}M | attn {args.attn} | precision {args.precision}",
         f"batch {args.batch_size} x seq_len {args.seq_len} = {args.batch_size * args.seq_len} tokens/step "
         f"| warmup {args.warmup} | {args.steps} timed steps per variant, round-robin",
+        f"measured: {'forward + loss under no_grad (--forward-only)' if args.forward_only else 'full training step'} "
+        f"| annealing: {args.anneal_mask} mask at ratio {ANNEAL_RATIO} "
+        f"| flex_attention {'eager (unfused)' if args.flex_eager else 'compiled by transformers'}",
     ])
 
 
@@ -282,7 +368,8 @@ def main(argv=None) -> List[dict]:
     device = pick_device(args.device)
     variants = make_variants(args, device)
     times = time_round_robin(variants, args.warmup, args.steps, device)
-    rows = summarize(times, args.batch_size * args.seq_len)
+    # the targets are for the training step; a forward-only run has none
+    rows = summarize(times, args.batch_size * args.seq_len, {} if args.forward_only else TARGETS)
     print(header(args, device))
     print(table(rows))
     if args.json:
