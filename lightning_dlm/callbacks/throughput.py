@@ -1,9 +1,11 @@
 """Training throughput: tokens/s and model FLOPs utilisation (MFU), with the FLOPs measured.
 
 The FLOPs of a training micro-batch are *counted*, not estimated from a formula: the first
-training micro-batch of a fit runs under :class:`torch.utils.flop_counter.FlopCounterMode`
-(matmuls and attention kernels, forward and backward, exactly as the step executes them: the
-diffusion loss, the LM head on the scored rows only, the annealing mask path). Forward
+training micro-batch of a fit runs under :class:`FlopCounter` (torch's per-op FLOP formulas for
+matmuls and attention kernels, forward and backward, exactly as the step executes them: the
+diffusion loss, the LM head on the scored rows only, the annealing mask path). Counting changes
+no bit of the step, so a resumed run (which measures its own first micro-batch) still matches an
+uninterrupted one exactly. Forward
 recomputed in the backward pass by activation checkpointing (transformers'
 ``gradient_checkpointing`` or FSDP's ``activation_checkpointing_policy``) is counted separately
 and left out of the model FLOPs, so MFU does not reward recomputation; the FLOPs with it are
@@ -35,7 +37,8 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
 from lightning_dlm.errors import DLMError
 
@@ -50,11 +53,37 @@ def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs)
     return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
-# torch's counter knows the CUDA attention kernels; the CPU flash kernel has the same arithmetic.
-_EXTRA_FORMULAS = {
-    _aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_forward,
-    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward,
+# torch's formulas (matmuls, convolutions, the CUDA attention kernels, FlexAttention), plus the CPU
+# flash-attention kernel, which has the same arithmetic.
+_FORMULAS = {
+    **flop_registry,
+    _aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(_sdpa_forward),
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: shape_wrapper(_sdpa_backward),
 }
+
+
+class FlopCounter(TorchDispatchMode):
+    """Counts the FLOPs of the ops that run inside it, with torch's formulas.
+
+    Unlike ``torch.utils.flop_counter.FlopCounterMode`` it runs every op exactly as it would run
+    without it: no decomposition into other ops and no module-tracking autograd hooks (both change
+    the last bits of the gradients, which would make a measured run differ from a resumed one).
+    """
+
+    supports_higher_order_operators = True
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = _FORMULAS.get(getattr(func, "_overloadpacket", func))
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
 
 _PRECISION_DTYPES = {
     "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
@@ -72,13 +101,14 @@ class StepFlops:
     """
 
     def __init__(self):
-        self.counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+        self.counter = FlopCounter()
         self.forward = 0
         self.backward = 0
         self.recompute = 0
         self._depth = 0
         self._entered_at = 0
         self._hooks = []
+        self._active = False
 
     @property
     def model_flops(self) -> int:
@@ -92,9 +122,10 @@ class StepFlops:
 
     def start(self) -> None:
         self.counter.__enter__()
+        self._active = True
 
     def backward_starts(self) -> None:
-        self.forward = self.counter.get_total_flops()
+        self.forward = self.counter.total
         hooks = torch.nn.modules.module
         self._hooks = [
             hooks.register_module_forward_pre_hook(self._recompute_enters),
@@ -106,24 +137,25 @@ class StepFlops:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self.backward = self.counter.get_total_flops() - self.forward
+        self.backward = self.counter.total - self.forward
 
     def stop(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        if self.counter.mode is not None:
+        if self._active:
+            self._active = False
             self.counter.__exit__(None, None, None)
 
     def _recompute_enters(self, module, args) -> None:
         if self._depth == 0:
-            self._entered_at = self.counter.get_total_flops()
+            self._entered_at = self.counter.total
         self._depth += 1
 
     def _recompute_leaves(self, module, args, output) -> None:
         self._depth -= 1
         if self._depth == 0:
-            self.recompute += self.counter.get_total_flops() - self._entered_at
+            self.recompute += self.counter.total - self._entered_at
 
 
 def compute_dtype(trainer: "L.Trainer") -> torch.dtype:

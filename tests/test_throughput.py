@@ -1,0 +1,109 @@
+"""TrainingThroughput: FLOPs counted on a real training step, tokens/s and MFU logged."""
+
+import logging
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_dlm.callbacks import TrainingThroughput
+from lightning_dlm.data import CorpusSource, TextDataModule
+from lightning_dlm.diffusion.config import DiffusionConfig
+from lightning_dlm.errors import DLMError
+from lightning_dlm.model import BackboneConfig, MaskTokenConfig
+from lightning_dlm.module import DiffusionLM
+from lightning_dlm.optim import OptimConfig
+from tests.conftest import TINY_CORPUS, TINY_TOKENIZER
+
+HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 32, 64, 2, 4, 2, 513  # 512 + the added mask token
+BATCH, SEQ_LEN = 4, 32
+
+
+def make_module(gradient_checkpointing=False):
+    config = dict(model_type="llama", vocab_size=512, hidden_size=HIDDEN, intermediate_size=INTER,
+                  num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                  max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+    return DiffusionLM(
+        backbone=BackboneConfig(config=config, tokenizer=TINY_TOKENIZER, mask_token=MaskTokenConfig(mode="add"),
+                                gradient_checkpointing=gradient_checkpointing),
+        diffusion=DiffusionConfig(anneal_steps=4),  # the measured first step runs the dense annealing mask
+        optim=OptimConfig(lr=1e-3, warmup_steps=1),
+    )
+
+
+def fit(callback, steps=4, **module_kw):
+    module = make_module(**module_kw)
+    rows = []  # rows the LM head scores in each training forward (it runs on the masked rows only)
+    data = TextDataModule(train=[CorpusSource(path=TINY_CORPUS, sample_by="paragraph")], tokenizer=TINY_TOKENIZER,
+                          seq_len=SEQ_LEN, batch_size=BATCH)
+
+    class RecordRows(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            head = pl_module.net.model.get_output_embeddings()
+            head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        log_every_n_steps=1, callbacks=[callback, RecordRows()])
+    trainer.fit(module, data)
+    return trainer, rows
+
+
+def test_counted_flops_match_the_analytic_count():
+    callback = TrainingThroughput(window=2)
+    trainer, rows = fit(callback)
+    flops = callback.step_flops
+    tokens = BATCH * SEQ_LEN
+    head_dim = HIDDEN // HEADS
+    linear = HIDDEN * HIDDEN * 2 + HIDDEN * head_dim * KV_HEADS * 2 + 3 * HIDDEN * INTER  # q, o; k, v; MLP
+    attention = LAYERS * 2 * (2 * BATCH * HEADS * SEQ_LEN * SEQ_LEN * head_dim)  # QK^T and AV
+    head = 2 * rows[0] * HIDDEN * VOCAB
+    # the forward is exactly its matmuls: the layers on every token, the LM head on the scored rows
+    assert 0 < rows[0] < tokens
+    assert flops.forward == 2 * tokens * LAYERS * linear + head + attention
+    # forward + backward is within a few % of the textbook 6 N per token + attention (the counted
+    # attention backward includes the recomputed scores of the attention kernels)
+    analytic = 6 * tokens * LAYERS * linear + 3 * head + 3 * attention
+    assert abs(flops.model_flops - analytic) / analytic < 0.05
+    assert flops.backward >= 2 * (flops.forward - attention) and flops.recompute == 0
+    assert callback.flops_per_micro_batch == flops.model_flops
+
+
+def test_activation_checkpointing_recomputation_is_not_model_flops():
+    plain = TrainingThroughput(window=2, peak_flops=1e12)
+    fit(plain, steps=2)
+    checkpointed = TrainingThroughput(window=2, peak_flops=1e12)
+    trainer, _ = fit(checkpointed, steps=3, gradient_checkpointing=True)
+    a, b = plain.step_flops, checkpointed.step_flops
+    assert b.model_flops == a.model_flops and b.forward == a.forward  # same step, same noise draw
+    assert b.recompute > 0.3 * b.forward and b.hardware_flops == a.model_flops + b.recompute
+    metrics = trainer.callback_metrics
+    assert metrics["perf/hfu"].item() == pytest.approx(
+        metrics["perf/mfu"].item() * b.hardware_flops / b.model_flops, rel=1e-5)
+
+
+def test_logged_rates_are_consistent(caplog):
+    callback = TrainingThroughput(window=3)
+    with caplog.at_level(logging.INFO):
+        trainer, _ = fit(callback, steps=5)
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("perf/")}
+    assert set(metrics) == {"perf/tokens_per_s", "perf/tokens_per_s_per_device", "perf/flops_per_s_per_device"}
+    assert metrics["perf/tokens_per_s"] == metrics["perf/tokens_per_s_per_device"] > 0  # one device
+    # FLOP/s and tokens/s come from the same window: their ratio is the FLOPs per token
+    per_token = callback.step_flops.model_flops / (BATCH * SEQ_LEN)
+    assert metrics["perf/flops_per_s_per_device"] / metrics["perf/tokens_per_s"] == pytest.approx(per_token, rel=1e-5)
+    assert "no peak FLOP/s known for cpu in torch.float32" in caplog.text  # no MFU on a CPU, said once
+    assert caplog.text.count("no peak FLOP/s known") == 1
+
+    with_peak = TrainingThroughput(window=3, peak_flops=2.5e11)
+    trainer, _ = fit(with_peak, steps=5)
+    metrics = trainer.callback_metrics
+    assert metrics["perf/mfu"].item() == pytest.approx(metrics["perf/flops_per_s_per_device"].item() / 2.5e11, rel=1e-5)
+    assert "perf/hfu" not in metrics  # nothing recomputed
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(DLMError, match="window must be >= 1"):
+        TrainingThroughput(window=0)
+    with pytest.raises(DLMError, match="peak_flops must be > 0"):
+        TrainingThroughput(peak_flops=-1.0)
