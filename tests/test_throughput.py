@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lightning_dlm.callbacks import TrainingThroughput
+from lightning_dlm.callbacks.throughput import uncountable_reason
 from lightning_dlm.data import CorpusSource, TextDataModule
 from lightning_dlm.diffusion.config import DiffusionConfig
 from lightning_dlm.errors import DLMError
@@ -19,13 +20,13 @@ HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 32, 64, 2, 4, 2, 513  # 512 + th
 BATCH, SEQ_LEN = 4, 32
 
 
-def make_module(gradient_checkpointing=False):
+def make_module(gradient_checkpointing=False, attn_implementation="sdpa"):
     config = dict(model_type="llama", vocab_size=512, hidden_size=HIDDEN, intermediate_size=INTER,
                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
                   max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
     return DiffusionLM(
         backbone=BackboneConfig(config=config, tokenizer=TINY_TOKENIZER, mask_token=MaskTokenConfig(mode="add"),
-                                gradient_checkpointing=gradient_checkpointing),
+                                gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation),
         diffusion=DiffusionConfig(anneal_steps=4),  # the measured first step runs the dense annealing mask
         optim=OptimConfig(lr=1e-3, warmup_steps=1),
     )
@@ -102,8 +103,27 @@ def test_logged_rates_are_consistent(caplog):
     assert "perf/hfu" not in metrics  # nothing recomputed
 
 
+def test_given_flops_are_used_and_flex_attention_is_not_counted():
+    given = TrainingThroughput(window=2, peak_flops=1e12, flops_per_micro_batch=2.0e7)
+    trainer, _ = fit(given, steps=3)
+    assert given.step_flops is None and given.flops_per_micro_batch == 2.0e7  # nothing counted
+    metrics = {k: v.item() for k, v in trainer.callback_metrics.items()}
+    assert metrics["perf/flops_per_s_per_device"] / metrics["perf/tokens_per_s"] == pytest.approx(
+        2.0e7 / (BATCH * SEQ_LEN), rel=1e-5)
+    assert metrics["perf/mfu"] == pytest.approx(metrics["perf/flops_per_s_per_device"] / 1e12, rel=1e-5)
+    # torch.compile (which FlexAttention runs through) refuses to run under a dispatch mode
+    module = make_module(attn_implementation="flex_attention")
+    module.configure_model()
+    assert "flex_attention" in uncountable_reason(module)
+    module = make_module()
+    module.configure_model()
+    assert uncountable_reason(module) is None
+
+
 def test_bad_options_are_refused():
     with pytest.raises(DLMError, match="window must be >= 1"):
         TrainingThroughput(window=0)
     with pytest.raises(DLMError, match="peak_flops must be > 0"):
         TrainingThroughput(peak_flops=-1.0)
+    with pytest.raises(DLMError, match="flops_per_micro_batch must be > 0"):
+        TrainingThroughput(flops_per_micro_batch=0.0)

@@ -23,7 +23,11 @@ out of the window):
   MFU is not logged, which one info line says.
 
 The LM head runs on the scored rows only, so a step's FLOPs move slightly with the noise draw
-(the masked fraction); the measured micro-batch stands for all of them.
+(the masked fraction); the measured micro-batch stands for all of them. With
+``attn_implementation: flex_attention`` nothing can be counted (transformers compiles
+FlexAttention, and torch.compile does not run under a dispatch mode): the callback says so and
+logs tokens/s, and MFU too when ``flops_per_micro_batch`` is given (the same step's FLOPs as
+counted with ``sdpa``: the attention arithmetic is the same).
 """
 
 from __future__ import annotations
@@ -158,6 +162,14 @@ class StepFlops:
             self.recompute += self.counter.total - self._entered_at
 
 
+def uncountable_reason(pl_module) -> Optional[str]:
+    """Why the FLOPs of this module's training step cannot be counted, or None if they can."""
+    net = getattr(pl_module, "net", None)
+    if getattr(net, "attn_implementation", None) == "flex_attention":
+        return "attn_implementation flex_attention runs through torch.compile, which does not run under a FLOP counter"
+    return None
+
+
 def compute_dtype(trainer: "L.Trainer") -> torch.dtype:
     """The dtype the matmuls run in: FSDP's param dtype if it sets one, else the precision's."""
     strategy = trainer.strategy
@@ -188,18 +200,31 @@ class TrainingThroughput(L.Callback):
         window: Optimiser steps in the rolling window the rates are computed over (>= 1).
         peak_flops: Peak FLOP/s of one device; default: looked up for the device and precision.
         measure_flops: Count the FLOPs of the first training micro-batch (needed for FLOP/s, MFU).
+        flops_per_micro_batch: Model FLOPs of one training micro-batch on one rank, counted
+            elsewhere (e.g. the line a short run with ``attn_implementation: sdpa`` logs): used
+            instead of counting (FLOPs cannot be counted with FlexAttention).
     """
 
-    def __init__(self, window: int = 20, peak_flops: Optional[float] = None, measure_flops: bool = True):
+    def __init__(
+        self,
+        window: int = 20,
+        peak_flops: Optional[float] = None,
+        measure_flops: bool = True,
+        flops_per_micro_batch: Optional[float] = None,
+    ):
         super().__init__()
         if window < 1:
             raise DLMError(f"TrainingThroughput window must be >= 1 optimiser step, got {window}")
         if peak_flops is not None and peak_flops <= 0:
             raise DLMError(f"TrainingThroughput peak_flops must be > 0 FLOP/s per device, got {peak_flops}")
+        if flops_per_micro_batch is not None and flops_per_micro_batch <= 0:
+            raise DLMError(f"TrainingThroughput flops_per_micro_batch must be > 0, got {flops_per_micro_batch}")
         self.window = window
         self.peak_flops = peak_flops
         self.measure_flops = measure_flops
+        self.given_flops = flops_per_micro_batch
         self.step_flops: Optional[StepFlops] = None  # the measurement, once done
+        self._count_next = False
         self._measuring: Optional[StepFlops] = None
         self._marks: Deque[Tuple[float, int, int]] = deque(maxlen=window + 1)  # (time, tokens, micro-batches)
         self._tokens = 0
@@ -208,8 +233,10 @@ class TrainingThroughput(L.Callback):
         self._peak: Optional[float] = None
 
     @property
-    def flops_per_micro_batch(self) -> Optional[int]:
-        """Model FLOPs of one training micro-batch on one rank (None until measured)."""
+    def flops_per_micro_batch(self) -> Optional[float]:
+        """Model FLOPs of one training micro-batch on one rank (None until counted, if not given)."""
+        if self.given_flops is not None:
+            return self.given_flops
         return None if self.step_flops is None else self.step_flops.model_flops
 
     # --- setup ----------------------------------------------------------------------------------
@@ -225,12 +252,21 @@ class TrainingThroughput(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self._marks.clear()
         self._last_step = trainer.global_step
-        if not (self.measure_flops and self.step_flops is None):
+        self._count_next = self.measure_flops and self.given_flops is None and self.step_flops is None
+        reason = uncountable_reason(pl_module) if self._count_next else None
+        if reason is not None:
+            self._count_next = False
+            rank_zero_info(
+                f"throughput: FLOPs not counted ({reason}): logging tokens/s only; give the callback's "
+                "flops_per_micro_batch (e.g. counted in a short run with attn_implementation sdpa) to log MFU"
+            )
+        if not self._count_next:
             self._mark(trainer)
 
     # --- the measured micro-batch ---------------------------------------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.measure_flops and self.step_flops is None and self._measuring is None:
+        if self._count_next:
+            self._count_next = False
             self._measuring = StepFlops()
             self._measuring.start()
 
@@ -285,12 +321,12 @@ class TrainingThroughput(L.Callback):
         log = dict(on_step=True, on_epoch=False, sync_dist=False)
         pl_module.log("perf/tokens_per_s", per_device * trainer.world_size, **log)
         pl_module.log("perf/tokens_per_s_per_device", per_device, **log)
-        if self.step_flops is not None:
-            flops_per_s = (micro1 - micro0) * self.step_flops.model_flops / seconds
+        if self.flops_per_micro_batch is not None:
+            flops_per_s = (micro1 - micro0) * self.flops_per_micro_batch / seconds
             pl_module.log("perf/flops_per_s_per_device", flops_per_s, **log)
             if self._peak:
                 pl_module.log("perf/mfu", flops_per_s / self._peak, **log)
-                if self.step_flops.recompute:
+                if self.step_flops is not None and self.step_flops.recompute:
                     hardware = (micro1 - micro0) * self.step_flops.hardware_flops / seconds
                     pl_module.log("perf/hfu", hardware / self._peak, **log)
 
