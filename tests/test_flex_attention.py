@@ -2,7 +2,9 @@
 
 On the CPU PyTorch's FlexAttention is forward-only, and transformers compiles it on first use
 (tens of seconds); these tests run it eagerly (``torch.compiler.set_stance("force_eager")``, the
-unfused reference implementation). Gradient parity needs the CUDA backward: it runs where CUDA is.
+unfused reference implementation). Gradients: the CUDA backward is compared with sdpa's where CUDA
+is; on the CPU, central differences of the flex forward (float64) along a random direction of all
+weights are compared with sdpa's autograd gradient on that direction.
 """
 
 import pytest
@@ -132,6 +134,43 @@ def test_flex_gradients_equal_sdpa_dense_mask_on_cuda(kind, ratio):
         (logits.float().logsumexp(-1) * attn).sum().backward()
     for (name, p), q in zip(sdpa.named_parameters(), flexed.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("ratio", RATIOS)
+def test_flex_directional_derivative_equals_sdpa_gradient_on_cpu(kind, ratio):
+    """Gradient parity on the CPU, where FlexAttention has no backward: along a random direction
+    of all weights, the central difference of the flex loss (float64, forward passes only) equals
+    sdpa's, and both equal the dense-mask sdpa autograd gradient on that direction (to 1e-4:
+    LLaMA's RMSNorm computes in float32 even in a float64 model, which limits the differences)."""
+    sdpa, flexed = _pair()
+    sdpa.double(), flexed.double()
+    x, attn, docs = _batch()
+    allowed = annealing_mask(kind, ratio, 77)
+
+    def loss(net):
+        return (net(x, attention_mask=attn, allowed=allowed, document_ids=docs).logsumexp(-1) * attn).sum()
+
+    loss(sdpa).backward()
+    g = torch.Generator().manual_seed(3)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in sdpa.parameters()]
+    analytic = sum((p.grad * d).sum() for p, d in zip(sdpa.parameters(), direction))
+
+    def central_difference(net, eps=1e-4):
+        values = []
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            for sign in (1, -1):
+                for p, d in zip(net.parameters(), direction):
+                    p.add_(sign * eps * d)
+                values.append(loss(net))
+                for p, d in zip(net.parameters(), direction):
+                    p.sub_(sign * eps * d)
+        return (values[0] - values[1]) / (2 * eps)
+
+    numeric_flex, numeric_sdpa = central_difference(flexed), central_difference(sdpa)
+    assert abs(analytic) > 1e-3  # a direction the loss moves along
+    torch.testing.assert_close(numeric_flex, numeric_sdpa, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(numeric_flex, analytic, rtol=1e-4, atol=1e-6)
 
 
 # --- errors ---------------------------------------------------------------------------------------
