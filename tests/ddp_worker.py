@@ -4,8 +4,9 @@ Launched by the test with ``python -m torch.distributed.run --nproc_per_node 2 t
 (one launch serves every check, to pay the start-up once). ``SPEC`` is a JSON file:
 ``{"runs": [[dlm args...], ...], "out": DIR}``. Every rank runs each ``dlm`` command in order
 (real ``dlm fit`` runs under Lightning's DDP, which finds torchrun's environment), then the FSDP
-gradient-clipping check; it writes ``DIR/worker<rank>.json`` with the exit code of every command
-and the numbers of the FSDP check.
+checks (torch FSDP clipping against an unsharded copy; DiffusionLM under Lightning's
+FSDPStrategy with sharded checkpoints); it writes ``DIR/worker<rank>.json`` with the exit code of
+every command and the numbers of the FSDP checks.
 """
 
 import copy
@@ -90,6 +91,71 @@ def fsdp_clipping_check(rank: int, world: int, max_norm: float = 0.05) -> dict:
             "clipped_norm": torch.linalg.vector_norm(torch.stack([g.norm() for g in clipped.values()])).item()}
 
 
+def lightning_fsdp_check(out_dir: str, max_norm: float = 0.05) -> dict:
+    """DiffusionLM under Lightning's FSDPStrategy as the 7B config sets it up (FULL_SHARD, one unit
+    per decoder layer, activation checkpointing, sharded checkpoints, norm clipping), on CPU
+    processes: 4 steps straight, then 2 resumed from the sharded step-2 checkpoint."""
+    import lightning as L
+    from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lightning_dlm.data import CorpusSource, TextDataModule
+    from lightning_dlm.diffusion.config import DiffusionConfig
+    from lightning_dlm.model import BackboneConfig, MaskTokenConfig
+    from lightning_dlm.module import DiffusionLM
+    from tests.conftest import TINY_CORPUS, TINY_TOKENIZER
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        """Lightning's FSDPStrategy on CPU processes. Lightning refuses FSDP without CUDA (a subclass
+        passes its check) and wraps with ``device_id=root_device.index`` (None on a CPU, which FSDP
+        rejects); this wraps with ``device_id=cpu``, everything else is Lightning's."""
+
+        def _setup_model(self, model):
+            model = FullyShardedDataParallel(
+                module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
+            )
+            _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+            return model
+
+    class Record(L.Callback):
+        """Per-step loss and the global gradient norm before and after clipping (FSDP's own norm)."""
+
+        def __init__(self):
+            self.losses, self.before, self.after = {}, [], []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # runs before clipping
+            self.before.append(trainer.strategy.model.clip_grad_norm_(float("inf")).item())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # grads kept until next step
+            self.losses[trainer.global_step - 1] = outputs["loss"].item()
+            self.after.append(trainer.strategy.model.clip_grad_norm_(float("inf")).item())
+
+    def fit(steps, callbacks, ckpt_path=None):
+        model = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0,
+                     eos_token_id=0)
+        module = DiffusionLM(backbone=BackboneConfig(config=model, tokenizer=TINY_TOKENIZER, mask_token=MaskTokenConfig()),
+                             diffusion=DiffusionConfig(anneal_steps=3))
+        data = TextDataModule(train=[CorpusSource(path=TINY_CORPUS, sample_by="paragraph")], tokenizer=TINY_TOKENIZER,
+                              seq_len=32, batch_size=4)
+        strategy = CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer},
+                                   state_dict_type="sharded")
+        trainer = L.Trainer(default_root_dir=out_dir, max_steps=steps, accelerator="cpu", devices=2, strategy=strategy,
+                            gradient_clip_val=max_norm, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, callbacks=callbacks)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+
+    straight, resumed = Record(), Record()
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=os.path.join(out_dir, "ck"), every_n_train_steps=2,
+                                                      save_top_k=-1, filename="step{step}", auto_insert_metric_name=False)
+    fit(4, [straight, checkpoints])
+    fit(4, [resumed], ckpt_path=os.path.join(out_dir, "ck", "step2.ckpt"))
+    return {"straight": straight.losses, "resumed": resumed.losses, "before": straight.before, "after": straight.after}
+
+
 def main(spec_path: str) -> None:
     with open(spec_path) as fh:
         spec = json.load(fh)
@@ -98,7 +164,8 @@ def main(spec_path: str) -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    result = {"codes": codes, "fsdp": fsdp_clipping_check(rank, world)}
+    result = {"codes": codes, "fsdp": fsdp_clipping_check(rank, world),
+              "lightning_fsdp": lightning_fsdp_check(os.path.join(spec["out"], "fsdp"))}
     with open(os.path.join(spec["out"], f"worker{rank}.json"), "w") as fh:
         json.dump(result, fh)
 

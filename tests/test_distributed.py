@@ -5,7 +5,9 @@ One ``torchrun --nproc_per_node 2`` launch (tests/ddp_worker.py) runs, on both r
 * ``dlm fit`` of the debug config for 6 steps with DDP, checkpointing at steps 3 and 6;
 * ``dlm fit`` resumed from the step-3 checkpoint of that run, again with 2 ranks;
 * ``dlm fit`` resumed with 2 ranks from a checkpoint written by 1 rank (must be refused);
-* an FSDP (FULL_SHARD, CPU) gradient-norm clipping check against an unsharded copy.
+* an FSDP (FULL_SHARD, CPU) gradient-norm clipping check against an unsharded copy;
+* DiffusionLM under Lightning's FSDPStrategy set up as the 7B config sets it (CPU processes):
+  4 steps, then 2 resumed from the sharded checkpoint of step 2.
 
 A ``RankRecorder`` callback (tests/ddp_probe.py) writes what every rank trained on. The test
 then resumes the 2-rank checkpoint with 1 rank in this process (must be refused too).
@@ -149,6 +151,28 @@ def test_a_changed_world_size_is_refused_with_one_line_and_nothing_overwritten(t
     assert "world_size=2" in err  # names the fix
     assert digests(tmp / "straight" / "ck") == before
     assert not (tmp_path / "shrunk" / "ck").exists()
+
+
+def test_lightning_fsdp_trains_clips_and_resumes_from_sharded_checkpoints(two_ranks):
+    """The 7B config's FSDP set-up (FULL_SHARD, decoder-layer units, activation checkpointing,
+    sharded checkpoints, gradient_clip_val by norm) on 2 CPU processes."""
+    tmp = two_ranks["tmp"]
+    folder = tmp / "fsdp" / "ck" / "step2.ckpt"
+    assert folder.is_dir() and (folder / "meta.pt").is_file()  # a sharded checkpoint: a folder ...
+    assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # ... a file per rank
+    meta = torch.load(folder / "meta.pt", weights_only=False)
+    assert meta["lightning_dlm"]["mask_token_added"] and meta["TextDataModule"]["world_size"] == 2
+    for worker in two_ranks["workers"]:
+        run = worker["lightning_fsdp"]
+        straight = {int(k): v for k, v in run["straight"].items()}
+        resumed = {int(k): v for k, v in run["resumed"].items()}
+        assert sorted(straight) == [0, 1, 2, 3] and sorted(resumed) == [2, 3]
+        assert all(resumed[step] == straight[step] for step in resumed)  # exact resume from the shards
+        # clipped by the global norm: every step's norm was above 0.05 and is 0.05 after clipping
+        assert all(norm > 0.05 for norm in run["before"])
+        assert run["after"] == pytest.approx([0.05] * 4, rel=1e-4)
+    # both ranks saw the same global norms (one all-reduced number, not a per-shard one)
+    assert two_ranks["workers"][0]["lightning_fsdp"]["before"] == two_ranks["workers"][1]["lightning_fsdp"]["before"]
 
 
 def test_fsdp_clips_by_the_global_gradient_norm(two_ranks):
