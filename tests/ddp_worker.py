@@ -148,12 +148,17 @@ def lightning_fsdp_check(out_dir: str, max_norm: float = 0.05) -> dict:
                             enable_model_summary=False, limit_val_batches=0, callbacks=callbacks)
         trainer.fit(module, data, ckpt_path=ckpt_path)
 
+    from lightning_dlm.callbacks import TrainingThroughput
+
     straight, resumed = Record(), Record()
+    counted = TrainingThroughput(window=2)  # counts FLOPs in the first step of both runs, under FSDP
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=os.path.join(out_dir, "ck"), every_n_train_steps=2,
                                                       save_top_k=-1, filename="step{step}", auto_insert_metric_name=False)
-    fit(4, [straight, checkpoints])
-    fit(4, [resumed], ckpt_path=os.path.join(out_dir, "ck", "step2.ckpt"))
-    return {"straight": straight.losses, "resumed": resumed.losses, "before": straight.before, "after": straight.after}
+    fit(4, [straight, checkpoints, counted])
+    fit(4, [resumed, TrainingThroughput(window=2)], ckpt_path=os.path.join(out_dir, "ck", "step2.ckpt"))
+    flops = counted.step_flops
+    return {"straight": straight.losses, "resumed": resumed.losses, "before": straight.before, "after": straight.after,
+            "flops": {"forward": flops.forward, "backward": flops.backward, "recompute": flops.recompute}}
 
 
 def main(spec_path: str) -> None:

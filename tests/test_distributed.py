@@ -171,6 +171,11 @@ def test_lightning_fsdp_trains_clips_and_resumes_from_sharded_checkpoints(two_ra
         # clipped by the global norm: every step's norm was above 0.05 and is 0.05 after clipping
         assert all(norm > 0.05 for norm in run["before"])
         assert run["after"] == pytest.approx([0.05] * 4, rel=1e-4)
+        # FLOPs counted under FSDP (both runs count their first step, and still resume exactly):
+        # the activation-checkpointed layers' forward runs again in the backward, counted apart
+        flops = run["flops"]
+        assert flops["forward"] > 0 and flops["backward"] > 2 * flops["forward"] - flops["recompute"]
+        assert 0.3 * flops["forward"] < flops["recompute"] < flops["forward"]
     # both ranks saw the same global norms (one all-reduced number, not a per-shard one)
     assert two_ranks["workers"][0]["lightning_fsdp"]["before"] == two_ranks["workers"][1]["lightning_fsdp"]["before"]
 
