@@ -37,6 +37,7 @@ from lightning_dlm.diffusion.config import DiffusionConfig
 from lightning_dlm.distributed import clip_grad_norm_sharded
 from lightning_dlm.errors import DLMError
 from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig, load_tokenizer
+from lightning_dlm.model.loading import max_positions, resolve_hf_config
 from lightning_dlm.optim import OptimConfig, build_optimizer
 from lightning_dlm.seeding import derive_seed, make_generator
 
@@ -128,10 +129,12 @@ class DiffusionLM(L.LightningModule):
         return self._require_net()(input_ids, attention_mask=attention_mask, allowed=allowed, document_ids=document_ids)
 
     def setup(self, stage: str) -> None:
-        self._require_net()
+        # The backbone is NOT built here: Lightning calls configure_model after setup, inside the
+        # strategy's init/sharding context (FSDP wraps and shards it layer by layer there). The
+        # position limit comes from the model's config alone.
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         seq_len = getattr(datamodule, "seq_len", None)
-        limit = self.net.max_positions
+        limit = self.net.max_positions if self.net is not None else max_positions(resolve_hf_config(self.backbone_cfg))
         if seq_len is not None and limit is not None and seq_len > limit:
             raise DLMError(
                 f"data.seq_len {seq_len} is above the model's position limit {limit}: set data.seq_len <= {limit}"

@@ -184,3 +184,13 @@ def test_generate_builds_a_fresh_module_lazily():
     assert module.net is None
     out = generate(module, ["Once"], length=4, steps=4)
     assert len(out.token_ids[0]) == 4
+
+
+def test_setup_checks_positions_without_building_the_model():
+    """Lightning calls configure_model after setup, inside the strategy's sharding context (FSDP):
+    setup must not build the backbone itself, only check seq_len against the config."""
+    module = make_module()
+    module.setup("fit")
+    assert module.net is None
+    module.configure_model()
+    assert module.net is not None
