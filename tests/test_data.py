@@ -380,3 +380,24 @@ def test_trainer_resume_sees_the_uninterrupted_batches(tmp_path, tokenizer_dir):
     assert [index for index, _ in resumed] == [index for index, _ in straight.seen] == list(range(6))
     for (_, expected), (_, got) in zip(straight.seen, resumed):
         assert torch.equal(expected, got)
+
+
+def test_training_batches_carry_document_ids_when_asked(tmp_path, tokenizer_dir, tokenizer):
+    train = [CorpusSource(write_lines(tmp_path / "train.txt", range(30)), sample_by="line")]
+
+    def batches(**kw):
+        dm = TextDataModule(train, tokenizer=tokenizer_dir, seq_len=16, batch_size=2, seed=1, **kw)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=1, training=True, max_steps=100)
+        dm.setup("fit")
+        return take(dm.train_dataloader(), 4)
+
+    plain, marked = batches(), batches(document_ids=True)
+    assert "document_ids" not in plain[0]
+    eos = tokenizer.eos_token_id
+    for a, b in zip(plain, marked):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and int(a["index"]) == int(b["index"])
+        ids, docs = b["input_ids"], b["document_ids"]
+        assert docs.shape == ids.shape and bool((docs[:, 0] == 0).all())
+        # a new document starts exactly after each EOS: the id steps by one there and nowhere else
+        steps = docs[:, 1:] - docs[:, :-1]
+        assert torch.equal(steps, (ids[:, :-1] == eos).long())

@@ -51,6 +51,9 @@ class TextDataModule(L.LightningDataModule):
         shuffle_buffer: Documents in the per-epoch shuffle buffer; 0 keeps the corpus order.
         add_bos: Put BOS before every document.
         add_eos: Put EOS after every document.
+        document_ids: Training batches also carry ``document_ids`` so that attention stays within
+            each packed document (the model passes them to its attention mask; sdpa, eager and
+            flex_attention all honour them).
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class TextDataModule(L.LightningDataModule):
         shuffle_buffer: int = 0,
         add_bos: bool = False,
         add_eos: bool = True,
+        document_ids: bool = False,
     ):
         super().__init__()
         require(seq_len >= 1, f"data.seq_len must be >= 1 (got {seq_len})")
@@ -86,6 +90,7 @@ class TextDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.add_bos = add_bos
         self.add_eos = add_eos
+        self.document_ids = document_ids
         self._consumed = 0
         self._encoder: Optional[DocumentEncoder] = None
         self._train: Optional[list[Corpus]] = None
@@ -149,6 +154,7 @@ class TextDataModule(L.LightningDataModule):
             seed=self.seed,
             start_batch=self._consumed if start_batch is None else start_batch,
             shuffle_buffer=self.shuffle_buffer,
+            document_ids=self.document_ids,
         )
         for corpus in self._train:  # catch "too few documents" here, as one line, not in a worker
             if count_documents(corpus, limit=stream.num_slots) < stream.num_slots:

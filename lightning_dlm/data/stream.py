@@ -71,6 +71,9 @@ class PackedBatchStream(IterableDataset):
         start_batch: The global batch counter of the first batch to serve (resume point).
         shuffle_buffer: Documents in the per-epoch shuffle buffer; 0 keeps the corpus order.
         doc_batch_size: Documents read and tokenized per call.
+        document_ids: Also yield ``document_ids`` (batch_size, seq_len): which packed document
+            each token comes from (0 for the first of its block), for attention kept within
+            documents.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class PackedBatchStream(IterableDataset):
         start_batch: int = 0,
         shuffle_buffer: int = 0,
         doc_batch_size: int = 64,
+        document_ids: bool = False,
     ):
         super().__init__()
         require(len(corpora) > 0, "the training corpus list is empty; set data.train")
@@ -102,6 +106,7 @@ class PackedBatchStream(IterableDataset):
         self.start_batch = start_batch
         self.shuffle_buffer = shuffle_buffer
         self.doc_batch_size = doc_batch_size
+        self.document_ids = document_ids
         weights = np.asarray([corpus.weight for corpus in self.corpora], dtype=np.float64)
         self.weights = weights / weights.sum()
 
@@ -150,13 +155,20 @@ class PackedBatchStream(IterableDataset):
             )
         counter = first
         while True:
-            batch = np.stack([next(blocks) for _ in range(self.batch_size)])
-            yield {"input_ids": torch.from_numpy(batch), "index": torch.tensor(counter, dtype=torch.long)}
+            chosen = [next(blocks) for _ in range(self.batch_size)]
+            if self.document_ids:
+                item = {"input_ids": torch.from_numpy(np.stack([b for b, _ in chosen])),
+                        "document_ids": torch.from_numpy(np.stack([d for _, d in chosen]))}
+            else:
+                item = {"input_ids": torch.from_numpy(np.stack(chosen))}
+            item["index"] = torch.tensor(counter, dtype=torch.long)
+            yield item
             counter += W
 
     def _slot_blocks(self, slot: int) -> Iterator[np.ndarray]:
         """Slot ``slot``'s infinite block stream (one packer per source, mixed by weight)."""
-        packers = [pack_blocks(self._slot_documents(i, slot), self.seq_len) for i in range(len(self.corpora))]
+        packers = [pack_blocks(self._slot_documents(i, slot), self.seq_len, document_ids=self.document_ids)
+                   for i in range(len(self.corpora))]
         if len(packers) == 1:
             yield from packers[0]
             return
