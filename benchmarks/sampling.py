@@ -18,10 +18,11 @@ each repeat with its own seed), with one configuration of :func:`lightning_dlm.s
   one to two tokens per step. Only the cache approximation and the block order separate it
   from the baseline, so its quality proxies can be compared with the baseline's directly.
 
-The verdict line at the end names the fastest row that is at least 5x the baseline's tokens/s
-with every quality proxy within 10 % of the baseline's (NELBO, gen PPL, distinct-2, entropy:
-"within 10 %" both ways, because a much lower perplexity with collapsed distinct-2 and entropy
-means repetition, not better text).
+The verdict lines at the end name the fastest row that is at least 5x the baseline's tokens/s
+with the quality proxy within 10 % of the baseline's: by the model's own NELBO (the issue's
+proxy), and by every proxy at once (NELBO, gen PPL, distinct-2, entropy). "Within 10 %" counts
+both ways, because a much lower perplexity with collapsed distinct-2 and entropy means
+repetition, not better text.
 
 Columns: forward passes (full + cached), wall time of the decode (the sampler's own clock),
 generated tokens/s, speed-up in tokens/s over the baseline, and quality proxies of the outputs:
@@ -127,10 +128,10 @@ def within(value: Optional[float], ref: Optional[float], tol: float) -> bool:
     return abs(value / ref - 1.0) <= tol if ref else value == ref
 
 
-def verdict(results: List[Dict], speedup: float = 5.0, tol: float = 0.10) -> Optional[Dict]:
-    """The fastest row with >= ``speedup`` x the baseline's tokens/s and every proxy within ``tol``."""
+def verdict(results: List[Dict], proxies=QUALITY, speedup: float = 5.0, tol: float = 0.10) -> Optional[Dict]:
+    """The fastest row with >= ``speedup`` x the baseline's tokens/s and ``proxies`` within ``tol``."""
     base = results[0]
-    ok = [r for r in results[1:] if r["speedup"] >= speedup and all(within(r[q], base[q], tol) for q in QUALITY)]
+    ok = [r for r in results[1:] if r["speedup"] >= speedup and all(within(r[q], base[q], tol) for q in proxies)]
     return max(ok, key=lambda r: r["speedup"]) if ok else None
 
 
@@ -260,10 +261,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
               f"{r['tokens_per_s']:.1f} | {speed:.2f}x | {r['nelbo']:.3f} | {ppl} | {r['distinct2']:.3f} | "
               f"{r['entropy']:.2f} |")
     if base:
-        best = verdict(results)
         print()
-        print(f"verdict: {best['name']} runs at {best['speedup']:.2f}x the baseline with every quality proxy within 10%"
-              if best else "verdict: no row is >= 5x the baseline with every quality proxy within 10%")
+        for proxies, what in ((("nelbo",), "the NELBO proxy"), (QUALITY, "every quality proxy")):
+            best = verdict(results, proxies)
+            print(f"verdict ({what}): {best['name']} runs at {best['speedup']:.2f}x the baseline within 10%" if best
+                  else f"verdict ({what}): no row is >= 5x the baseline within 10%")
     out = dict(header=header, args=vars(args), results=results)
     if args.json:
         with open(args.json, "w") as f:
