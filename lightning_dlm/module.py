@@ -206,18 +206,25 @@ class DiffusionLM(L.LightningModule):
 
     @torch.no_grad()
     def nelbo_per_token(
-        self, x0: torch.Tensor, attention_mask=None, batch_key: int = 0, levels: Optional[int] = None, document_ids=None
+        self, x0: torch.Tensor, attention_mask=None, batch_key: int = 0, levels: Optional[int] = None, document_ids=None,
+        row_keys: Optional[torch.Tensor] = None,
     ):
         """Negative ELBO per target token of a batch, on a fixed grid of t with fixed masks.
 
         The estimate is a pure function of the weights, the batch and ``batch_key``: two
-        evaluations of the same weights agree exactly. Returns (nelbo_per_token, num_targets).
+        evaluations of the same weights agree exactly. With ``row_keys`` (B,) (e.g. the global
+        index of each evaluation block) every row draws its masks from its own key instead, so
+        the result does not depend on how rows are batched or sharded across ranks.
+        Returns (nelbo_per_token, num_targets).
         """
         levels = levels or self.val_t_levels
         total = torch.zeros((), device=x0.device)
         num_targets = 0
         for k, level in enumerate(t_grid(levels, self.diffusion_cfg.eps).tolist()):
-            generator = make_generator(self.seed, batch_key, k, 7, device=x0.device)
+            if row_keys is None:
+                generator = make_generator(self.seed, batch_key, k, 7, device=x0.device)
+            else:
+                generator = [make_generator(self.seed, int(key), k, 8, device=x0.device) for key in row_keys.tolist()]
             t = torch.full((x0.shape[0],), level, device=x0.device)
             terms, _, _ = self.diffusion_terms(x0, attention_mask, t, None, generator, document_ids=document_ids)
             total = total + terms.weighted_sum
@@ -226,7 +233,8 @@ class DiffusionLM(L.LightningModule):
 
     def _eval_step(self, batch, batch_idx, metric: MeanMetric) -> None:
         nelbo, num_targets = self.nelbo_per_token(
-            batch["input_ids"], batch.get("attention_mask"), batch_idx, document_ids=batch.get("document_ids")
+            batch["input_ids"], batch.get("attention_mask"), batch_idx, document_ids=batch.get("document_ids"),
+            row_keys=batch.get("block_index"),
         )
         metric.update(nelbo, weight=num_targets)
 

@@ -194,3 +194,32 @@ def test_setup_checks_positions_without_building_the_model():
     assert module.net is None
     module.configure_model()
     assert module.net is not None
+
+
+def test_validation_nelbo_does_not_depend_on_batching_or_world_size():
+    """Evaluation noise is keyed by each block's global index and ranks take disjoint, unpadded
+    shards, so the metric averaged over 2 'ranks' equals the 1-process value."""
+    from torch.utils.data import DataLoader
+
+    from lightning_dlm.data.stream import BlockDataset, ShardSampler
+
+    module = make_module()
+    module.configure_model()
+    module.eval()
+    blocks = torch.randint(1, 500, (5, 24), generator=torch.Generator().manual_seed(0))
+    dataset = BlockDataset(blocks)
+
+    def metric(loaders):
+        total = weight = 0.0
+        for loader in loaders:
+            for batch in loader:
+                nelbo, n = module.nelbo_per_token(batch["input_ids"], row_keys=batch["block_index"])
+                total, weight = total + float(nelbo) * n, weight + n
+        return total / weight
+
+    single = metric([DataLoader(dataset, batch_size=2)])
+    shards = [ShardSampler(dataset, 2, rank) for rank in (0, 1)]
+    assert sorted(i for s in shards for i in s) == list(range(5))  # every block once, no padding
+    two_ranks = metric([DataLoader(dataset, batch_size=3, sampler=s) for s in shards])
+    assert two_ranks == pytest.approx(single, rel=1e-6)
+    assert metric([DataLoader(dataset, batch_size=2)]) == single  # and it is reproducible

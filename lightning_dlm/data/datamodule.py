@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from lightning_dlm.data.packing import DocumentEncoder, load_tokenizer
 from lightning_dlm.data.sources import Corpus, CorpusSource, count_documents, open_corpora
-from lightning_dlm.data.stream import BlockDataset, PackedBatchStream, build_eval_blocks, too_few_documents_error
+from lightning_dlm.data.stream import (BlockDataset, PackedBatchStream, ShardSampler, build_eval_blocks,
+                                      too_few_documents_error)
 from lightning_dlm.errors import DLMError, require
 
 #: Settings the data order depends on; a resume must keep them.
@@ -174,7 +175,10 @@ class TextDataModule(L.LightningDataModule):
     def _eval_loader(self, blocks) -> Union[DataLoader, list]:
         if blocks is None:
             return []
-        return DataLoader(BlockDataset(blocks), batch_size=self.batch_size, shuffle=False)
+        dataset = BlockDataset(blocks)
+        rank, world_size = self._rank_and_world()
+        sampler = ShardSampler(dataset, world_size, rank) if world_size > 1 else None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
         if self.val_sources and self._val_blocks is None:

@@ -39,7 +39,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from lightning_dlm.data.packing import DocumentEncoder, pack_blocks
 from lightning_dlm.data.sources import Corpus, is_document
@@ -252,7 +252,8 @@ def _split_quota(total: int, weights: Sequence[float]) -> list[int]:
 
 
 class BlockDataset(Dataset):
-    """Map-style dataset over materialised blocks: item ``i`` is ``dict(input_ids=blocks[i])``."""
+    """Map-style dataset over materialised blocks: item ``i`` is ``dict(input_ids=blocks[i],
+    block_index=i)`` (the index keys the evaluation noise of the block)."""
 
     def __init__(self, blocks: torch.Tensor):
         self.blocks = blocks
@@ -261,4 +262,22 @@ class BlockDataset(Dataset):
         return self.blocks.shape[0]
 
     def __getitem__(self, index: int) -> dict:
-        return {"input_ids": self.blocks[index]}
+        return {"input_ids": self.blocks[index], "block_index": torch.tensor(index, dtype=torch.long)}
+
+
+class ShardSampler(DistributedSampler):
+    """Rank ``r`` of ``W`` takes items ``r, r + W, r + 2W, ...``: every item exactly once over the
+    ranks, without the padding (repeated items) of torch's DistributedSampler, so an evaluation
+    metric averaged over ranks equals the single-process one. Lightning keeps a
+    DistributedSampler it is given."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.indices = list(range(rank, len(dataset), num_replicas))
+        self.num_samples = len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -38,15 +38,19 @@ def corrupt(
     mask_id: int,
     schedule: NoiseSchedule,
     maskable: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
+    generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Return ``(x_t, masked)``: each maskable token of ``x0`` masked independently w.p. 1 - alpha(t_b).
 
     ``masked`` records which positions were corrupted; loss positions come from it, never from
-    ``x_t == mask_id`` (the mask id may be a real vocabulary id).
+    ``x_t == mask_id`` (the mask id may be a real vocabulary id). ``generator`` may be one
+    generator for the batch or one per row (then a row's draws do not depend on its batch).
     """
     p = schedule.mask_prob(t.float()).to(x0.device)[:, None]
-    u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    if isinstance(generator, (list, tuple)):
+        u = torch.stack([torch.rand(x0.shape[1:], generator=g, device=x0.device) for g in generator])
+    else:
+        u = torch.rand(x0.shape, generator=generator, device=x0.device)
     masked = u < p
     if maskable is not None:
         masked &= maskable
