@@ -391,3 +391,22 @@ def test_shipped_eval_configs_parse_into_tasks(path):
     config = config_from_args(build_parser().parse_args(["--config", path]))
     assert config.models and config.tasks
     assert [build_task(t, config.defaults).kind for t in config.tasks]
+
+
+def test_ar_generation_tasks_decode_the_requested_lengths_without_the_suffix(tmp_path, ar_folder):
+    from lightning_dlm.evaluation import load_evaluator
+
+    ev = load_evaluator(ar_folder)
+    assert ev.kind == "ar"
+    prompts = ["Once upon a time", "The dog ran to"]  # different lengths: left padding in one batch
+    texts = ev.generate(prompts, 5, batch_size=2)
+    alone = [ev.generate([p], 5)[0] for p in prompts]
+    assert texts == alone  # greedy, and padding does not change a row
+    ids = [ev.start_id] + ev.encode(prompts[1])  # greedy by hand: 5 argmax steps
+    with torch.no_grad():
+        for _ in range(5):
+            ids.append(int(ev.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    assert texts[1] == ev.decode(ids[-5:])
+    roc = write_jsonl(tmp_path / "roc.jsonl", [{f"sentence{i}": f"The dog ran {i}." for i in range(1, 6)}])
+    res = build_task(dict(task="infilling", data=roc)).run(ev, lambda *a: (lambda n: None))
+    assert res["uses_suffix"] is False and 0.0 <= res["rouge1"] <= 1.0
