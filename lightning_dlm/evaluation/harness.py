@@ -98,7 +98,10 @@ class DiffusionHarnessLM(LM):
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             length = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-            groups[(length, float(kwargs.get("temperature", self.sampler["temperature"])))].append((n, context, until))
+            temperature = float(kwargs.get("temperature", self.sampler["temperature"]))
+            if kwargs.get("do_sample") is False:  # lm-eval's greedy requests
+                temperature = 0.0
+            groups[(length, temperature)].append((n, context, until))
         out: List[str] = [""] * len(requests)
         bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
         for (length, temperature), rows in groups.items():
