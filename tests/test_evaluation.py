@@ -410,3 +410,30 @@ def test_ar_generation_tasks_decode_the_requested_lengths_without_the_suffix(tmp
     roc = write_jsonl(tmp_path / "roc.jsonl", [{f"sentence{i}": f"The dog ran {i}." for i in range(1, 6)}])
     res = build_task(dict(task="infilling", data=roc)).run(ev, lambda *a: (lambda n: None))
     assert res["uses_suffix"] is False and 0.0 <= res["rouge1"] <= 1.0
+
+
+def test_dlm_lm_eval_runs_lm_evals_own_cli_on_a_local_task(tmp_path, ckpt, capsys):
+    data = write_jsonl(tmp_path / "mc.jsonl", [dict(context="Once upon a time", choices=[" there was", " the dog"],
+                                                    label=i % 2) for i in range(2)])
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(f"""task: tiny_mc_dlm
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+""")
+    main(["lm-eval", "--model", "lightning_dlm", "--model_args", f"ckpt={ckpt},levels=2,batch_size=8",
+          "--tasks", "tiny_mc_dlm", "--include_path", str(tmp_path / "tasks")])
+    out = capsys.readouterr()
+    table = [line for line in out.out.splitlines() if line.startswith("|tiny_mc_dlm")]
+    assert table and "acc" in table[0]
+    acc = float(table[0].split("|")[7])
+    assert acc in (0.0, 0.5, 1.0)  # 2 items
+    assert "device cuda:0 is not available, evaluating on the cpu" in out.err

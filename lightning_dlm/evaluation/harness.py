@@ -23,6 +23,7 @@ import sys
 from collections import defaultdict
 from typing import List, Optional, Tuple
 
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
@@ -41,6 +42,8 @@ class DiffusionHarnessLM(LM):
                  max_length: Optional[int] = None, evaluator: Optional[DiffusionEvaluator] = None, **_):
         super().__init__()
         path = ckpt or pretrained
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise DLMError(f"device {device} was asked for but this machine has no CUDA: use device=cpu")
         if evaluator is None:
             if not path:
                 raise DLMError("lightning_dlm needs a checkpoint: --model_args ckpt=<.ckpt or exported folder>")
@@ -53,6 +56,26 @@ class DiffusionHarnessLM(LM):
             self.sampler["steps"] = int(steps)
         self.max_gen_toks = int(max_gen_toks)
         self._max_length = int(max_length) if max_length else (evaluator.max_length or 2048)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
+        """lm-eval's constructor path: ``--model_args`` win over its own ``--batch_size`` / ``--device``."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        if not str(extra.get("batch_size", 1)).isdigit():  # "auto" and the like: keep our default
+            extra.pop("batch_size", None)
+        extra.pop("max_batch_size", None)
+        device = str(extra.get("device", "cpu"))
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's own default is cuda:0; on a machine without CUDA run on the CPU (and say so)
+            print(f"lightning_dlm: device {device} is not available, evaluating on the cpu", file=sys.stderr)
+            extra["device"] = "cpu"
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string, additional_config=None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # lm-eval calls these with a list of Instance objects whose .args hold the request
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
@@ -126,5 +149,8 @@ def lm_eval_command(argv: List[str]) -> None:
     import lm_eval.models  # noqa: F401  (lm-eval's own models stay available next to ours)
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = ["lm_eval", *argv]
-    cli_evaluate()
+    saved, sys.argv = sys.argv, ["lm_eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
