@@ -437,3 +437,25 @@ metric_list:
     acc = float(table[0].split("|")[7])
     assert acc in (0.0, 0.5, 1.0)  # 2 items
     assert "device cuda:0 is not available, evaluating on the cpu" in out.err
+
+
+def test_dlm_eval_takes_an_exported_folder_with_the_checkpoints_numbers(tmp_path, ckpt, capsys):
+    from lightning_dlm.export import export
+
+    folder = export(ckpt, str(tmp_path / "exported"))
+    mc = write_jsonl(tmp_path / "mc.jsonl", [dict(context="Once upon a time", choices=[" there was", " the dog"],
+                                                  label=0)])
+    results = []
+    for model in (ckpt, folder):
+        out = tmp_path / f"r{len(results)}.json"
+        main(["eval", "--model", model, "--task", "multiple_choice", "--data", mc, "--set", "levels=3", "--out",
+              str(out), "--no-progress"])
+        results.append(json.loads(out.read_text()))
+    (a,), (b,) = results[0]["models"].values(), results[1]["models"].values()
+    assert b["kind"] == "diffusion" and b["results"] == {**a["results"], "multiple_choice": {
+        **a["results"]["multiple_choice"], "seconds": b["results"]["multiple_choice"]["seconds"]}}
+    from lightning_dlm.evaluation import load_evaluator
+
+    scores = [load_evaluator(m).choice(["Once upon a time"] * 2, [" there was", " the dog"], levels=3)["per_token"]
+              for m in (ckpt, folder)]
+    assert scores[0] == scores[1]  # the exported weights score exactly as the checkpoint's
