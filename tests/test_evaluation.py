@@ -459,3 +459,24 @@ def test_dlm_eval_takes_an_exported_folder_with_the_checkpoints_numbers(tmp_path
     scores = [load_evaluator(m).choice(["Once upon a time"] * 2, [" there was", " the dog"], levels=3)["per_token"]
               for m in (ckpt, folder)]
     assert scores[0] == scores[1]  # the exported weights score exactly as the checkpoint's
+
+
+def test_lm_eval_rolling_windows_fit_the_model_and_score_every_token_once(module, monkeypatch):
+    from lm_eval.api.instance import Instance
+
+    import lightning_dlm.evaluation.harness as harness
+
+    lm = harness.DiffusionHarnessLM(evaluator=DiffusionEvaluator(module), levels=2, max_length=8)
+    text = "Once upon a time there was a dog that ran to the river and back again."
+    n = len(lm.evaluator.encode(text))
+    assert n > 8  # several windows
+    seen, original = [], harness.diffusion_choice_scores
+
+    def spy(net, rows, starts, *args, **kwargs):
+        seen.extend((len(r), len(r) - s) for r, s in zip(rows, starts))
+        return original(net, rows, starts, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "diffusion_choice_scores", spy)
+    (total,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    assert all(width <= 8 for width, _ in seen)  # every window fits max_length positions
+    assert sum(targets for _, targets in seen) == n and total < 0  # each token scored exactly once

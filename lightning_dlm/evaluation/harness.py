@@ -97,7 +97,8 @@ class DiffusionHarnessLM(LM):
         rows, starts, owner = [], [], []
         for n, req in enumerate(requests):
             windows = get_rolling_token_windows(token_list=ev.encode(req.args[0]), prefix_token=ev.start_id,
-                                                max_seq_len=self._max_length, context_len=1)
+                                                max_seq_len=self._max_length - 1, context_len=1)
+            # (a window is context + targets = max_seq_len + 1 tokens: it must fit the positions)
             for context, target in map(make_disjoint_window, windows):
                 rows.append(list(context) + list(target))
                 starts.append(len(context))
