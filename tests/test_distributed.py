@@ -136,8 +136,10 @@ def test_a_changed_world_size_is_refused_with_one_line_and_nothing_overwritten(t
     # 1 rank -> 2 ranks (inside the torchrun launch): both ranks refused, the checkpoint unchanged
     assert [w["codes"][2] for w in two_ranks["workers"]] == [2, 2]
     assert [w["codes"][:2] for w in two_ranks["workers"]] == [[0, 0], [0, 0]]
-    errors = [line for line in two_ranks["stderr"].splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and all("world_size changed from 1 (checkpoint) to 2" in e for e in errors), errors
+    # both ranks print the line; their writes to the shared stderr may interleave, so count them
+    stderr = two_ranks["stderr"]
+    assert stderr.count("error: cannot resume the data stream exactly") == 2, stderr[-2000:]
+    assert stderr.count("world_size changed from 1 (checkpoint) to 2") == 2, stderr[-2000:]
     assert digests(tmp / "one" / "ck") == two_ranks["one_rank_digest"]
     assert not (tmp / "grown" / "ck").exists()
     # 2 ranks -> 1 rank (here): one line, exit 2, the 2-rank checkpoints untouched, none written
