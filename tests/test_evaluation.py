@@ -480,3 +480,11 @@ def test_lm_eval_rolling_windows_fit_the_model_and_score_every_token_once(module
     (total,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
     assert all(width <= 8 for width, _ in seen)  # every window fits max_length positions
     assert sum(targets for _, targets in seen) == n and total < 0  # each token scored exactly once
+
+
+def test_table_warns_when_models_tokenize_the_corpus_differently():
+    res = lambda sha: dict(results=dict(c=dict(nll_per_token=1.0, se=0.1, ppl=2.7, bound=True, tokens_sha1=sha)))  # noqa: E731
+    results = dict(tasks=dict(c=dict(kind="likelihood")), models=dict(a=res("x1"), b=res("x1")))
+    assert "note:" not in table(results)
+    results["models"]["b"] = res("y2")
+    assert "tokenize the 'c' corpus differently" in table(results)
