@@ -46,12 +46,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -63,6 +61,9 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lightning_dlm.evaluation.genppl import score_samples  # noqa: E402
+from lightning_dlm.evaluation.metrics import distinct_n, unigram_entropy  # noqa: E402
+from lightning_dlm.model.loading import start_and_pad_ids  # noqa: E402
 from lightning_dlm.sampling import generate  # noqa: E402
 
 DEMO_CKPTS = ["/tmp/fresh/runs/smollm2_shakespeare/checkpoints/last.ckpt",
@@ -135,42 +136,13 @@ def verdict(results: List[Dict], proxies=QUALITY, speedup: float = 5.0, tol: flo
     return max(ok, key=lambda r: r["speedup"]) if ok else None
 
 
-def distinct2(tokens: List[int]) -> float:
-    bigrams = list(zip(tokens, tokens[1:]))
-    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
-
-
-def entropy_bits(tokens: List[int]) -> float:
-    counts = Counter(tokens)
-    n = len(tokens)
-    return -sum(c / n * math.log2(c / n) for c in counts.values()) if n else 0.0
-
-
 @torch.inference_mode()
 def own_nelbo(module, prompt_ids: List[int], outputs: List[List[int]], levels: int) -> float:
-    tok = module.tokenizer
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    start, _ = start_and_pad_ids(module.tokenizer)
     rows = [([start] if start is not None else []) + prompt_ids + out for out in outputs]
     x0 = torch.tensor(rows, dtype=torch.long)
     nelbo, _ = module.nelbo_per_token(x0, torch.ones_like(x0), batch_key=0, levels=levels)
     return float(nelbo)
-
-
-@torch.inference_mode()
-def gen_ppl(ar, ar_tok, prompt: str, texts: List[str]) -> float:
-    """exp(mean NLL) of the generated tokens given the prompt, under the causal LM (re-tokenized)."""
-    total, count = 0.0, 0
-    for text in texts:
-        p = ar_tok(prompt, add_special_tokens=False)["input_ids"]
-        g = ar_tok(text, add_special_tokens=False)["input_ids"]
-        start = ar_tok.bos_token_id if ar_tok.bos_token_id is not None else ar_tok.eos_token_id
-        ids = torch.tensor([([start] if start is not None else []) + p + g])
-        logits = ar(input_ids=ids).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
-        nll = nll[-len(g):]
-        total += float(nll.sum())
-        count += len(g)
-    return math.exp(total / max(count, 1))
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -207,11 +179,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             sys.exit(f"checkpoint '{args.ckpt}' does not exist: train the demo first, or use --model tiny")
         from lightning_dlm.checkpoints import load_diffusion_lm
         module, what = load_diffusion_lm(args.ckpt), args.ckpt
-    ar = ar_tok = None
+    judge = None  # the original causal LM, scoring the samples' text (evaluation.genppl)
     if args.model != "tiny" and args.ar_model and os.path.isdir(args.ar_model):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        ar_tok = AutoTokenizer.from_pretrained(args.ar_model)
-        ar = AutoModelForCausalLM.from_pretrained(args.ar_model, dtype=torch.float32).eval()
+        from lightning_dlm.evaluation import load_evaluator
+        judge = load_evaluator(args.ar_model, kind="ar")
 
     tok = module.tokenizer
     prompt_ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
@@ -238,9 +209,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                    steps=s.steps, wall_s=s.wall_time_s, tokens=s.tokens, tokens_per_s=s.tokens_per_s,
                    tokens_per_forward=s.tokens_per_forward,
                    nelbo=own_nelbo(module, prompt_ids, gen.token_ids, args.nelbo_levels),
-                   gen_ppl=gen_ppl(ar, ar_tok, args.prompt, gen.texts) if ar is not None else None,
-                   distinct2=sum(distinct2(t) for t in gen.token_ids) / len(gen.token_ids),
-                   entropy=sum(entropy_bits(t) for t in gen.token_ids) / len(gen.token_ids),
+                   gen_ppl=score_samples(judge, args.prompt, gen.texts)["gen_ppl"] if judge is not None else None,
+                   distinct2=sum(distinct_n(t, 2) for t in gen.token_ids) / len(gen.token_ids),
+                   entropy=sum(unigram_entropy(t) for t in gen.token_ids) / len(gen.token_ids),
                    texts=gen.texts)
         res["quality_s"] = time.perf_counter() - t0
         results.append(res)

@@ -20,6 +20,7 @@ from lightning_dlm.errors import DLMError
 from lightning_dlm.evaluation.choice import choice_rows, diffusion_choice_scores
 from lightning_dlm.evaluation.likelihood import causal_perplexity, diffusion_nelbo
 from lightning_dlm.evaluation.scoring import causal_row_nll
+from lightning_dlm.model.loading import start_and_pad_ids
 
 Progress = Callable[[int], None]
 
@@ -37,10 +38,7 @@ class Evaluator:
         self.weights = weights
         self.tokenizer = tokenizer
         self.name = name
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        self.start_id: Optional[int] = start
-        pad = tokenizer.pad_token_id
-        self.pad_id: int = pad if pad is not None else (start if start is not None else 0)
+        self.start_id, self.pad_id = start_and_pad_ids(tokenizer)
         self.eos_id = tokenizer.eos_token_id
 
     def encode(self, text: str) -> List[int]:

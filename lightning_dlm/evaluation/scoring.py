@@ -84,13 +84,13 @@ def causal_row_nll(model, rows: Sequence[Sequence[int]], starts: Sequence[int], 
     greedy = [False] * len(rows)
     for batch in length_batches([len(r) for r in rows], batch_size):
         ids, attention = pad_rows([rows[i] for i in batch], pad_id, device)
-        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1)
+        logits = model(input_ids=ids, attention_mask=attention).logits
         for j, i in enumerate(batch):
             lo, hi = starts[i], len(rows[i])
             target = ids[j, lo:hi]
-            sums[i] = float(-logp[j, lo - 1: hi - 1].gather(-1, target[:, None]).sum())
-            greedy[i] = bool((logits[j, lo - 1: hi - 1].argmax(-1) == target).all())
+            scored = logits[j, lo - 1: hi - 1].float()
+            sums[i] = float(-torch.log_softmax(scored, dim=-1).gather(-1, target[:, None]).sum())
+            greedy[i] = bool((scored.argmax(-1) == target).all())
         progress(len(batch))
     counts = [len(r) - s for r, s in zip(rows, starts)]
     return (sums, counts, greedy) if want_greedy else (sums, counts)

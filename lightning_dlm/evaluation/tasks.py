@@ -243,9 +243,17 @@ class GenerativePerplexityTask(GenerationTask):
 
     kind = "gen_ppl"
 
+    def judge(self, device: str):
+        """The evaluator model, loaded once per task (every evaluated model is scored by it)."""
+        cached = getattr(self, "_judge", None)
+        if cached is None or str(cached.device) != device:
+            from lightning_dlm.evaluation.evaluators import load_evaluator
+
+            cached = self._judge = load_evaluator(self.evaluator, kind=self.evaluator_kind, device=device)
+        return cached
+
     def run(self, evaluator, bar: Bar) -> Dict[str, Any]:
         from lightning_dlm.evaluation.genppl import score_samples
-        from lightning_dlm.evaluation.evaluators import load_evaluator
 
         if not self.evaluator:
             raise DLMError(f"task '{self.name}' needs an evaluator: set evaluator to an AR model name or folder")
@@ -253,7 +261,7 @@ class GenerativePerplexityTask(GenerationTask):
         texts = evaluator.generate(prompts, self.length, batch_size=self.batch_size,
                                    progress=bar(self.num_samples, f"{self.name} (sampling)"),
                                    **self.decoding(evaluator, self.length))
-        judge = load_evaluator(self.evaluator, kind=self.evaluator_kind, device=str(evaluator.device))
+        judge = self.judge(str(evaluator.device))
         if judge.kind != "ar":
             raise DLMError(f"the evaluator '{self.evaluator}' is a diffusion model: use an AR model to score samples")
         result = score_samples(judge, self.prompt, texts, batch_size=self.batch_size,

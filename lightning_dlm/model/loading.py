@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
@@ -97,6 +97,14 @@ def load_tokenizer(source: Optional[str], trust_remote_code: bool = False):
     except (OSError, ValueError) as err:
         raise _hub_error(source, "tokenizer", err) from None
     return tokenizer
+
+
+def start_and_pad_ids(tokenizer) -> Tuple[Optional[int], int]:
+    """(start, pad) ids of a tokenizer: the token that leads a sequence (BOS, else EOS, else
+    None) and the padding id (PAD, else the start token, else 0)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (start if start is not None else 0)
+    return start, pad
 
 
 def max_positions(config: PretrainedConfig) -> Optional[int]:

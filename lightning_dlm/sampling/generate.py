@@ -12,6 +12,7 @@ import torch
 from lightning_dlm.diffusion.schedules import get_schedule
 from lightning_dlm.errors import DLMError
 from lightning_dlm.model import DiffusionBackbone
+from lightning_dlm.model.loading import start_and_pad_ids
 from lightning_dlm.sampling.canvas import build_canvas
 from lightning_dlm.sampling.denoisers import ModelDenoiser
 from lightning_dlm.sampling.engine import SamplerConfig, SamplingStats, decode
@@ -154,8 +155,7 @@ def generate(
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     prefixes = [encode(p) for p in prompts]
     suffix_ids = [encode(s) for s in suffixes] if suffixes is not None else None
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (start if start is not None else 0)
+    start, pad = start_and_pad_ids(tokenizer)
     canvas = build_canvas(prefixes, length, net.mask_token_id, pad, start, suffix_ids, net.max_positions, device,
                           align_targets=True)
     if seeds is None:
