@@ -10,7 +10,7 @@ ASSETS ?= assets
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install assets demo eval test test-slow bench clean
+.PHONY: install assets demo eval test test-slow bench gpu-wheels gpu-dry-run clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,20 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
+
+# Wheels of the packages the lent GPU machine lacks (Python 3.12, no network), for
+# benchmarks/run_gpu_suite.sh to install there offline; .whl/ is git-ignored.
+GPU_WHEELS ?= .whl
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_WHEELS) -r benchmarks/gpu_wheels.txt
+	@ls $(GPU_WHEELS)
+
+# The GPU suite's CPU dry run (tiny shapes; make test runs it too).
+gpu-dry-run: $(STAMP)
+	$(PY) benchmarks/gpu_suite.py --dry-run --out runs/gpu_suite_dry_run
 
 clean:
 	rm -rf runs lightning_logs build *.egg-info

@@ -85,18 +85,30 @@ ANNEAL_RATIO = 0.5
 EPS = 1e-3
 LR = 1e-5
 
-# A LLaMA-shaped model of ~35M parameters (tied embeddings), built from config with random init.
-BUILTIN_CONFIG = dict(
-    model_type="llama",
-    vocab_size=32000,
-    hidden_size=512,
-    intermediate_size=1536,
-    num_hidden_layers=6,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-)
+# Shapes built from config with random init (no weights needed): --shape picks one.
+SHAPES = {
+    # A LLaMA-shaped model of ~35M parameters (tied embeddings).
+    "builtin": dict(
+        model_type="llama", vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=True,
+    ),
+    # SmolLM2-135M's architecture (LLaMA, 30 layers, hidden 576, GQA 9/3, vocab 49152, tied).
+    "smollm2-135m": dict(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
+        rope_theta=100000.0,
+    ),
+    # A ~1.1B LLaMA (TinyLlama-1.1B's shape: 22 layers, hidden 2048, GQA 32/4, vocab 32000).
+    "llama-1b": dict(
+        model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
+    ),
+    # A tiny LLaMA for dry runs on the CPU.
+    "tiny": dict(
+        model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    ),
+}
 
 
 # --- setup ----------------------------------------------------------------------------------------
@@ -106,6 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None,
                    help=f"local HF model folder (default: {DEFAULT_MODEL.relative_to(REPO)} if it exists, "
                         "else the built-in ~35M LLaMA-shaped config with random init; `builtin` forces the latter)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="build this architecture from config with random init instead of loading --model "
+                        "(smollm2-135m, llama-1b: the GPU suite's shapes; tiny: CPU dry runs)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=5, help="timed repeats per variant")
@@ -152,14 +167,18 @@ def _short_path(path: str) -> str:
 def backbone_config(args) -> BackboneConfig:
     """The BackboneConfig of the benchmarked model, with a reused (existing) mask id."""
     model = args.model
-    if model is None and DEFAULT_MODEL.is_dir():
+    shape = getattr(args, "shape", None)
+    if shape is not None:
+        model = None
+    elif model is None and DEFAULT_MODEL.is_dir():
         model = str(DEFAULT_MODEL)
     if model == "builtin":
-        model = None
-    args.model_label = _short_path(model) if model else "built-in llama (random init)"
+        model, shape = None, "builtin"
+    shape = shape or "builtin"
+    args.model_label = _short_path(model) if model else f"{shape} shape (random init)"
     cfg = BackboneConfig(
         pretrained=model,
-        config=None if model else dict(BUILTIN_CONFIG),
+        config=None if model else dict(SHAPES[shape]),
         attn_implementation=args.attn,
         dtype="float32",
     )

@@ -1,0 +1,576 @@
+"""The GPU suite: every GPU path of lightning_dlm checked and measured in one command.
+
+GPU time comes rarely and briefly (about 15 minutes on one H100 or H200, on a machine with no
+network and without ``datasets``, ``jsonargparse`` or ``omegaconf``), so everything that needs a
+GPU runs from this one script, in parts; a part that fails is reported in one line and the rest
+still runs:
+
+1. ``tests``: the CUDA tests (``pytest -m cuda``): FlexAttention forward and backward against the
+   dense-mask SDPA path, ratios 0 / 0.5 / 1, both annealing-mask kinds, padding and documents,
+   fp32 and bf16. A failure here is a parity failure: the suite exits 1.
+2. ``train``: one optimiser step, bf16 autocast, for the SmolLM2-135M shape and a ~1.1B LLaMA
+   shape (built from config, no weights), batch sized to fill the GPU: the plain causal-LM step,
+   the diffusion step with the dense annealing mask, with FlexAttention annealing, after
+   annealing (SDPA, bidirectional) and after annealing on FlexAttention. Tokens/s, the ratio to
+   the AR step, MFU (FLOPs counted by the throughput callback's counter, peak from its table:
+   FlexAttention steps take the FLOPs of their SDPA twin, the same arithmetic), peak memory.
+   Targets: after annealing >= 0.97x the AR step's tokens/s, FlexAttention annealing >= 0.90x,
+   MFU >= 40 % for the 1B shape.
+3. ``sample``: the SmolLM2 shape in bf16, length 256, batch 1 and 16: the one-pass-per-token
+   random-order baseline, the fastest fixed-cost cached configuration (blocks of 32, dual
+   cache, random order, T = L/2), and transformers' AR ``generate`` with a KV cache.
+4. ``fit``: a few steps of ``dlm fit`` through the CLI (the path a user takes), SmolLM2 shape,
+   ``bf16-mixed``, FlexAttention, annealing then bidirectional, with validation and a checkpoint.
+
+Tables are printed as markdown and written with a JSON of every figure to ``--out``. Exit
+status: 0 all passed, 1 a parity check failed, 2 a part failed to run.
+
+``--dry-run`` runs the same code on the CPU with tiny shapes (FlexAttention has no CPU backward,
+so its training variants and the flex fit are left out there); ``make test`` runs it.
+
+    python benchmarks/gpu_suite.py --out /tmp/gpu_suite                  # on a GPU
+    python benchmarks/gpu_suite.py --out /tmp/gpu_suite --dry-run        # anywhere, ~1 min
+    python benchmarks/gpu_suite.py --out DIR --parts train,sample        # some parts
+
+On the lent GPU machine: ``make gpu-wheels`` here (downloads the missing packages' wheels into
+``.whl/``), then carry ``.whl`` and run ``benchmarks/run_gpu_suite.sh``, which installs them
+offline and runs this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib.util
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import train_step  # noqa: E402
+
+PARTS = ("tests", "sample", "fit", "train")  # the longest last: a run cut short keeps the others
+TINY_TOKENIZER = REPO / "data" / "fixtures" / "tiny_tokenizer"
+TINY_CORPUS = REPO / "data" / "fixtures" / "tiny_corpus.txt"
+TINY_CORPUS_VAL = REPO / "data" / "fixtures" / "tiny_corpus_val.txt"
+# Packages the lent GPU machine lacks, by the part that needs them (make gpu-wheels fetches them).
+NEEDS = {"fit": ("datasets", "jsonargparse", "omegaconf")}
+TARGET_AFTER, TARGET_ANNEAL_FLEX, TARGET_MFU_1B = 0.97, 0.90, 0.40
+
+
+# --- plumbing ---------------------------------------------------------------------------------------
+
+class PartError(Exception):
+    """A part could not run; the message is the one line reported."""
+
+
+@dataclass
+class Part:
+    name: str
+    status: str = "not run"  # passed | failed (a check failed) | error (could not run) | skipped
+    seconds: float = 0.0
+    tables: List[str] = field(default_factory=list)
+    figures: dict = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+
+def markdown(header: List[str], rows: List[List[object]]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def missing_packages(part: str) -> List[str]:
+    return [name for name in NEEDS.get(part, ()) if importlib.util.find_spec(name) is None]
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    info = dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+                device=device.type, host=platform.node())
+    for name in ("lightning", "datasets", "jsonargparse", "omegaconf", "triton"):
+        try:
+            info[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing package is reported, not raised
+            info[name] = "missing"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    sms=props.multi_processor_count)
+        with contextlib.suppress(Exception):
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip()
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def child_env() -> dict:
+    """The environment of the suite's subprocesses: this checkout importable, offline."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+# --- part 1: the CUDA tests -----------------------------------------------------------------------
+
+def part_tests(args, device, part: Part) -> None:
+    xml = Path(args.out) / "cuda_tests.xml"
+    # Only the CUDA test module: the others import packages a GPU machine may lack (datasets).
+    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+           f"--junitxml={xml}", "-o", "addopts=", str(REPO / "tests" / "test_cuda.py")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.tests_timeout, env=child_env())
+    (Path(args.out) / "cuda_tests.log").write_text(proc.stdout + proc.stderr)
+    if not xml.exists():
+        raise PartError(f"pytest wrote no report (exit {proc.returncode}): {(proc.stdout + proc.stderr).strip()[-300:]}")
+    import xml.etree.ElementTree as ET
+
+    rows, counts = [], {"passed": 0, "failed": 0, "skipped": 0}
+    for case in ET.parse(xml).iter("testcase"):
+        outcome = "passed"
+        message = ""
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome = "skipped" if tag == "skipped" else "failed"
+                message = (node.get("message") or "").splitlines()[0][:120] if node.get("message") else ""
+        counts[outcome] += 1
+        rows.append([case.get("name"), outcome, f"{float(case.get('time', 0)):.1f}", message])
+    part.tables.append(markdown(["CUDA test", "outcome", "s", "message"], rows))
+    part.figures.update(counts, exit_code=proc.returncode, tests={r[0]: r[1] for r in rows})
+    if counts["failed"] or proc.returncode not in (0, 5):
+        part.status = "failed"
+    elif counts["passed"] == 0:
+        part.status = "skipped"
+        part.notes.append("no CUDA test ran (no GPU): they were collected and skipped")
+    else:
+        part.status = "passed"
+
+
+# --- part 2: the training step --------------------------------------------------------------------
+
+VARIANT_KEYS = ["causal", "anneal-dense", "anneal-flex", "after", "after-flex"]
+FLOP_TWIN = {"anneal-flex": "anneal-dense", "after-flex": "after"}  # flex steps: the SDPA twin's count
+
+
+def step_args(shape: str, batch: int, seq_len: int, keys: List[str], device, steps: int, warmup: int):
+    argv = ["--shape", shape, "--batch-size", str(batch), "--seq-len", str(seq_len), "--variants", ",".join(keys),
+            "--device", str(device), "--precision", "bf16" if device.type == "cuda" else "fp32",
+            "--steps", str(steps), "--warmup", str(warmup)]
+    return train_step.parse_args(argv)
+
+
+def count_flops(step: Callable[[], torch.Tensor]) -> int:
+    """FLOPs of one step (forward + backward), counted by the throughput callback's counter."""
+    from lightning_dlm.callbacks.throughput import FlopCounter
+
+    with FlopCounter() as counter:
+        step()
+    return counter.total
+
+
+def peak_memory(step: Callable[[], torch.Tensor], device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def fit_batch(shape: str, seq_len: int, device, candidates: List[int]) -> int:
+    """The largest batch whose hungriest steps (the AR step's full logits, the dense annealing
+    mask) run within 85 % of the GPU's memory."""
+    if device.type != "cuda":
+        return candidates[-1]
+    total = torch.cuda.get_device_properties(device).total_memory
+    for batch in candidates:
+        free_memory()
+        try:
+            keys = ["causal", "anneal-dense"]
+            variants = train_step.make_variants(step_args(shape, batch, seq_len, keys, device, 1, 0), device)
+            peaks = []
+            for name in (train_step.CAUSAL, train_step.ANNEALING):
+                if name in variants:
+                    variants[name]()
+                    peaks.append(peak_memory(variants[name], device))
+            del variants
+            if max(peaks) * 2**30 <= 0.85 * total:
+                return batch
+        except Exception as err:  # noqa: BLE001
+            if not is_oom(err):
+                raise
+        free_memory()
+    raise PartError(f"shape {shape} at seq_len {seq_len} does not fit the GPU's memory even at batch {candidates[-1]}")
+
+
+def part_train(args, device, part: Part) -> None:
+    from lightning_dlm.callbacks.throughput import device_peak_flops
+
+    gpu = device.type == "cuda"
+    keys = VARIANT_KEYS if gpu else ["causal", "anneal-dense", "after"]
+    if not gpu:
+        part.notes.append("dry run: FlexAttention has no backward on the CPU, so its step variants run on the GPU only")
+    plan = ([("smollm2-135m", 2048, [16, 8, 4]), ("llama-1b", 2048, [8, 4, 2, 1])] if gpu
+            else [("tiny", 64, [2])])
+    if args.shapes:
+        plan = [p for p in plan if p[0] in args.shapes.split(",")]
+    peak = device_peak_flops(device, torch.bfloat16 if gpu else torch.float32)
+    rows, ok = [], True
+    for shape, seq_len, candidates in plan:
+        free_memory()
+        try:
+            batch = fit_batch(shape, seq_len, device, candidates)
+            targs = step_args(shape, batch, seq_len, keys, device, args.train_steps, args.train_warmup)
+            variants = train_step.make_variants(targs, device)
+            names = {v: k for k, v in train_step.VARIANTS.items()}
+            flops = {}
+            for name, step in variants.items():
+                key = names[name]
+                if key not in FLOP_TWIN:
+                    flops[key] = count_flops(step)
+            memory = {names[name]: peak_memory(step, device) for name, step in variants.items()}
+            times = train_step.time_round_robin(variants, targs.warmup, targs.steps, device)
+            summary = train_step.summarize(times, batch * seq_len, {})
+        except PartError as err:
+            part.notes.append(str(err))
+            ok = False
+            continue
+        except Exception as err:  # noqa: BLE001
+            if not is_oom(err):
+                raise
+            part.notes.append(f"shape {shape}: out of GPU memory at batch {batch} x {seq_len}: lower the batch")
+            ok = False
+            continue
+        base = next(r for r in summary if r["variant"] == train_step.CAUSAL)
+        for r in summary:
+            key = names[r["variant"]]
+            med_s = r["ms_median"] / 1e3
+            step_flops = flops.get(FLOP_TWIN.get(key, key))
+            mfu = step_flops / med_s / peak if (step_flops and peak) else None
+            speed = base["ms_median"] / r["ms_median"]  # tokens/s relative to the AR step
+            target = {"after": TARGET_AFTER, "after-flex": TARGET_AFTER, "anneal-flex": TARGET_ANNEAL_FLEX}.get(key)
+            meets = None if target is None or not gpu else speed >= target
+            rows.append([shape, f"{batch}x{seq_len}", r["variant"], r["tokens_per_s"], f"{speed:.3f}",
+                         "-" if target is None else f">= {target}", "-" if meets is None else ("yes" if meets else "NO"),
+                         "-" if mfu is None else f"{100 * mfu:.1f}%",
+                         "-" if memory.get(key) is None else f"{memory[key]:.1f}"])
+            part.figures.setdefault(shape, {})[key] = dict(
+                batch=batch, seq_len=seq_len, tokens_per_s=r["tokens_per_s"], ms_median=r["ms_median"],
+                speed_vs_ar=speed, paired_ratio=r["paired_ratio"], target=target, meets_target=meets,
+                flops_per_step=step_flops, mfu=mfu, peak_memory_gib=memory.get(key), params=targs.params,
+            )
+        if gpu and shape == "llama-1b":
+            best = max((f["mfu"] or 0) for f in part.figures[shape].values())
+            part.figures[shape]["mfu_target_met"] = best >= TARGET_MFU_1B
+        del variants
+        free_memory()
+    part.tables.append(markdown(
+        ["shape", "batch", "step", "tokens/s", "x AR", "target", "ok", "MFU", "peak GiB"], rows))
+    if peak is None:
+        part.notes.append(f"no peak FLOP/s known for {device.type}: MFU not computed")
+    else:
+        part.notes.append(f"MFU against a peak of {peak / 1e12:.0f} TFLOP/s per device (bf16 dense)")
+    part.status = "passed" if ok else "error"
+
+
+# --- part 3: sampling -----------------------------------------------------------------------------
+
+def diffusion_backbone(shape: str, device, dtype):
+    from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig
+
+    config = dict(train_step.SHAPES[shape])
+    cfg = BackboneConfig(config=config, mask_token=MaskTokenConfig(mode="reuse", id=config["vocab_size"] - 1))
+    torch.manual_seed(0)
+    net = DiffusionBackbone.from_config(cfg, None).to(device=device, dtype=dtype).eval()
+    return net
+
+
+def part_sample(args, device, part: Part) -> None:
+    from transformers import AutoTokenizer
+
+    from lightning_dlm.sampling import generate
+
+    gpu = device.type == "cuda"
+    shape, length = ("smollm2-135m", 256) if gpu else ("tiny", 32)
+    batches = [1, 16] if gpu else [1, 2]
+    dtype = torch.bfloat16 if gpu else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
+    net = diffusion_backbone(shape, device, dtype)
+    causal = copy.deepcopy(net.model)
+    causal.config.is_causal = True
+    prompt = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+    prompt_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+    configs = [
+        ("diffusion: random order, T=L (baseline)", dict(strategy="random", steps=length)),
+        ("diffusion: blocks 32 + dual cache + random, T=L/2", dict(strategy="random", steps=length // 2,
+                                                                   block_size=min(32, length), cache="dual")),
+    ]
+    rows = []
+    for batch in batches:
+        for label, options in configs:
+            generate(net, [prompt] * batch, length=length, tokenizer=tokenizer, seed=1, **options)  # warm-up
+            sync(device)
+            start = time.perf_counter()
+            out = generate(net, [prompt] * batch, length=length, tokenizer=tokenizer, seed=2, **options)
+            sync(device)
+            seconds = time.perf_counter() - start
+            tokens = sum(len(t) for t in out.token_ids)
+            rows.append([label, batch, tokens / seconds, out.forward_passes, seconds])
+        ids = prompt_ids.expand(batch, -1)
+        kwargs = dict(max_new_tokens=length, min_new_tokens=length, do_sample=True, temperature=0.9, top_p=0.9,
+                      use_cache=True, pad_token_id=0, attention_mask=torch.ones_like(ids))
+        with torch.no_grad():
+            causal.generate(ids, **kwargs)  # warm-up
+            sync(device)
+            start = time.perf_counter()
+            out_ids = causal.generate(ids, **kwargs)
+            sync(device)
+        seconds = time.perf_counter() - start
+        tokens = (out_ids.shape[1] - ids.shape[1]) * batch
+        rows.append(["AR generate (transformers, KV cache)", batch, tokens / seconds, out_ids.shape[1] - ids.shape[1],
+                     seconds])
+    for row in rows:
+        ar = next(r for r in rows if r[1] == row[1] and r[0].startswith("AR"))
+        row.insert(3, f"{row[2] / ar[2]:.2f}")
+    part.tables.append(markdown(["decoder", "batch", "tokens/s", "x AR", "forward passes", "s"], rows))
+    part.figures.update(shape=shape, length=length, dtype=str(dtype),
+                        rows=[dict(decoder=r[0], batch=r[1], tokens_per_s=r[2], vs_ar=float(r[3]),
+                                   forward_passes=r[4], seconds=r[5]) for r in rows])
+    part.notes.append(f"{shape} shape, random init (speed only), {dtype}, prompt of {prompt_ids.shape[1]} tokens, "
+                      f"{length} new tokens per row")
+    part.status = "passed"
+
+
+# --- part 4: dlm fit through the CLI --------------------------------------------------------------
+
+def fit_config(args, device, root: Path) -> dict:
+    gpu = device.type == "cuda"
+    shape = dict(train_step.SHAPES["smollm2-135m" if gpu else "tiny"])
+    steps = args.fit_steps
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "gpu" if gpu else "cpu", "devices": 1, "precision": "bf16-mixed" if gpu else "32-true",
+            "max_steps": steps, "val_check_interval": steps // 2, "check_val_every_n_epoch": None,
+            "limit_val_batches": 2, "log_every_n_steps": 2, "gradient_clip_val": 1.0,
+            "default_root_dir": str(root), "enable_model_summary": False,
+            "callbacks": [{"class_path": "lightning_dlm.callbacks.TrainingThroughput", "init_args": {"window": 4}}],
+        },
+        "checkpoint": {"dirpath": str(root / "checkpoints"), "every_n_train_steps": steps},
+        "model": {
+            "seed": 0, "val_t_levels": 2,
+            "backbone": {
+                "tokenizer": str(TINY_TOKENIZER), "config": shape,
+                "attn_implementation": "flex_attention" if gpu else "sdpa",
+                "mask_token": {"mode": "reuse", "id": shape["vocab_size"] - 1},
+            },
+            "diffusion": {"schedule": "linear", "anneal_steps": steps // 2, "anneal_mask": "random"},
+            "optim": {"lr": 3e-4, "warmup_steps": 2, "lr_schedule": "cosine"},
+        },
+        "data": {
+            "train": [{"path": str(TINY_CORPUS), "sample_by": "paragraph"}],
+            "val": [{"path": str(TINY_CORPUS_VAL), "sample_by": "paragraph"}],
+            "seq_len": 512 if gpu else 64, "batch_size": 8 if gpu else 2, "num_workers": 0, "val_max_blocks": 16,
+        },
+    }
+
+
+def read_scalars(root: Path) -> Dict[str, List[tuple]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: Dict[str, List[tuple]] = {}
+    for events in sorted(root.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def part_fit(args, device, part: Part) -> None:
+    import yaml
+
+    work = tempfile.TemporaryDirectory(prefix="dlm_gpu_suite_fit_")  # checkpoints stay out of --out
+    root = Path(work.name)
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(fit_config(args, device, root), sort_keys=False))
+    cmd = [sys.executable, "-m", "lightning_dlm", "fit", "--config", str(config)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.fit_timeout, env=child_env())
+    seconds = time.perf_counter() - start
+    (Path(args.out) / "fit.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        last = [line for line in (proc.stdout + proc.stderr).strip().splitlines() if line.strip()][-1:]
+        raise PartError(f"`dlm fit` exited {proc.returncode}: {last[0] if last else ''} (see fit.log)")
+    scalars = read_scalars(root)
+    ckpts = sorted(p.name for p in (root / "checkpoints").glob("*.ckpt"))
+
+    def last(tag):
+        values = scalars.get(tag)
+        return values[-1][1] if values else None
+
+    losses = scalars.get("train/loss", [])
+    row = [args.fit_steps, f"{seconds:.0f}", last("train/loss"), last("val/nelbo"), last("train/anneal_ratio"),
+           last("perf/tokens_per_s"), ", ".join(ckpts)]
+    part.tables.append(markdown(["steps", "wall s", "last train/loss", "val/nelbo", "anneal ratio", "tokens/s",
+                                 "checkpoints"], [row]))
+    part.figures.update(steps=args.fit_steps, seconds=seconds, losses=losses, val_nelbo=scalars.get("val/nelbo"),
+                        tokens_per_s=scalars.get("perf/tokens_per_s"), checkpoints=ckpts,
+                        attn=fit_config(args, device, root)["model"]["backbone"]["attn_implementation"])
+    problems = []
+    if not losses or not all(map(lambda v: v == v and abs(v) < 1e4, (v for _, v in losses))):
+        problems.append("train/loss missing or not finite")
+    if not ckpts:
+        problems.append("no checkpoint written")
+    if last("train/anneal_ratio") != 1.0:
+        problems.append("annealing did not reach ratio 1")
+    work.cleanup()
+    if problems:
+        raise PartError("; ".join(problems))
+    part.status = "passed"
+
+
+PART_FUNCS = {"tests": part_tests, "train": part_train, "sample": part_sample, "fit": part_fit}
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+def write_report(out: Path, env: dict, parts: List[Part], dry_run: bool) -> None:
+    """suite.md (the tables) and suite.json (every figure) of the parts run so far."""
+    summary = markdown(["part", "status", "seconds"], [[p.name, p.status, f"{p.seconds:.0f}"] for p in parts])
+    text = [f"# GPU suite{' (dry run, CPU)' if dry_run else ''}", "", markdown(list(env), [list(env.values())]), ""]
+    for p in parts:
+        text += [f"## {p.name}: {p.status} ({p.seconds:.0f} s)", "", *(t + "\n" for t in p.tables),
+                 *(f"- {n}" for n in p.notes), ""]
+    text += ["## summary", "", summary, ""]
+    (out / "suite.md").write_text("\n".join(text))
+    payload = dict(environment=env, dry_run=dry_run,
+                   parts={p.name: dict(status=p.status, seconds=p.seconds, figures=p.figures, notes=p.notes)
+                          for p in parts})
+    (out / "suite.json").write_text(json.dumps(payload, indent=2, default=str))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for the tables (suite.md), figures (suite.json) and logs")
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: the same code paths, no GPU needed")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
+    p.add_argument("--shapes", default=None, help="train part: only these shapes (smollm2-135m, llama-1b)")
+    p.add_argument("--train-steps", type=int, default=6, help="timed steps per training variant")
+    p.add_argument("--train-warmup", type=int, default=3, help="untimed rounds (FlexAttention compiles here)")
+    p.add_argument("--fit-steps", type=int, default=20, help="steps of the dlm fit part (half annealing)")
+    p.add_argument("--tests-timeout", type=int, default=240, help="seconds for the CUDA tests")
+    p.add_argument("--fit-timeout", type=int, default=240, help="seconds for the dlm fit part")
+    args = p.parse_args(argv)
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    unknown = [x for x in parts if x not in PARTS]
+    if unknown:
+        p.error(f"unknown part(s) {', '.join(unknown)}: choose from {', '.join(PARTS)}")
+    args.parts = parts
+    if args.dry_run:
+        args.train_steps, args.train_warmup, args.fit_steps = 2, 1, 4
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.dry_run:
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        print("error: no CUDA GPU visible: run this on a GPU machine, or add --dry-run for the CPU check", file=sys.stderr)
+        return 2
+    else:
+        device = torch.device("cuda")
+    env = environment(device)
+    print(f"# GPU suite{' (dry run, CPU)' if args.dry_run else ''}\n")
+    print(markdown(list(env), [list(env.values())]) + "\n", flush=True)
+    parts: List[Part] = []
+    for name in args.parts:
+        part = Part(name)
+        parts.append(part)
+        missing = missing_packages(name)
+        start = time.perf_counter()
+        if missing:
+            part.status = "error"
+            part.notes.append(f"missing package(s) {', '.join(missing)}: run `make gpu-wheels` on a CPU machine and "
+                              f"install .whl/ (benchmarks/run_gpu_suite.sh does)")
+        else:
+            try:
+                PART_FUNCS[name](args, device, part)
+            except PartError as err:
+                part.status = "error"
+                part.notes.append(str(err))
+            except subprocess.TimeoutExpired as err:
+                part.status = "error"
+                part.notes.append(f"timed out after {err.timeout:.0f} s")
+            except Exception as err:  # noqa: BLE001 - one line here, the traceback in the log
+                part.status = "error"
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                part.notes.append(f"{type(err).__name__}: {first[:300]}")
+                (out / f"{name}_error.log").write_text(traceback.format_exc())
+            free_memory()
+        part.seconds = time.perf_counter() - start
+        print(f"## {name}: {part.status} ({part.seconds:.0f} s)\n")
+        for table in part.tables:
+            print(table + "\n")
+        for note in part.notes:
+            print(f"- {note}")
+        print(flush=True)
+        write_report(out, env, parts, args.dry_run)  # after every part: a run cut short keeps what finished
+    summary = markdown(["part", "status", "seconds"], [[p.name, p.status, f"{p.seconds:.0f}"] for p in parts])
+    print("## summary\n\n" + summary)
+    if any(p.status == "failed" for p in parts):
+        return 1
+    if any(p.status == "error" for p in parts):
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
