@@ -127,3 +127,22 @@ def test_bad_options_are_refused():
         TrainingThroughput(peak_flops=-1.0)
     with pytest.raises(DLMError, match="flops_per_micro_batch must be > 0"):
         TrainingThroughput(flops_per_micro_batch=0.0)
+
+
+def test_grouped_query_attention_flops_count_every_query_head():
+    """CUDA's SDPA kernels take GQA key/value heads as they are (enable_gqa): the count broadcasts
+    them to the query heads, so torch versions whose formulas need equal heads do not fail."""
+    from lightning_dlm.callbacks.throughput import _FORMULAS, broadcast_kv_heads
+
+    aten = torch.ops.aten
+    q, k, v = torch.empty(2, 8, 16, 4), torch.empty(2, 2, 16, 4), torch.empty(2, 2, 16, 4)
+    packet = aten._scaled_dot_product_efficient_attention
+    args = broadcast_kv_heads(packet, (q, k, v, None, False))
+    assert [tuple(a.shape) for a in args[:3]] == [(2, 8, 16, 4)] * 3 and args[3:] == (None, False)
+    assert _FORMULAS[packet](*args, out_val=None) == 4 * 2 * 8 * 16 * 16 * 4  # two (16x4)@(4x16)-sized bmms per head
+    grad = torch.empty(2, 8, 16, 4)
+    back = broadcast_kv_heads(aten._scaled_dot_product_efficient_attention_backward, (grad, q, k, v))
+    assert [tuple(a.shape) for a in back] == [(2, 8, 16, 4)] * 4
+    assert broadcast_kv_heads(aten.mm, (q, k, v)) == (q, k, v)  # other ops untouched
+    same = (q, q, q)
+    assert broadcast_kv_heads(packet, same) is same

@@ -66,6 +66,33 @@ _FORMULAS = {
 }
 
 
+# Attention ops whose (query, key, value) start at this argument (the backward ops take grad_out first).
+_QKV_AT = {
+    _aten._scaled_dot_product_flash_attention: 0, _aten._scaled_dot_product_efficient_attention: 0,
+    _aten._scaled_dot_product_cudnn_attention: 0, _aten._scaled_dot_product_flash_attention_for_cpu: 0,
+    _aten._scaled_dot_product_flash_attention_backward: 1, _aten._scaled_dot_product_efficient_attention_backward: 1,
+    _aten._scaled_dot_product_cudnn_attention_backward: 1, _aten._scaled_dot_product_flash_attention_for_cpu_backward: 1,
+}
+
+
+def broadcast_kv_heads(packet, args: tuple) -> tuple:
+    """Arguments of a (B, H, S, D) attention op with grouped-query key/value heads broadcast to the
+    query's head count (as the kernel computes them), for FLOP formulas that require equal heads
+    (torch < 2.13's); shapes only: the stand-ins live on the meta device."""
+    at = _QKV_AT.get(packet)
+    if at is None or len(args) < at + 3:
+        return args
+    query, key, value = args[at:at + 3]
+    if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (query, key, value)):
+        return args
+    heads = query.shape[1]
+    if key.shape[1] == heads or heads % key.shape[1]:
+        return args
+    key = torch.empty((key.shape[0], heads, *key.shape[2:]), device="meta")
+    value = torch.empty((value.shape[0], heads, *value.shape[2:]), device="meta")
+    return (*args[:at], query, key, value, *args[at + 3:])
+
+
 class FlopCounter(TorchDispatchMode):
     """Counts the FLOPs of the ops that run inside it, with torch's formulas.
 
@@ -83,9 +110,10 @@ class FlopCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        formula = _FORMULAS.get(getattr(func, "_overloadpacket", func))
+        packet = getattr(func, "_overloadpacket", func)
+        formula = _FORMULAS.get(packet)
         if formula is not None:
-            self.total += formula(*args, **kwargs, out_val=out)
+            self.total += formula(*broadcast_kv_heads(packet, args), **kwargs, out_val=out)
         return out
 
 
