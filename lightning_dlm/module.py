@@ -15,10 +15,12 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, replace
+from functools import partial
 from typing import Any, Dict, Optional, Union
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics.aggregation import MeanMetric
 
 from lightning_dlm.diffusion import (
@@ -38,6 +40,7 @@ from lightning_dlm.distributed import clip_grad_norm_sharded
 from lightning_dlm.errors import DLMError
 from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig, load_tokenizer
 from lightning_dlm.model.loading import max_positions, resolve_hf_config
+from lightning_dlm.model.sharded_loading import broadcast_into_sharded, loads_pretrained_weights, materialize_meta
 from lightning_dlm.optim import OptimConfig, build_optimizer
 from lightning_dlm.seeding import derive_seed, make_generator
 
@@ -98,6 +101,7 @@ class DiffusionLM(L.LightningModule):
         self.val_t_levels = val_t_levels
         self.schedule = get_schedule(self.diffusion_cfg.schedule, **self.diffusion_cfg.schedule_kwargs)
         self.net: Optional[DiffusionBackbone] = None
+        self._pending_weights = False  # sharded load: weights still to be broadcast into the shards
         self.tokenizer = None
         self.tokens_seen = 0
         self.val_nelbo = MeanMetric()
@@ -105,16 +109,62 @@ class DiffusionLM(L.LightningModule):
 
     # --- model construction -------------------------------------------------------------------
     def configure_model(self) -> None:
-        """Build the backbone once (also called by Lightning for sharded strategies)."""
+        """Build the backbone once (also called by Lightning for sharded strategies).
+
+        Under FSDP with several ranks, pretrained weights are not read by every rank: the
+        backbone is built empty (parameters on the meta device), FSDP materialises each unit
+        sharded, and rank 0 broadcasts the weights into the shards when the run starts
+        (:meth:`_load_pending_weights`), so a node holds about one copy of them in CPU memory.
+        """
         if self.net is not None:
             return
         cfg = self.backbone_cfg
         if cfg.tokenizer_source is not None:
             self.tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.trust_remote_code)
-        self.net = DiffusionBackbone.from_config(cfg, self.tokenizer, seed=self.seed)
+        empty = self._sharded_load()
+        self.net = DiffusionBackbone.from_config(cfg, self.tokenizer, seed=self.seed, empty=empty)
+        if empty:
+            strategy = self.trainer.strategy
+            strategy.kwargs.setdefault("param_init_fn", partial(materialize_meta, device=strategy.root_device))
+            self._pending_weights = True
         # from_pretrained returns eval mode, and Lightning keeps the mode it finds: dropout-bearing
         # models would silently train without dropout.
         self.net.train()
+
+    def _sharded_load(self) -> bool:
+        """Whether to build empty and broadcast rank 0's weights (FSDP, several ranks, pretrained)."""
+        if self._trainer is None or not loads_pretrained_weights(self.backbone_cfg):
+            return False
+        strategy = self.trainer.strategy
+        return isinstance(strategy, FSDPStrategy) and strategy.world_size > 1
+
+    def _load_pending_weights(self) -> None:
+        """Rank 0 reads the pretrained weights (mask token applied) and broadcasts them into the
+        FSDP shards; skipped when the run resumes (the checkpoint brings every weight)."""
+        if not self._pending_weights:
+            return
+        self._pending_weights = False
+        if self.trainer.ckpt_path:
+            return
+        source = None
+        if self.global_rank == 0:
+            cfg = self.backbone_cfg
+            tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.trust_remote_code) if cfg.tokenizer_source else None
+            source = DiffusionBackbone.from_config(cfg, tokenizer, seed=self.seed).model.state_dict()
+        broadcast_into_sharded(self.trainer.strategy.model, source, prefix="net.model.")
+        del source
+
+    def on_fit_start(self) -> None:
+        self._load_pending_weights()
+
+    def on_validation_start(self) -> None:
+        self._load_pending_weights()
+
+    def on_test_start(self) -> None:
+        self._load_pending_weights()
+
+    def on_predict_start(self) -> None:
+        self._load_pending_weights()
 
     @property
     def mask_token_id(self) -> int:

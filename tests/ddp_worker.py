@@ -91,27 +91,15 @@ def fsdp_clipping_check(rank: int, world: int, max_norm: float = 0.05) -> dict:
             "clipped_norm": torch.linalg.vector_norm(torch.stack([g.norm() for g in clipped.values()])).item()}
 
 
-def lightning_fsdp_check(out_dir: str, max_norm: float = 0.05) -> dict:
-    """DiffusionLM under Lightning's FSDPStrategy as the 7B config sets it up (FULL_SHARD, one unit
-    per decoder layer, activation checkpointing, sharded checkpoints, norm clipping), on CPU
-    processes: 4 steps straight, then 2 resumed from the sharded step-2 checkpoint."""
-    import lightning as L
+def cpu_fsdp_strategy(**kwargs):
+    """Lightning's FSDPStrategy on CPU processes. Lightning refuses FSDP without CUDA (a subclass
+    passes its check) and wraps with ``device_id=root_device.index`` (None on a CPU, which FSDP
+    rejects); this wraps with ``device_id=cpu``, everything else is Lightning's."""
     from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-    from lightning_dlm.data import CorpusSource, TextDataModule
-    from lightning_dlm.diffusion.config import DiffusionConfig
-    from lightning_dlm.model import BackboneConfig, MaskTokenConfig
-    from lightning_dlm.module import DiffusionLM
-    from tests.conftest import TINY_CORPUS, TINY_TOKENIZER
 
     class CPUFSDPStrategy(FSDPStrategy):
-        """Lightning's FSDPStrategy on CPU processes. Lightning refuses FSDP without CUDA (a subclass
-        passes its check) and wraps with ``device_id=root_device.index`` (None on a CPU, which FSDP
-        rejects); this wraps with ``device_id=cpu``, everything else is Lightning's."""
-
         def _setup_model(self, model):
             model = FullyShardedDataParallel(
                 module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
@@ -119,6 +107,22 @@ def lightning_fsdp_check(out_dir: str, max_norm: float = 0.05) -> dict:
             )
             _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
             return model
+
+    return CPUFSDPStrategy(**kwargs)
+
+
+def lightning_fsdp_check(out_dir: str, max_norm: float = 0.05) -> dict:
+    """DiffusionLM under Lightning's FSDPStrategy as the 7B config sets it up (FULL_SHARD, one unit
+    per decoder layer, activation checkpointing, sharded checkpoints, norm clipping), on CPU
+    processes: 4 steps straight, then 2 resumed from the sharded step-2 checkpoint."""
+    import lightning as L
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lightning_dlm.data import CorpusSource, TextDataModule
+    from lightning_dlm.diffusion.config import DiffusionConfig
+    from lightning_dlm.model import BackboneConfig, MaskTokenConfig
+    from lightning_dlm.module import DiffusionLM
+    from tests.conftest import TINY_CORPUS, TINY_TOKENIZER
 
     class Record(L.Callback):
         """Per-step loss and the global gradient norm before and after clipping (FSDP's own norm)."""
@@ -141,7 +145,7 @@ def lightning_fsdp_check(out_dir: str, max_norm: float = 0.05) -> dict:
                              diffusion=DiffusionConfig(anneal_steps=3))
         data = TextDataModule(train=[CorpusSource(path=TINY_CORPUS, sample_by="paragraph")], tokenizer=TINY_TOKENIZER,
                               seq_len=32, batch_size=4)
-        strategy = CPUFSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer},
+        strategy = cpu_fsdp_strategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer},
                                    state_dict_type="sharded")
         trainer = L.Trainer(default_root_dir=out_dir, max_steps=steps, accelerator="cpu", devices=2, strategy=strategy,
                             gradient_clip_val=max_norm, logger=False, enable_progress_bar=False,

@@ -22,6 +22,7 @@ from lightning_dlm.model.config import BackboneConfig
 from lightning_dlm.model.flex_masks import FLEX, check_flex_call, check_flex_support, flex_block_mask
 from lightning_dlm.model.loading import load_causal_lm, load_tokenizer, max_positions, resolve_hf_config
 from lightning_dlm.model.mask_token import provide_mask_token
+from lightning_dlm.model.sharded_loading import build_empty_causal_lm
 
 Allowed = Union[AnnealMask, torch.Tensor, None]
 
@@ -57,15 +58,17 @@ class DiffusionBackbone(nn.Module):
 
     # --- construction -----------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: BackboneConfig, tokenizer=None, seed: int = 0) -> "DiffusionBackbone":
+    def from_config(cls, cfg: BackboneConfig, tokenizer=None, seed: int = 0, empty: bool = False) -> "DiffusionBackbone":
         """Load (or build) the causal LM of ``cfg`` and provide its mask token.
 
-        ``tokenizer`` is modified in place when a mask token is added.
+        ``tokenizer`` is modified in place when a mask token is added. ``empty``: build the
+        architecture with its parameters on the meta device and load nothing (for sharded
+        loading: :mod:`lightning_dlm.model.sharded_loading` fills the weights in after FSDP wraps).
         """
         if cfg.attn_implementation == FLEX:
             hf_config = resolve_hf_config(cfg)
             check_flex_support(MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None), hf_config)
-        model = load_causal_lm(cfg)
+        model = build_empty_causal_lm(cfg) if empty else load_causal_lm(cfg)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         mask_id, added = provide_mask_token(model, tokenizer, cfg.mask_token, seed)

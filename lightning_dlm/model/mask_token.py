@@ -17,6 +17,8 @@ def _vocab_rows(model: PreTrainedModel) -> int:
 
 @torch.no_grad()
 def _init_row_at_mean(weight: torch.Tensor, row: int, old_rows: int, noise_std: float, generator) -> None:
+    if weight.is_meta:  # an empty (sharded-load) model: the row arrives with the loaded weights
+        return
     mean = weight[:old_rows].float().mean(dim=0)
     if noise_std > 0:
         mean = mean + noise_std * torch.randn(mean.shape, generator=generator, device=mean.device)
@@ -43,7 +45,8 @@ def add_mask_token(model: PreTrainedModel, tokenizer, cfg: MaskTokenConfig, seed
         _init_row_at_mean(output.weight, mask_id, rows, 0.0, generator)
         if getattr(output, "bias", None) is not None:
             with torch.no_grad():
-                output.bias[mask_id] = output.bias[:rows].mean()
+                if not output.bias.is_meta:
+                    output.bias[mask_id] = output.bias[:rows].mean()
     return mask_id
 
 
