@@ -11,13 +11,16 @@ from __future__ import annotations
 import sys
 from typing import Callable, Dict, List, Optional
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_dlm.checkpoint_io import AtomicCheckpointIO
 from lightning_dlm.data import TextDataModule
 from lightning_dlm.distributed import check_devices
 from lightning_dlm.errors import DLMError
 from lightning_dlm.module import DiffusionLM
+from lightning_dlm.runs import isolate_run
 
 
 def _tokenizer_of(tokenizer: Optional[str], pretrained: Optional[str]) -> Optional[str]:
@@ -43,9 +46,18 @@ class DLMCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
-        # before anything is built or written: FSDP or a GPU accelerator on a machine without CUDA
+        # before anything is built or written: FSDP or a GPU accelerator on a machine without CUDA,
+        # and a fresh fit into a folder that holds another run's checkpoints
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_devices(config.trainer)
+        isolate_run(config, self.subcommand)
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        # checkpoint files written atomically in their own folder (Lightning stages them in /tmp)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
 
 def lightning_kwargs() -> dict:

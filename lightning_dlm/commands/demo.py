@@ -18,6 +18,7 @@ from jsonargparse import ArgumentParser
 from omegaconf import OmegaConf
 
 from lightning_dlm.errors import DLMError
+from lightning_dlm.runs import checkpoint_dir
 
 DEFAULT_PROMPT = "ROMEO:\nO gentle Juliet,"
 DEFAULT_INFILL = ("First Citizen:\nBefore we proceed any further,", "\n\nAll:\nSpeak, speak.")
@@ -70,12 +71,13 @@ def demo(
 
     if not os.path.isfile(config):
         raise DLMError(f"config '{config}' does not exist: give a YAML under experiments/")
-    ckpt_dir = OmegaConf.load(config).get("checkpoint", {}).get("dirpath")
     overrides: List[str] = []
     if run_dir is not None:
-        ckpt_dir = os.path.join(run_dir, "checkpoints")
-        overrides += ["--trainer.default_root_dir", run_dir, "--checkpoint.dirpath", ckpt_dir]
-    if ckpt_dir and os.path.isdir(ckpt_dir):
+        overrides += ["--trainer.default_root_dir", run_dir]
+    ckpt_dir = checkpoint_dir(OmegaConf.to_container(OmegaConf.load(config)) if run_dir is None
+                              else {"trainer": {"default_root_dir": run_dir}})
+    if os.path.isdir(ckpt_dir):
+        # the demo starts over each time: it replaces its own earlier run, and only that
         print(f"[demo] removing the previous demo checkpoints in {ckpt_dir}")
         shutil.rmtree(ckpt_dir)
     quiet = ["--trainer.enable_progress_bar", "false", *overrides]
