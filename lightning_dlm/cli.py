@@ -20,6 +20,7 @@ from lightning_dlm.data import TextDataModule
 from lightning_dlm.distributed import check_devices
 from lightning_dlm.errors import DLMError
 from lightning_dlm.module import DiffusionLM
+from lightning_dlm.resume import check_resume
 from lightning_dlm.runs import isolate_run
 
 
@@ -51,6 +52,17 @@ class DLMCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_devices(config.trainer)
         isolate_run(config, self.subcommand)
+
+    def _parse_ckpt_path(self) -> None:
+        # fit: the config's options win over the checkpoint's, changes printed, forbidden ones refused
+        # (LightningCLI would parse the checkpoint's hyper-parameters over them without a word)
+        subcommand = self.config.get("subcommand")
+        if subcommand != "fit" or not self.config[subcommand].get("ckpt_path"):
+            super()._parse_ckpt_path()
+            return
+        path = str(self.config[subcommand].ckpt_path)
+        for key, old, new in check_resume(path, self.config[subcommand].model):
+            print(f"resume: model.{key} changed from {old!r} (checkpoint) to {new!r}", file=sys.stderr)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

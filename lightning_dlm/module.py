@@ -41,7 +41,8 @@ from lightning_dlm.errors import DLMError
 from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig, load_tokenizer
 from lightning_dlm.model.loading import max_positions, resolve_hf_config
 from lightning_dlm.model.sharded_loading import broadcast_into_sharded, loads_pretrained_weights, materialize_meta
-from lightning_dlm.optim import OptimConfig, build_optimizer
+from lightning_dlm.optim import OptimConfig, build_optimizer, lr_multiplier
+from lightning_dlm.resume import apply_optim_changes, compare_hparams
 from lightning_dlm.seeding import derive_seed, make_generator
 
 CHECKPOINT_KEY = "lightning_dlm"
@@ -207,7 +208,7 @@ class DiffusionLM(L.LightningModule):
         net = self._require_net()
         maskable = maskable_positions(x0.shape, cfg.shift, attention_mask, device=x0.device)
         xt, masked = corrupt(x0, t, net.mask_token_id, self.schedule, maskable, generator)
-        num_targets = x0.shape[0] * (x0.shape[1] - 1 if cfg.shift else x0.shape[1])
+        num_targets = maskable.sum()  # real target positions (no padding), a tensor: no host sync
         if net.row_logits_exact:
             hidden = net.hidden_states(xt, attention_mask=attention_mask, allowed=allowed, document_ids=document_ids)
             sources, targets = scored_rows(x0, masked, cfg.shift)
@@ -215,7 +216,7 @@ class DiffusionLM(L.LightningModule):
             terms = loss_terms_from_rows(net.lm_head(hidden[sources]), targets, weights, num_targets)
         else:
             logits = self(xt, attention_mask=attention_mask, allowed=allowed, document_ids=document_ids)
-            terms = diffusion_loss_terms(logits, x0, masked, t, self.schedule, cfg.shift)
+            terms = diffusion_loss_terms(logits, x0, masked, t, self.schedule, cfg.shift, num_targets)
         return terms, masked, maskable
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
@@ -279,7 +280,7 @@ class DiffusionLM(L.LightningModule):
             terms, _, _ = self.diffusion_terms(x0, attention_mask, t, None, generator, document_ids=document_ids)
             total = total + terms.weighted_sum
             num_targets = terms.num_targets
-        return total / (levels * num_targets), num_targets
+        return total / (levels * num_targets), int(num_targets)  # one host sync per batch: an int weight
 
     def _eval_step(self, batch, batch_idx, metric: MeanMetric) -> None:
         nelbo, num_targets = self.nelbo_per_token(
@@ -357,11 +358,25 @@ class DiffusionLM(L.LightningModule):
             del checkpoint
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
 
+    def _follow_new_optim_options(self, checkpoint: Dict[str, Any]) -> None:
+        """A resume with new optimiser options (allowed and printed by the CLI): the restored
+        optimiser and scheduler state take the new peak lr, betas, decay and schedule."""
+        saved = (checkpoint.get("hyper_parameters") or {}).get("optim")
+        if saved is None or compare_hparams(saved, asdict(self.optim_cfg)) == ([], []):
+            return
+        cfg = self.optim_cfg
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        total = cfg.total_steps or (max_steps if max_steps and max_steps > 0 else 1)
+        step = int(checkpoint.get("global_step", 0))
+        apply_optim_changes(checkpoint, cfg.lr, cfg.lr * lr_multiplier(step, cfg, total), cfg.betas,
+                            cfg.weight_decay, cfg.adam_eps)
+
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:
             raise DLMError("this checkpoint was not written by lightning_dlm (no diffusion metadata): pass a DiffusionLM checkpoint")
         self.tokens_seen = int(meta.get("tokens_seen", 0))
+        self._follow_new_optim_options(checkpoint)
         if self.tokenizer is None and meta.get("tokenizer_files"):
             self.tokenizer = _tokenizer_from_files(meta["tokenizer_files"])
         net = self._require_net()

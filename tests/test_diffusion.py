@@ -23,6 +23,7 @@ from lightning_dlm.diffusion import (
     sample_t,
     t_grid,
 )
+from lightning_dlm.diffusion.config import DiffusionConfig
 from lightning_dlm.errors import DLMError
 
 SCHEDULE_CASES = [("linear", {}), ("cosine", {}), ("polynomial", {"power": 2.0}), ("polynomial", {"power": 0.5}),
@@ -38,6 +39,38 @@ def test_schedule_weight_matches_autograd_derivative(name, kwargs):
     expected = -d_alpha / (1 - alpha)
     torch.testing.assert_close(schedule.alpha_prime(t.detach()), d_alpha, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(schedule.weight(t.detach()), expected.detach(), rtol=1e-10, atol=1e-10)
+
+
+# Closed-form alpha(t) of each registered schedule, written out independently of the library.
+REFERENCE_ALPHA = {
+    "linear": lambda t: 1 - t,
+    "cosine": lambda t: torch.cos(0.5 * math.pi * t),
+    "polynomial": lambda t, power: 1 - t**power,
+    "loglinear": lambda t, eps: 1 - (1 - eps) * t,
+}
+
+
+def _float64_reference(name, kwargs, t):
+    """(mask probability, weight) from the closed-form alpha and its autograd derivative, in float64."""
+    t = t.double().requires_grad_(True)
+    alpha = REFERENCE_ALPHA[name](t, **kwargs)
+    (d_alpha,) = torch.autograd.grad(alpha.sum(), t)
+    alpha = alpha.detach()
+    return 1 - alpha, -d_alpha / (1 - alpha)
+
+
+@pytest.mark.parametrize("eps", [DiffusionConfig().eps, 1e-4])
+@pytest.mark.parametrize("name,kwargs", SCHEDULE_CASES)
+def test_schedule_float32_mask_prob_and_weight_match_float64(name, kwargs, eps):
+    """In float32, down to t = eps, both stay within 1e-5 (relative) of the float64 closed form."""
+    assert {case[0] for case in SCHEDULE_CASES} == set(SCHEDULES) == set(REFERENCE_ALPHA)
+    grid = torch.cat([torch.logspace(math.log10(eps), 0, 200, dtype=torch.float64), torch.linspace(eps, 1, 200)])
+    t = grid.float()
+    schedule = get_schedule(name, **kwargs)
+    mask_prob, weight = _float64_reference(name, kwargs, t)
+    assert schedule.mask_prob(t).dtype == schedule.weight(t).dtype == torch.float32
+    torch.testing.assert_close(schedule.mask_prob(t).double(), mask_prob, rtol=1e-5, atol=0)
+    torch.testing.assert_close(schedule.weight(t).double(), weight, rtol=1e-5, atol=0)
 
 
 def test_schedule_endpoints_and_closed_forms():
@@ -282,3 +315,72 @@ def test_rows_terms_equal_full_logits_terms(shift):
     torch.testing.assert_close(rows.weighted_sum, full.weighted_sum)
     torch.testing.assert_close(rows.ce_sum, full.ce_sum)
     assert int(rows.num_scored) == int(full.num_scored)
+
+
+def test_maskable_with_shift_skips_the_first_real_token_of_a_left_padded_row():
+    attn = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    m = maskable_positions((2, 5), shift=True, attention_mask=attn)
+    assert m.tolist() == [[False, False, False, True, True], [False, True, True, False, False]]
+
+
+def _tiny_module(shift=True, full_logits=False):
+    """A tiny llama DiffusionLM in eval mode; ``full_logits`` forces the full-logits loss path."""
+    from lightning_dlm.model import BackboneConfig, MaskTokenConfig
+    from lightning_dlm.module import DiffusionLM
+    from tests.conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    module = DiffusionLM(
+        backbone=BackboneConfig(config=dict(TINY_LLAMA), mask_token=MaskTokenConfig(mode="reuse", id=3)),
+        diffusion=DiffusionConfig(shift=shift),
+    )
+    module.configure_model()
+    module.eval()
+    if full_logits:  # a logit transform after the head forces the full-logits path
+        module.net.config.final_logit_softcapping = 30.0
+    assert module.net.row_logits_exact != full_logits
+    return module
+
+
+@pytest.mark.parametrize("full_logits", [False, True])
+@pytest.mark.parametrize("shift", [True, False])
+def test_elbo_normalization_without_padding_is_unchanged(shift, full_logits):
+    """Without padding the per-token NELBO is still weighted_sum / (B * targets per row), bit for bit."""
+    module = _tiny_module(shift, full_logits)
+    x0 = torch.randint(4, 97, (3, 12), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.2, 0.5, 0.9])
+    per_row = 11 if shift else 12
+    for attention_mask in (None, torch.ones_like(x0)):
+        terms, _, _ = module.diffusion_terms(x0, attention_mask, t, None, torch.Generator().manual_seed(2))
+        assert int(terms.num_targets) == 3 * per_row
+        assert torch.equal(terms.normalized("elbo"), terms.weighted_sum / (3 * per_row))
+    logits = torch.randn(3, 12, 97, generator=torch.Generator().manual_seed(3))
+    masked = torch.rand(3, 12, generator=torch.Generator().manual_seed(4)) < 0.5
+    before = diffusion_loss_terms(logits, x0, masked, t, "cosine", shift)
+    counted = diffusion_loss_terms(logits, x0, masked, t, "cosine", shift, maskable_positions(x0.shape, shift).sum())
+    assert torch.equal(counted.normalized("elbo"), before.normalized("elbo"))
+
+
+@pytest.mark.parametrize("full_logits", [False, True])
+@pytest.mark.parametrize("shift", [True, False])
+def test_elbo_per_token_of_a_left_padded_row_equals_the_row_alone(shift, full_logits):
+    """The elbo normalization divides by the real target positions, not B * (L - 1)."""
+    module = _tiny_module(shift, full_logits)
+    g = torch.Generator().manual_seed(1)
+    short, full = torch.randint(4, 97, (1, 9), generator=g), torch.randint(4, 97, (1, 14), generator=g)
+    padded = torch.cat([torch.zeros(1, 5, dtype=short.dtype), short], 1)
+    attention_mask = torch.cat([torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
+    t = torch.ones(1)  # the linear schedule masks every real target at t = 1: the same masks padded or not
+
+    def terms(x0, mask):
+        return module.diffusion_terms(x0, mask, t.expand(x0.shape[0]), None, torch.Generator().manual_seed(2))[0]
+
+    alone, padded_terms = terms(short, None), terms(padded, attention_mask)
+    assert int(padded_terms.num_targets) == int(alone.num_targets) == int(padded_terms.num_scored) == 9 - shift
+    torch.testing.assert_close(padded_terms.normalized("elbo"), alone.normalized("elbo"), rtol=1e-5, atol=1e-6)
+    # In a batch with a full row, the per-token NELBO pools the real targets of both rows.
+    mixed = terms(torch.cat([padded, full]), torch.cat([attention_mask, torch.ones_like(full)]))
+    full_alone = terms(full, None)
+    expected = (alone.weighted_sum + full_alone.weighted_sum) / (9 + 14 - 2 * shift)
+    assert int(mixed.num_targets) == 9 + 14 - 2 * shift
+    torch.testing.assert_close(mixed.normalized("elbo"), expected, rtol=1e-5, atol=1e-6)

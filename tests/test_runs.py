@@ -168,3 +168,63 @@ def test_a_process_killed_while_writing_leaves_the_previous_checkpoint_loadable(
     AtomicCheckpointIO().save_checkpoint(_checkpoint(3.0), tmp_path / "step3.ckpt")
     assert sorted(os.listdir(tmp_path)) == ["last.ckpt", "step3.ckpt"]
     assert remove_stale_temp_files(str(tmp_path)) == []
+
+
+# --- resume with changed options --------------------------------------------------------------------
+
+def _lrs(root):
+    values = {}
+    for events in root.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if "train/lr" in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars("train/lr")})
+    return values
+
+
+def test_a_resume_applies_and_prints_a_new_learning_rate_and_schedule(two_runs, tmp_path, capsys):
+    ckpt = two_runs / "a" / "checkpoints" / "step0000002.ckpt"
+    fit(tmp_path, "--ckpt_path", str(ckpt), "--model.optim.lr", "1e-7", "--model.optim.lr_schedule", "constant",
+        "--model.optim.warmup_steps", "0")
+    err = capsys.readouterr().err
+    assert "resume: model.optim.lr changed from 0.002 (checkpoint) to 1e-07" in err
+    assert "resume: model.optim.lr_schedule changed from 'cosine' (checkpoint) to 'constant'" in err
+    assert "resume: model.optim.warmup_steps changed from 5 (checkpoint) to 0" in err
+    lrs = _lrs(tmp_path)
+    assert sorted(lrs) == [2, 3] and all(v == pytest.approx(1e-7, rel=1e-6) for v in lrs.values())
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["lr_schedulers"][0]["base_lrs"] == [1e-7, 1e-7]
+    assert [g["lr"] for g in state["optimizer_states"][0]["param_groups"]] == [1e-7, 1e-7]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.backbone.config.hidden_size", "128"],
+     "with model.backbone.config.hidden_size = 128: the checkpoint was trained with 64"),
+    (["--model.diffusion.shift", "false"], "with model.diffusion.shift = False: the checkpoint was trained with True"),
+    (["--model.seed", "5"], "with model.seed = 5: the checkpoint was trained with 0"),
+])
+def test_a_resume_that_changes_the_model_or_objective_is_refused(two_runs, tmp_path, capsys, extra, message):
+    ckpt = two_runs / "a" / "checkpoints" / "step0000002.ckpt"
+    before = digests(two_runs / "a" / "checkpoints")
+    with pytest.raises(SystemExit) as exit_info:
+        fit(tmp_path, "--ckpt_path", str(ckpt), *extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot resume {ckpt} ") and message in err[0], err
+    assert "start a new run in another folder" in err[0]
+    assert digests(two_runs / "a" / "checkpoints") == before and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_missing_or_truncated_ckpt_path_is_one_line(two_runs, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "r1", "--ckpt_path", str(tmp_path / "nope.ckpt"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --ckpt_path {tmp_path / 'nope.ckpt'} does not exist: give a checkpoint written by dlm fit "
+                   f"(e.g. runs/<run>/checkpoints/last.ckpt)"]
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes((two_runs / "a" / "checkpoints" / "last.ckpt").read_bytes()[:5000])
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "r2", "--ckpt_path", str(truncated))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --ckpt_path {truncated} is not a readable checkpoint (")
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2" / "checkpoints").exists()

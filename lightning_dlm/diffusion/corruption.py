@@ -19,14 +19,18 @@ def maskable_positions(
     """Bool (B, L): positions the forward process may corrupt.
 
     With the shift, position 0 is never a target (it predicts nothing before it) and must hold a
-    real token, so it is never masked. ``attention_mask`` (1 = real token) excludes padding;
+    real token, so it is never masked; nor is the first real token of a left-padded row (the
+    position before it is padding). ``attention_mask`` (1 = real token) excludes padding;
     ``protected`` (True = keep clean, e.g. an SFT prompt) excludes more.
     """
     maskable = torch.ones(shape, dtype=torch.bool, device=device)
     if shift:
         maskable[:, 0] = False
     if attention_mask is not None:
-        maskable &= attention_mask.to(device=maskable.device).bool()
+        real = attention_mask.to(device=maskable.device).bool()
+        maskable &= real
+        if shift:
+            maskable[:, 1:] &= real[:, :-1]
     if protected is not None:
         maskable &= ~protected.to(device=maskable.device).bool()
     return maskable

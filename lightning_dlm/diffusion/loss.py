@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +22,19 @@ class LossTerms:
     weighted_sum: torch.Tensor  # sum over scored positions of w(t_b) * CE (float32 scalar)
     ce_sum: torch.Tensor  # unweighted CE sum over scored positions
     num_scored: torch.Tensor  # number of scored (corrupted, target) positions
-    num_targets: int  # B * (L - 1) with shift, B * L without
+    num_targets: Union[int, torch.Tensor]  # real target positions: B * (L - 1) with shift, B * L without padding
 
     def normalized(self, normalization: str = "elbo") -> torch.Tensor:
         if normalization == "elbo":
-            return self.weighted_sum / self.num_targets
+            return self.weighted_sum / _at_least_one(self.num_targets)
         if normalization == "masked":
             return self.weighted_sum / self.num_scored.clamp_min(1)
         raise DLMError(f"unknown loss normalization '{normalization}': choose one of {NORMALIZATIONS}")
+
+
+def _at_least_one(count: Union[int, torch.Tensor]) -> Union[int, torch.Tensor]:
+    """``count``, or 1 where it is 0 (a batch of padding only), without a host synchronisation."""
+    return count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1)
 
 
 def diffusion_loss_terms(
@@ -38,11 +44,14 @@ def diffusion_loss_terms(
     t: torch.Tensor,
     schedule: ScheduleLike,
     shift: bool = True,
+    num_targets: Optional[Union[int, torch.Tensor]] = None,
 ) -> LossTerms:
     """Weighted masked cross-entropy terms, cross-entropy in float32.
 
     Unscored positions get the ignore index, so the cross-entropy runs over all rows without
-    gathering (no host synchronisation, no scatter in the backward pass).
+    gathering (no host synchronisation, no scatter in the backward pass). ``num_targets`` is the
+    number of real target positions (e.g. ``maskable.sum()`` with padding); None = every
+    position is one (B * (L - 1) with the shift, B * L without).
     """
     if logits.dim() != 3 or x0.shape != logits.shape[:2] or masked.shape != x0.shape:
         raise DLMError(
@@ -68,7 +77,7 @@ def diffusion_loss_terms(
         weighted_sum=(weights[:, None] * ce).sum(),
         ce_sum=ce.sum(),
         num_scored=scored.sum(),
-        num_targets=batch * (length - 1 if shift else length),
+        num_targets=batch * (length - 1 if shift else length) if num_targets is None else num_targets,
     )
 
 
@@ -91,10 +100,11 @@ def loss_terms_from_rows(
     row_logits: torch.Tensor,
     targets: torch.Tensor,
     row_weights: torch.Tensor,
-    num_targets: int,
+    num_targets: Union[int, torch.Tensor],
 ) -> LossTerms:
     """:class:`LossTerms` from the logits of the scored rows only (N, V), as given by
-    :func:`scored_rows`; ``row_weights`` (N,) is w(t_b) of each row's sequence."""
+    :func:`scored_rows`; ``row_weights`` (N,) is w(t_b) of each row's sequence and
+    ``num_targets`` the number of real target positions of the batch."""
     ce = F.cross_entropy(row_logits.float(), targets, reduction="none")
     return LossTerms(
         weighted_sum=(row_weights.float() * ce).sum(),
@@ -123,7 +133,8 @@ def diffusion_loss(
         schedule: a :class:`NoiseSchedule` or its name.
         shift: score logits[:, i-1] against x0[:, i] (True) or logits[:, i] against x0[:, i].
         normalization: ``"elbo"``: sum_b sum_scored w(t_b) CE / (B * targets per sequence), the
-            negative ELBO per token; ``"masked"``: the same sum / number of scored positions
+            negative ELBO per token (this takes no padding: use :func:`diffusion_loss_terms` with
+            ``num_targets`` for padded batches); ``"masked"``: the same sum / number of scored positions
             (the reference code's choice; not an ELBO).
     """
     if normalization not in NORMALIZATIONS:

@@ -50,12 +50,20 @@ class LinearSchedule(NoiseSchedule):
     def alpha_prime(self, t):
         return -torch.ones_like(t)
 
+    def mask_prob(self, t):
+        """``t`` itself: ``1 - (1 - t)`` would round away low digits of a small ``t``."""
+        return t.clone()
+
     def weight(self, t):
         return 1.0 / t
 
 
 class CosineSchedule(NoiseSchedule):
-    """``alpha(t) = cos(pi t / 2)``."""
+    """``alpha(t) = cos(pi t / 2)``; ``w(t) = (pi / 2) cot(pi t / 4)``.
+
+    ``1 - cos(x)`` cancels for small ``x``; the half-angle forms ``1 - cos(x) = 2 sin^2(x / 2)``
+    and ``sin(x) / (1 - cos(x)) = cot(x / 2)`` keep full float32 precision down to small ``t``.
+    """
 
     name = "cosine"
 
@@ -64,6 +72,12 @@ class CosineSchedule(NoiseSchedule):
 
     def alpha_prime(self, t):
         return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
+
+    def mask_prob(self, t):
+        return 2.0 * torch.sin(0.25 * math.pi * t) ** 2
+
+    def weight(self, t):
+        return 0.5 * math.pi / torch.tan(0.25 * math.pi * t)
 
 
 class PolynomialSchedule(NoiseSchedule):
@@ -81,6 +95,10 @@ class PolynomialSchedule(NoiseSchedule):
 
     def alpha_prime(self, t):
         return -self.power * t ** (self.power - 1.0)
+
+    def mask_prob(self, t):
+        """``t**power`` directly: ``1 - alpha(t)`` cancels for small ``t``."""
+        return t**self.power
 
     def weight(self, t):
         return self.power / t
@@ -101,6 +119,10 @@ class LogLinearSchedule(NoiseSchedule):
 
     def alpha_prime(self, t):
         return torch.full_like(t, -(1.0 - self.eps))
+
+    def mask_prob(self, t):
+        """``(1 - eps) t`` directly: ``1 - alpha(t)`` cancels for small ``t``."""
+        return (1.0 - self.eps) * t
 
     def weight(self, t):
         return 1.0 / t
