@@ -36,6 +36,22 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     total_steps: Optional[int] = None
 
+    def check(self) -> "OptimConfig":
+        """Refuse impossible values in one line each (before anything is built or written)."""
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise DLMError(f"model.optim.lr must be a positive number, got {self.lr}: e.g. --model.optim.lr 1e-4")
+        if self.weight_decay < 0:
+            raise DLMError(f"model.optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise DLMError(f"model.optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise DLMError(f"model.optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.total_steps is not None and self.total_steps < 1:
+            raise DLMError(f"model.optim.total_steps must be >= 1 (or unset for trainer.max_steps), got {self.total_steps}")
+        if self.lr_schedule not in DECAYS:
+            raise DLMError(f"unknown model.optim.lr_schedule '{self.lr_schedule}': choose one of {sorted(DECAYS)}")
+        return self
+
 
 def _cosine(progress: float, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))

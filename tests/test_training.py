@@ -132,7 +132,7 @@ class _NaNAtStep2(DiffusionLM):
 def test_nan_loss_stops_with_a_clear_error_and_no_checkpoint(tmp_path):
     module = _NaNAtStep2(backbone=BackboneConfig(config=dict(MODEL), tokenizer=TINY_TOKENIZER))
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=1, save_top_k=-1)
-    with pytest.raises(DLMError, match="the training loss is nan at step 2"):
+    with pytest.raises(DLMError, match="the training loss is nan or inf at step 2: lower model.optim.lr"):
         make_trainer(tmp_path, 5, [ckpt]).fit(module, make_data())
     assert sorted(os.listdir(tmp_path / "ck")) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"]
 

@@ -74,7 +74,8 @@ class TextDataModule(L.LightningDataModule):
         document_ids: bool = False,
     ):
         super().__init__()
-        require(seq_len >= 1, f"data.seq_len must be >= 1 (got {seq_len})")
+        require(seq_len >= 2, f"data.seq_len must be >= 2, got {seq_len}: with the shift a block of one token has "
+                              f"no target to predict")
         require(batch_size >= 1, f"data.batch_size must be >= 1 (got {batch_size})")
         require(num_workers >= 0, f"data.num_workers must be >= 0 (got {num_workers})")
         require(val_max_blocks >= 1, f"data.val_max_blocks must be >= 1 (got {val_max_blocks})")

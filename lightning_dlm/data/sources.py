@@ -80,7 +80,18 @@ class Corpus:
         training stream assigns documents to workers itself (see :mod:`lightning_dlm.data.stream`).
         """
         dataset = self.dataset if dataset is None else dataset
-        for batch in dataset.iter(batch_size=batch_size):
+        batches = dataset.iter(batch_size=batch_size)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as err:
+                raise DLMError(
+                    f"corpus '{self.source.path}' is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at "
+                    f"offset {err.start} of a chunk cannot be decoded): convert it, e.g. "
+                    f"iconv -f latin1 -t utf-8 IN > OUT"
+                ) from None
             if self.text_field not in batch:
                 raise missing_field_error(self.source, list(batch))
             yield batch[self.text_field]

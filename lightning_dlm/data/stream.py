@@ -190,6 +190,7 @@ class PackedBatchStream(IterableDataset):
                 dataset = dataset.shuffle(seed=epoch_seed(self.seed, epoch, source_index), buffer_size=self.shuffle_buffer)
             seen = 0  # non-empty documents read (example level: over all slots)
             mine = 0
+            tokens = 0
             for texts in corpus.texts(dataset, batch_size=self.doc_batch_size):
                 kept = []
                 for text in texts:
@@ -199,9 +200,17 @@ class PackedBatchStream(IterableDataset):
                         kept.append(text)
                     seen += 1
                 mine += len(kept)
-                yield from self.encoder(kept)
+                for ids in self.encoder(kept):
+                    tokens += len(ids)
+                    yield ids
             if mine == 0:
                 raise too_few_documents_error(corpus, self.world_size, self.workers_per_rank)
+            if epoch == 0 and tokens < self.seq_len:
+                raise DLMError(
+                    f"corpus '{corpus.label}' gives {tokens} tokens per pass{' to each data slot' if S > 1 else ''}, "
+                    f"fewer than one block of data.seq_len {self.seq_len}: training would repeat the same text; give "
+                    f"more text or lower data.seq_len"
+                )
             epoch += 1
 
 

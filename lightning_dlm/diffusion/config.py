@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Literal
 
+from lightning_dlm.errors import DLMError
+
 
 @dataclass
 class DiffusionConfig:
@@ -29,3 +31,12 @@ class DiffusionConfig:
     normalization: Literal["elbo", "masked"] = "elbo"
     anneal_steps: int = 0
     anneal_mask: Literal["random", "right_context"] = "random"
+
+    def check(self) -> "DiffusionConfig":
+        """Refuse impossible values in one line each (before anything is built or written)."""
+        if self.anneal_steps < 0:
+            raise DLMError(f"model.diffusion.anneal_steps must be >= 0 (0 = bidirectional from the start), "
+                           f"got {self.anneal_steps}")
+        if not 0.0 < self.eps < 1.0:
+            raise DLMError(f"model.diffusion.eps must be in (0, 1), got {self.eps}: the paper uses 1e-3")
+        return self
