@@ -146,10 +146,13 @@ def diffusion_config(checkpoint: Dict[str, Any], tokenizer, source: str, dtype: 
     }
 
 
-def export(ckpt: str, out: str, dtype: str = "keep", progress: Optional[Callable[[str], None]] = None) -> str:
+def export(ckpt: str, out: str, dtype: str = "keep", progress: Optional[Callable[[str], None]] = None,
+           trust_checkpoint: bool = False) -> str:
     """Write the model of ``ckpt`` (a ``.ckpt`` or sharded checkpoint folder from ``dlm fit``) as a
     Hugging Face folder ``out`` (new or empty). ``dtype``: ``keep`` (the checkpoint's), ``float32``
-    or ``bfloat16``. ``progress`` receives one line per stage. Returns ``out``."""
+    or ``bfloat16``. ``progress`` receives one line per stage. ``trust_checkpoint``: unpickle the
+    checkpoint in full (code in it can run); by default only tensors and plain data are read.
+    Returns ``out``."""
     from lightning_dlm.module import CHECKPOINT_KEY
 
     say = progress or (lambda line: None)
@@ -159,7 +162,7 @@ def export(ckpt: str, out: str, dtype: str = "keep", progress: Optional[Callable
         raise DLMError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPE_CHOICES)}")
     require_exists(ckpt)
     say(f"reading {ckpt}" + (" (consolidating the shards on the CPU)" if os.path.isdir(ckpt) else ""))
-    checkpoint = read_checkpoint(ckpt)
+    checkpoint = read_checkpoint(ckpt, trust=trust_checkpoint)
     meta = checkpoint[CHECKPOINT_KEY]
     state = backbone_state_dict(checkpoint.pop("state_dict"))  # the only reference to the weights now
     target = _target_dtype(state, dtype)

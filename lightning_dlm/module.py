@@ -85,8 +85,8 @@ class DiffusionLM(L.LightningModule):
     ):
         super().__init__()
         self.backbone_cfg = _coerce(BackboneConfig, backbone)
-        self.diffusion_cfg = _coerce(DiffusionConfig, diffusion)
-        self.optim_cfg = _coerce(OptimConfig, optim)
+        self.diffusion_cfg = _coerce(DiffusionConfig, diffusion).check()
+        self.optim_cfg = _coerce(OptimConfig, optim).check()
         if val_t_levels < 1:
             raise DLMError(f"val_t_levels must be >= 1, got {val_t_levels}")
         self.save_hyperparameters(
@@ -103,6 +103,7 @@ class DiffusionLM(L.LightningModule):
         self.schedule = get_schedule(self.diffusion_cfg.schedule, **self.diffusion_cfg.schedule_kwargs)
         self.net: Optional[DiffusionBackbone] = None
         self._pending_weights = False  # sharded load: weights still to be broadcast into the shards
+        self._first_nonfinite: Optional[torch.Tensor] = None  # first step with a nan/inf loss (device)
         self.tokenizer = None
         self.tokens_seen = 0
         self.val_nelbo = MeanMetric()
@@ -237,13 +238,12 @@ class DiffusionLM(L.LightningModule):
             x0, attention_mask, t, allowed, generator, document_ids=batch.get("document_ids")
         )
         loss = terms.normalized(cfg.normalization)
-        if not torch.isfinite(loss):
-            raise DLMError(
-                f"the training loss is {loss.item()} at step {self.global_step}: lower model.optim.lr, set "
-                f"trainer.gradient_clip_val, or use bf16-mixed rather than 16-mixed; no checkpoint was written for it"
-            )
+        self._note_nonfinite(loss)
         world = self.trainer.world_size if self._trainer is not None else 1
         self.tokens_seen += x0.numel() * world
+        if not self._logging_step():
+            return loss  # no host synchronisation and no cross-rank reduction between logging steps
+        self.check_finite_loss()
         log = dict(on_step=True, on_epoch=False, batch_size=x0.shape[0])
         # Every rank draws its own batch and noise: log the mean over ranks (the loss DDP optimises).
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, **log)
@@ -254,6 +254,34 @@ class DiffusionLM(L.LightningModule):
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], **log)
         return loss
+
+    def _logging_step(self) -> bool:
+        """Whether the Trainer writes logs after this optimiser step (``log_every_n_steps``)."""
+        if self._trainer is None:
+            return True
+        every = max(1, int(self.trainer.log_every_n_steps or 1))
+        last = self.trainer.max_steps > 0 and self.global_step + 1 >= self.trainer.max_steps
+        return (self.global_step + 1) % every == 0 or last
+
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember, on the device (no host sync), the first step whose loss was nan or inf."""
+        step = torch.full((), self.global_step, dtype=torch.long, device=loss.device)
+        if self._first_nonfinite is None:
+            self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first_nonfinite < 0)
+        self._first_nonfinite = torch.where(bad, step, self._first_nonfinite)
+
+    def check_finite_loss(self) -> None:
+        """Stop with one line if a loss since the start was nan or inf (checked on logging steps and
+        before every checkpoint, so no checkpoint is written after it)."""
+        if self._first_nonfinite is None:
+            return
+        step = int(self._first_nonfinite.item())
+        if step >= 0:
+            raise DLMError(
+                f"the training loss is nan or inf at step {step}: lower model.optim.lr, set trainer.gradient_clip_val, "
+                f"or use bf16-mixed rather than 16-mixed; no checkpoint was written after it"
+            )
 
     @torch.no_grad()
     def nelbo_per_token(
@@ -324,6 +352,7 @@ class DiffusionLM(L.LightningModule):
 
     # --- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self.check_finite_loss()  # never write weights trained through a nan/inf loss
         net = self._require_net()
         hf_config = net.config.to_dict()
         checkpoint[CHECKPOINT_KEY] = {
@@ -347,16 +376,21 @@ class DiffusionLM(L.LightningModule):
         checkpoint[CHECKPOINT_KEY]["backbone"] = asdict(restore)
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
-        """Load a checkpoint anywhere: the backbone is rebuilt from the config stored in it."""
-        if "backbone" not in kwargs:
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
-            meta = checkpoint.get(CHECKPOINT_KEY)
-            if meta is None or "backbone" not in meta:
-                raise DLMError(f"'{checkpoint_path}' is not a lightning_dlm diffusion checkpoint: pass a .ckpt written by `dlm fit`")
-            kwargs["backbone"] = meta["backbone"]
-            del checkpoint
-        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, **kwargs)
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, weights_only=None,
+                             **kwargs):
+        """Load a checkpoint anywhere: the backbone is rebuilt from the config stored in it. The file is
+        read with ``torch.load(weights_only=True)`` (no code in it runs); ``weights_only`` set to False, for
+        a file whose author you trust, unpickles it in full (see lightning_dlm.checkpoints.load_checkpoint_file)."""
+        from lightning_dlm.checkpoints import read_checkpoint
+
+        trust = weights_only is False
+        path = os.fspath(checkpoint_path)
+        if os.path.isdir(path):
+            raise DLMError(f"'{path}' is a folder: load a sharded or exported checkpoint with lightning_dlm.checkpoints.load_diffusion_lm")
+        checkpoint = read_checkpoint(path, trust=trust)  # one-line errors for missing, damaged, foreign or unsafe files
+        kwargs.setdefault("backbone", checkpoint[CHECKPOINT_KEY]["backbone"])
+        del checkpoint
+        return super().load_from_checkpoint(path, map_location, hparams_file, strict, weights_only=not trust, **kwargs)
 
     def _follow_new_optim_options(self, checkpoint: Dict[str, Any]) -> None:
         """A resume with new optimiser options (allowed and printed by the CLI): the restored
@@ -402,8 +436,23 @@ def _tokenizer_files(tokenizer) -> Dict[str, str]:
 
 
 def _tokenizer_from_files(files: Dict[str, str]):
+    """The tokenizer of :func:`_tokenizer_files`' mapping. Every name is checked (a plain file name)
+    and every content decoded before anything is written."""
+    import binascii
+
+    from lightning_dlm.checkpoints import check_plain_names
+
+    if not isinstance(files, dict):
+        raise DLMError("the checkpoint's tokenizer files are not a {name: content} mapping: the checkpoint is damaged")
+    check_plain_names(files, "tokenizer file name", "the checkpoint")
+    decoded = {}
+    for name, content in files.items():
+        try:
+            decoded[name] = base64.b64decode(content, validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise DLMError(f"tokenizer file {name!r} in the checkpoint is not base64: the checkpoint is damaged") from None
     with tempfile.TemporaryDirectory() as tmp:
-        for name, content in files.items():
-            with open(os.path.join(tmp, name), "wb") as fh:
-                fh.write(base64.b64decode(content))
+        for name, content in decoded.items():
+            with open(os.path.join(tmp, name), "xb") as fh:  # x: never follows or replaces an existing file
+                fh.write(content)
         return load_tokenizer(tmp)

@@ -40,13 +40,14 @@ def digests(folder):
             if (folder / n).is_file()}
 
 
-def losses(root):
+def scalars(root, tag="train/loss"):
+    """{step: value} of one logged scalar over every TensorBoard run under ``root``."""
     values = {}
     for events in root.rglob("events.out.tfevents.*"):
         acc = EventAccumulator(str(events))
         acc.Reload()
-        if "train/loss" in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars("train/loss")})
+        if tag in acc.Tags()["scalars"]:
+            values.update({e.step: e.value for e in acc.Scalars(tag)})
     return values
 
 
@@ -88,12 +89,12 @@ def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(two_runs, capsys)
 
 
 def test_a_resumed_run_repeats_the_uninterrupted_losses(two_runs, tmp_path):
-    straight = losses(two_runs / "a")
+    straight = scalars(two_runs / "a")
     resumed_root = tmp_path / "resumed"
     fit(resumed_root, "--checkpoint.dirpath", str(tmp_path / "ck_half"), "--trainer.max_steps", "2")
     fit(resumed_root, "--checkpoint.dirpath", str(tmp_path / "ck_half"),
         "--ckpt_path", str(tmp_path / "ck_half" / "step0000002.ckpt"))
-    resumed = losses(resumed_root)
+    resumed = scalars(resumed_root)
     assert sorted(straight) == [0, 1, 2, 3] and sorted(resumed) == [0, 1, 2, 3]
     assert [resumed[s] for s in (2, 3)] == [straight[s] for s in (2, 3)]  # to the last bit
 
@@ -172,16 +173,6 @@ def test_a_process_killed_while_writing_leaves_the_previous_checkpoint_loadable(
 
 # --- resume with changed options --------------------------------------------------------------------
 
-def _lrs(root):
-    values = {}
-    for events in root.rglob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if "train/lr" in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars("train/lr")})
-    return values
-
-
 def test_a_resume_applies_and_prints_a_new_learning_rate_and_schedule(two_runs, tmp_path, capsys):
     ckpt = two_runs / "a" / "checkpoints" / "step0000002.ckpt"
     fit(tmp_path, "--ckpt_path", str(ckpt), "--model.optim.lr", "1e-7", "--model.optim.lr_schedule", "constant",
@@ -190,7 +181,7 @@ def test_a_resume_applies_and_prints_a_new_learning_rate_and_schedule(two_runs, 
     assert "resume: model.optim.lr changed from 0.002 (checkpoint) to 1e-07" in err
     assert "resume: model.optim.lr_schedule changed from 'cosine' (checkpoint) to 'constant'" in err
     assert "resume: model.optim.warmup_steps changed from 5 (checkpoint) to 0" in err
-    lrs = _lrs(tmp_path)
+    lrs = scalars(tmp_path, "train/lr")
     assert sorted(lrs) == [2, 3] and all(v == pytest.approx(1e-7, rel=1e-6) for v in lrs.values())
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["lr_schedulers"][0]["base_lrs"] == [1e-7, 1e-7]

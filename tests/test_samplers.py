@@ -93,6 +93,61 @@ def test_prefix_and_suffix_preserved_and_target_decoded(net, strategy, options, 
     assert sum(map(sum, out.stats.committed_per_step)) == 16
 
 
+def _suffix_reader(vocab=97, scale=30.0):
+    """A denoiser whose every slot predicts (the row's last real token) + 10: the infill is a
+    function of the suffix, so a sampler that lost or moved the suffix decodes something else."""
+
+    def fn(ids, attn):
+        logits = torch.zeros(ids.shape[0], ids.shape[1], vocab)
+        for row in range(ids.shape[0]):
+            real = [int(tok) for tok, a in zip(ids[row], attn[row]) if a and int(tok) not in (MASK, PAD)]
+            logits[row, :, (real[-1] + 10) % vocab] = scale
+        return logits
+
+    return FunctionDenoiser(fn)
+
+
+@pytest.mark.parametrize("block_size", [None, 3])
+@pytest.mark.parametrize("strategy,options,temperature", STRATEGY_CASES, ids=CASE_IDS)
+def test_the_infill_is_read_from_the_suffix(strategy, options, temperature, block_size):
+    a = _decode(_suffix_reader(), _canvas(suffixes=([7, 8], [9])), steps=6, temperature=temperature,
+                strategy=strategy, strategy_options=options, block_size=block_size)
+    b = _decode(_suffix_reader(), _canvas(suffixes=([7, 40], [50])), steps=6, temperature=temperature,
+                strategy=strategy, strategy_options=options, block_size=block_size)
+    assert a.tokens == [[18] * 8, [19] * 8]  # the suffix reached the denoiser, and only the target changed
+    assert b.tokens == [[50] * 8, [60] * 8]
+    no_suffix = _decode(_suffix_reader(), _canvas(suffixes=None), steps=6, temperature=temperature,
+                        strategy=strategy, strategy_options=options, block_size=block_size)
+    # without a suffix the last real token is a committed target or the prompt's: never 18/19
+    assert all(tok not in (18, 19) for row in no_suffix.tokens for tok in row[:1])
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_a_real_model_sees_the_suffix_through_every_cache(net, cache, block_size):
+    """The model's inputs carry the suffix: in every pass without a cache or with the prefix cache
+    (the suffix is never cached there), in the pass that fills the dual cache; and the first
+    pass's logits of the target slots change with the suffix."""
+    calls = []
+    hook = net.model.register_forward_pre_hook(lambda mod, args, kwargs: calls.append(kwargs["input_ids"].clone()),
+                                               with_kwargs=True)
+    try:
+        first_logits = []
+        for suffixes in (([7, 8], [9]), ([60, 61], [62])):
+            calls.clear()
+            _decode(ModelDenoiser(net), _canvas(suffixes=suffixes), steps=8, temperature=0.0, strategy="confidence",
+                    block_size=block_size, cache=cache)
+            with_suffix = [bool((ids == suffixes[0][-1]).any(-1)[0]) for ids in calls]
+            assert with_suffix[0], "the first pass did not see the suffix"
+            if cache in ("none", "prefix"):
+                assert all(with_suffix), with_suffix
+            with torch.no_grad():
+                first_logits.append(net(calls[0]).float())
+    finally:
+        hook.remove()
+    assert not torch.allclose(first_logits[0][:, 3:11], first_logits[1][:, 3:11])
+
+
 @pytest.mark.parametrize("confidence", ["probability", "margin", "entropy"])
 def test_confidence_order_with_T_equal_to_masked_commits_one_per_step(net, confidence):
     canvas = _canvas(length=7)
@@ -499,3 +554,18 @@ def test_prompts_file_errors(tmp_path):
     bad.write_text("\n")
     with pytest.raises(DLMError, match="holds no prompts"):
         read_prompts_file(str(bad))
+
+
+def test_the_registry_refuses_a_second_strategy_under_a_taken_name():
+    class Impostor(Strategy):
+        name = "random"
+
+        def select(self, ctx):  # pragma: no cover - never registered
+            raise AssertionError
+
+    before = dict(STRATEGIES)
+    with pytest.raises(DLMError, match="a sampling strategy named 'random' is already registered .*RandomOrder.*: give "
+                                       ".*Impostor another name"):
+        register(Impostor)
+    assert STRATEGIES == before
+    assert register(STRATEGIES["random"]) is STRATEGIES["random"]  # re-registering the same class is harmless

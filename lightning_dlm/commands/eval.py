@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="weights dtype of AR models (float32, bfloat16)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--trust_checkpoint", "--trust-checkpoint", action="store_true",
+                   help="unpickle diffusion checkpoints in full, which runs any code in them: only for files whose "
+                        "author you trust (by default only tensors and plain data are read)")
     return p
 
 
@@ -90,7 +93,8 @@ def config_from_args(args: argparse.Namespace):
         tasks = [dict(t, **sets) for t in tasks] if sets else tasks
     return EvalConfig(models=models, tasks=tasks, defaults=raw.get("defaults") or {},
                       device=args.device or raw.get("device", "cpu"), dtype=args.dtype or raw.get("dtype", "float32"),
-                      out=args.out or raw.get("out"), threads=args.threads or raw.get("threads", 0))
+                      out=args.out or raw.get("out"), threads=args.threads or raw.get("threads", 0),
+                      trust_checkpoint=bool(getattr(args, "trust_checkpoint", False)))
 
 
 def eval_command(argv: List[str]) -> Dict[str, Any]:

@@ -12,9 +12,13 @@ import os
 import sys
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from lightning_dlm.errors import DLMError
+
+
+TRUST_HELP = ("unpickle the checkpoint in full, which runs any code in it: only for a file whose author you trust "
+              "(by default only tensors and plain data are read)")
 
 
 def read_prompts_file(path: str) -> List[Dict[str, Any]]:
@@ -66,6 +70,7 @@ def sample(
     progress: bool = True,
     trajectory: bool = False,
     device: str = "auto",
+    trust_checkpoint: bool = False,
 ) -> None:
     """Decode text with a lightning_dlm checkpoint.
 
@@ -95,6 +100,8 @@ def sample(
         progress: show a progress bar over the samples when there is more than one batch.
         trajectory: also show the generated region after every step (masked slots as _).
         device: cpu, cuda, or auto.
+        trust_checkpoint: unpickle the checkpoint in full, which runs any code in it: only for a file
+            whose author you trust (by default only tensors and plain data are read).
     """
     import torch
 
@@ -117,7 +124,7 @@ def sample(
                   strategy_options=options, block_size=block_size, cache=cache, refresh_every=refresh_every).check()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = load_diffusion_lm(ckpt, map_location=device)
+    module = load_diffusion_lm(ckpt, map_location=device, trust_checkpoint=trust_checkpoint)
     out_file = open(output, "w", encoding="utf-8") if output else None
     try:
         _run(module, rows, options, out_file or sys.stdout, num_samples=num_samples, batch_size=batch_size,
@@ -201,7 +208,8 @@ def _run(module, rows, options, stream, *, num_samples, batch_size, format, prog
 def sample_command(args: List[str]) -> None:
     parser = ArgumentParser(prog="dlm sample", description="Decode text with a lightning_dlm checkpoint.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with these options")
-    parser.add_function_arguments(sample, as_group=False)
+    parser.add_function_arguments(sample, as_group=False, skip={"trust_checkpoint"})
+    parser.add_argument("--trust_checkpoint", action=ActionYesNo, default=False, help=TRUST_HELP)
     cfg = parser.parse_args(args)
     cfg.pop("config", None)
     sample(**cfg.as_dict())

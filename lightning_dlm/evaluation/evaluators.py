@@ -171,20 +171,23 @@ class CausalEvaluator(Evaluator):
 
 
 def load_evaluator(path: str, kind: str = "auto", device: str = "cpu", dtype: str = "float32",
-                   name: Optional[str] = None) -> Evaluator:
+                   name: Optional[str] = None, trust_checkpoint: bool = False) -> Evaluator:
     """An evaluator for ``path``: a diffusion checkpoint (``.ckpt``, sharded or exported folder)
-    or a causal LM (hub name or folder). ``kind``: ``auto``, ``diffusion`` or ``ar``."""
+    or a causal LM (hub name or folder). ``kind``: ``auto``, ``diffusion`` or ``ar``.
+    ``trust_checkpoint``: unpickle a diffusion checkpoint in full (code in it can run)."""
     from lightning_dlm.checkpoints import is_diffusion_checkpoint, load_diffusion_lm
 
     if kind not in ("auto", "diffusion", "ar"):
         raise DLMError(f"unknown model kind '{kind}': use auto, diffusion or ar")
     label = name or os.path.basename(os.path.normpath(path)) or path
-    if kind == "diffusion" or (kind == "auto" and is_diffusion_checkpoint(path)):
-        module = load_diffusion_lm(path, map_location=device)
+    # a file can only be a diffusion checkpoint (a causal LM is a folder or hub name): the loader
+    # names what is wrong with it, and refuses what would run code
+    if kind == "diffusion" or (kind == "auto" and (os.path.isfile(path) or is_diffusion_checkpoint(path))):
+        module = load_diffusion_lm(path, map_location=device, trust_checkpoint=trust_checkpoint)
         return DiffusionEvaluator(module.to(device), name=label)
     if os.path.isfile(path):
-        raise DLMError(f"'{path}' is not a diffusion checkpoint, and a causal LM is a folder or hub name: "
-                       f"pass a .ckpt written by `dlm fit`, an exported folder, or a model folder")
+        raise DLMError(f"'{path}' is a file, and a causal LM is a folder or hub name: pass a model folder, "
+                       f"or --kind diffusion for a .ckpt written by `dlm fit`")
     from lightning_dlm.model.config import BackboneConfig
     from lightning_dlm.model.loading import load_causal_lm, load_tokenizer
 

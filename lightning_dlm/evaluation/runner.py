@@ -41,6 +41,7 @@ class EvalConfig:
     dtype: str = "float32"
     out: Optional[str] = None
     threads: int = 0
+    trust_checkpoint: bool = False  # unpickle diffusion checkpoints in full (only from --trust_checkpoint)
 
 
 def _bar(enabled: bool):
@@ -89,7 +90,8 @@ def run_evaluation(config: EvalConfig, progress: bool = True, log=print) -> Dict
                      device=config.device),
         tasks={t.name: dict(kind=t.kind, options=asdict(t)) for t in tasks}, models={})
     for spec in config.models:
-        evaluator = load_evaluator(spec.path, spec.kind, device=config.device, dtype=config.dtype, name=spec.name)
+        evaluator = load_evaluator(spec.path, spec.kind, device=config.device, dtype=config.dtype, name=spec.name,
+                                   trust_checkpoint=config.trust_checkpoint)
         label = evaluator.name
         if label in results["models"]:
             label = f"{label} ({len(results['models'])})"

@@ -125,6 +125,13 @@ STRATEGIES: Dict[str, Type[Strategy]] = {}
 
 
 def register(cls: Type[Strategy]) -> Type[Strategy]:
+    """Add a strategy class under its ``name``; a name already taken by another class is refused."""
+    taken = STRATEGIES.get(cls.name)
+    if taken is not None and taken is not cls:
+        raise DLMError(
+            f"a sampling strategy named '{cls.name}' is already registered ({taken.__module__}.{taken.__qualname__}): "
+            f"give {cls.__qualname__} another name"
+        )
     STRATEGIES[cls.name] = cls
     return cls
 
