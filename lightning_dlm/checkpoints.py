@@ -441,70 +441,14 @@ def _not_diffusion_folder(path: str) -> DLMError:
     )
 
 
-def _load_exported(path: str, map_location: str):
-    from transformers import AutoConfig
-
-    from lightning_dlm.diffusion.config import DiffusionConfig
-    from lightning_dlm.model import BackboneConfig, MaskTokenConfig
-    from lightning_dlm.model.loading import DTYPES
+# --- loading ------------------------------------------------------------------------------------------
+def load_diffusion_lm(path: str, map_location: str = "cpu", trust_checkpoint: bool = False):
+    """A :class:`DiffusionLM` in eval mode around :meth:`DiffusionModel.from_pretrained` of ``path``
+    (a ``.ckpt`` or sharded checkpoint folder written by ``dlm fit``, or a folder written by ``dlm
+    export``): for what the LightningModule adds (``nelbo_per_token``, ``dlm validate``-style
+    evaluation). To sample or evaluate, load the :class:`DiffusionModel` itself."""
+    from lightning_dlm.model.diffusion_model import DiffusionModel
     from lightning_dlm.module import DiffusionLM
 
-    cfg = read_export_config(path)
-    try:
-        dtype = AutoConfig.from_pretrained(path).dtype
-    except (OSError, ValueError) as err:
-        raise DLMError(f"could not read the model config of '{path}' ({type(err).__name__}): export the checkpoint again") from None
-    dtype_name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
-    backbone = BackboneConfig(
-        pretrained=path,
-        tokenizer=path,
-        dtype=dtype_name if dtype_name in DTYPES else "float32",
-        mask_token=MaskTokenConfig(mode="reuse", id=int(cfg["mask_token_id"]), token=cfg.get("mask_token") or "<|mask|>"),
-    )
-    fields = DiffusionConfig.__dataclass_fields__
-    diffusion = DiffusionConfig(**{key: cfg[key] for key in fields if key in cfg})
-    extra = {key: int(cfg[key]) for key in ("seed", "val_t_levels") if key in cfg}
-    module = DiffusionLM(backbone=backbone, diffusion=diffusion, **extra)
-    module.configure_model()
-    module.net.mask_token_added = bool(cfg.get("mask_token_added", False))
-    module.tokens_seen = int(cfg.get("tokens_seen", 0))
-    tokenizer_mask = getattr(module.tokenizer, "mask_token_id", None)
-    if tokenizer_mask is not None and tokenizer_mask != module.mask_token_id:
-        raise DLMError(
-            f"'{path}': the tokenizer's mask token id {tokenizer_mask} differs from {EXPORT_CONFIG}'s "
-            f"{module.mask_token_id}: export the checkpoint again with `dlm export`"
-        )
-    return module.to(map_location)
-
-
-# --- loading ------------------------------------------------------------------------------------------
-def module_from_checkpoint(checkpoint: Dict[str, Any]):
-    """A :class:`DiffusionLM` (train mode, CPU) holding the weights of a checkpoint from :func:`read_checkpoint`."""
-    import inspect
-
-    from lightning_dlm.module import CHECKPOINT_KEY, DiffusionLM
-
-    accepted = inspect.signature(DiffusionLM.__init__).parameters
-    hparams = {key: value for key, value in (checkpoint.get("hyper_parameters") or {}).items() if key in accepted}
-    # the stored backbone rebuilds the model without the original weights or paths
-    hparams["backbone"] = checkpoint[CHECKPOINT_KEY]["backbone"]
-    module = DiffusionLM(**hparams)
-    module.on_load_checkpoint(checkpoint)  # tokenizer, tokens_seen, the backbone, mask-id check
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise DLMError(f"the checkpoint's weights do not fit its model ({first[:200]}): was it written by `dlm fit`?") from None
-    return module
-
-
-def load_diffusion_lm(path: str, map_location: str = "cpu", trust_checkpoint: bool = False):
-    """A :class:`DiffusionLM` in eval mode, ready to sample or evaluate, from a ``.ckpt`` or sharded
-    checkpoint folder written by ``dlm fit``, or a folder written by ``dlm export``. Loading runs no
-    code from the files unless ``trust_checkpoint`` (see :func:`load_checkpoint_file`)."""
-    if is_exported_folder(path):
-        module = _load_exported(path, map_location)
-    else:
-        module = module_from_checkpoint(read_checkpoint(path, trust=trust_checkpoint)).to(map_location)
-    module.eval()
-    return module
+    model = DiffusionModel.from_pretrained(path, map_location=map_location, trust_checkpoint=trust_checkpoint)
+    return DiffusionLM.from_model(model).eval()

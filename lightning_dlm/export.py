@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from lightning_dlm.checkpoints import EXPORT_CONFIG, read_checkpoint, require_exists
+from lightning_dlm.configs import coerce_config
+from lightning_dlm.model.tokenizer_files import tokenizer_from_files
 from lightning_dlm.errors import DLMError
 
 EXPORT_FORMAT = 1
@@ -82,15 +84,16 @@ def build_hf_model(backbone: Dict[str, Any], state: Dict[str, torch.Tensor], dty
 
     from lightning_dlm.model import BackboneConfig
     from lightning_dlm.model.loading import resolve_hf_config
-    from lightning_dlm.module import _coerce
-
-    cfg = _coerce(BackboneConfig, backbone)
+    cfg = coerce_config(BackboneConfig, backbone)
     config = resolve_hf_config(cfg)
     config.is_causal = False  # a diffusion LM attends both ways; transformers' mask builders read this
     for key, value in state.items():  # one tensor at a time: a cast copy never doubles the model in memory
         if value.is_floating_point():
             state[key] = value.to(dtype)
-    with torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    # parameters on the meta device; buffers computed from the config (rotary inv_freq is not stored)
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
@@ -99,20 +102,18 @@ def build_hf_model(backbone: Dict[str, Any], state: Dict[str, torch.Tensor], dty
             f"was it written by `dlm fit` with this lightning_dlm?"
         )
     model.tie_weights()
-    left = [name for name, param in model.named_parameters() if param.is_meta]
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if left:
         raise DLMError(f"the checkpoint lacks weights of its {config.model_type} model ({', '.join(left[:5])}): it is incomplete")
     model.config.dtype = dtype
     return model.eval()
 
 
-def _tokenizer_with_mask(meta: Dict[str, Any]):
+def tokenizer_with_mask(meta: Dict[str, Any]):
     """The checkpoint's tokenizer, its mask token set to the diffusion mask (added or reused)."""
-    from lightning_dlm.module import _tokenizer_from_files
-
     if not meta.get("tokenizer_files"):
         raise DLMError("the checkpoint carries no tokenizer: train with model.backbone.tokenizer (or pretrained) set")
-    tokenizer = _tokenizer_from_files(meta["tokenizer_files"])
+    tokenizer = tokenizer_from_files(meta["tokenizer_files"])
     mask_id = int(meta["mask_token_id"])
     if tokenizer.mask_token_id != mask_id:
         token = tokenizer.convert_ids_to_tokens(mask_id) if mask_id < len(tokenizer) else None
@@ -123,27 +124,44 @@ def _tokenizer_with_mask(meta: Dict[str, Any]):
     return tokenizer
 
 
-def diffusion_config(checkpoint: Dict[str, Any], tokenizer, source: str, dtype: torch.dtype) -> Dict[str, Any]:
+def export_config(mask_token_id: int, tokenizer, mask_token_added: bool, diffusion, dtype: torch.dtype,
+                  info: Dict[str, Any]) -> Dict[str, Any]:
     """The contents of ``diffusion_config.json``: what a sampler needs beyond the transformers model."""
-    from lightning_dlm.diffusion.config import DiffusionConfig
-    from lightning_dlm.module import CHECKPOINT_KEY, _coerce
-
-    meta = checkpoint[CHECKPOINT_KEY]
-    hparams = checkpoint.get("hyper_parameters") or {}
     return {
         "format": EXPORT_FORMAT,
         "lightning_dlm_version": lightning_dlm_version(),
-        "mask_token_id": int(meta["mask_token_id"]),
-        "mask_token": tokenizer.convert_ids_to_tokens(int(meta["mask_token_id"])),
-        "mask_token_added": bool(meta["mask_token_added"]),
-        **asdict(_coerce(DiffusionConfig, hparams.get("diffusion"))),  # schedule, shift, normalization, ...
-        "seed": int(hparams.get("seed", 0)),  # with val_t_levels: DiffusionLM.nelbo_per_token's fixed draws
-        "val_t_levels": int(hparams.get("val_t_levels", 8)),
+        "mask_token_id": int(mask_token_id),
+        "mask_token": tokenizer.convert_ids_to_tokens(int(mask_token_id)),
+        "mask_token_added": bool(mask_token_added),
+        **asdict(diffusion),  # schedule, shift, normalization, ...
+        "seed": int(info.get("seed", 0)),  # with val_t_levels: DiffusionLM.nelbo_per_token's fixed draws
+        "val_t_levels": int(info.get("val_t_levels", 8)),
         "dtype": str(dtype).replace("torch.", ""),
-        "source_checkpoint": os.path.abspath(source),
-        "global_step": checkpoint.get("global_step"),
-        "tokens_seen": int(meta.get("tokens_seen", 0)),
+        "source_checkpoint": info.get("source_checkpoint"),
+        "global_step": info.get("global_step"),
+        "tokens_seen": int(info.get("tokens_seen", 0)),
     }
+
+
+def checkpoint_info(checkpoint: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """What a ``dlm fit`` checkpoint records beside its weights (seed, levels, progress, origin)."""
+    from lightning_dlm.module import CHECKPOINT_KEY
+
+    hparams = checkpoint.get("hyper_parameters") or {}
+    return {"seed": int(hparams.get("seed", 0)), "val_t_levels": int(hparams.get("val_t_levels", 8)),
+            "tokens_seen": int(checkpoint[CHECKPOINT_KEY].get("tokens_seen", 0)),
+            "global_step": checkpoint.get("global_step"), "source_checkpoint": os.path.abspath(source)}
+
+
+def diffusion_config(checkpoint: Dict[str, Any], tokenizer, source: str, dtype: torch.dtype) -> Dict[str, Any]:
+    """``diffusion_config.json`` of a ``dlm fit`` checkpoint."""
+    from lightning_dlm.diffusion.config import DiffusionConfig
+    from lightning_dlm.module import CHECKPOINT_KEY
+
+    meta = checkpoint[CHECKPOINT_KEY]
+    diffusion = coerce_config(DiffusionConfig, (checkpoint.get("hyper_parameters") or {}).get("diffusion"))
+    return export_config(meta["mask_token_id"], tokenizer, meta["mask_token_added"], diffusion, dtype,
+                         checkpoint_info(checkpoint, source))
 
 
 def export(ckpt: str, out: str, dtype: str = "keep", progress: Optional[Callable[[str], None]] = None,
@@ -167,11 +185,24 @@ def export(ckpt: str, out: str, dtype: str = "keep", progress: Optional[Callable
     state = backbone_state_dict(checkpoint.pop("state_dict"))  # the only reference to the weights now
     target = _target_dtype(state, dtype)
     model = build_hf_model(meta["backbone"], state, target)
-    tokenizer = _tokenizer_with_mask(meta)
+    tokenizer = tokenizer_with_mask(meta)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model: {model.config.model_type}, {n_params / 1e6:.2f}M parameters, {str(target).replace('torch.', '')}, "
         f"mask token {meta['mask_token_id']} ({'added' if meta['mask_token_added'] else 'reused'})")
 
+    write_export_folder(out, model, tokenizer, diffusion_config(checkpoint, tokenizer, ckpt, target), say)
+    return out
+
+
+def write_export_folder(out: str, model, tokenizer, config: Dict[str, Any],
+                        progress: Optional[Callable[[str], None]] = None) -> str:
+    """Write the export format into ``out`` (new or empty): the transformers ``model``
+    (safetensors), the ``tokenizer`` (naming the mask token) and ``config`` as
+    ``diffusion_config.json``. Written under a temporary name beside ``out`` and renamed at the
+    end, so a failure leaves nothing half-written."""
+    say = progress or (lambda line: None)
+    out = os.path.abspath(out)
+    check_out_dir(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{os.path.basename(out)}.export-{uuid.uuid4().hex[:8]}")
@@ -180,7 +211,6 @@ def export(ckpt: str, out: str, dtype: str = "keep", progress: Optional[Callable
         say(f"writing {out}")
         model.save_pretrained(staging, max_shard_size="5GB")
         tokenizer.save_pretrained(staging)
-        config = diffusion_config(checkpoint, tokenizer, ckpt, target)
         with open(os.path.join(staging, EXPORT_CONFIG), "w", encoding="utf-8") as fh:
             json.dump(config, fh, indent=2)
             fh.write("\n")

@@ -10,10 +10,8 @@ Checkpoints are self-contained: they carry the model's transformers config and t
 
 from __future__ import annotations
 
-import base64
 import math
 import os
-import tempfile
 from dataclasses import asdict, replace
 from functools import partial
 from typing import Any, Dict, Optional, Union
@@ -27,7 +25,6 @@ from lightning_dlm.diffusion import (
     anneal_ratio,
     annealing_mask,
     corrupt,
-    diffusion_loss_terms,
     get_schedule,
     loss_terms_from_rows,
     maskable_positions,
@@ -35,33 +32,19 @@ from lightning_dlm.diffusion import (
     scored_rows,
     t_grid,
 )
+from lightning_dlm.configs import coerce_config
 from lightning_dlm.diffusion.config import DiffusionConfig
 from lightning_dlm.distributed import clip_grad_norm_sharded
 from lightning_dlm.errors import DLMError
-from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig, load_tokenizer
+from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig, load_tokenizer
 from lightning_dlm.model.loading import max_positions, resolve_hf_config
+from lightning_dlm.model.tokenizer_files import tokenizer_from_files, tokenizer_to_files
 from lightning_dlm.model.sharded_loading import broadcast_into_sharded, loads_pretrained_weights, materialize_meta
 from lightning_dlm.optim import OptimConfig, build_optimizer, lr_multiplier
 from lightning_dlm.resume import apply_optim_changes, compare_hparams
 from lightning_dlm.seeding import derive_seed, make_generator
 
 CHECKPOINT_KEY = "lightning_dlm"
-
-
-def _coerce(cls, value):
-    """Accept a config record or its dict form (checkpoints store plain dicts)."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, dict):
-        value = dict(value)
-        if cls is BackboneConfig and isinstance(value.get("mask_token"), dict):
-            value["mask_token"] = MaskTokenConfig(**value["mask_token"])
-        if cls is OptimConfig and "betas" in value:
-            value["betas"] = tuple(value["betas"])
-        return cls(**value)
-    raise DLMError(f"expected a {cls.__name__} or a mapping, got {type(value).__name__}")
 
 
 class DiffusionLM(L.LightningModule):
@@ -84,9 +67,9 @@ class DiffusionLM(L.LightningModule):
         val_t_levels: int = 8,
     ):
         super().__init__()
-        self.backbone_cfg = _coerce(BackboneConfig, backbone)
-        self.diffusion_cfg = _coerce(DiffusionConfig, diffusion).check()
-        self.optim_cfg = _coerce(OptimConfig, optim).check()
+        self.backbone_cfg = coerce_config(BackboneConfig, backbone)
+        self.diffusion_cfg = coerce_config(DiffusionConfig, diffusion).check()
+        self.optim_cfg = coerce_config(OptimConfig, optim).check()
         if val_t_levels < 1:
             raise DLMError(f"val_t_levels must be >= 1, got {val_t_levels}")
         self.save_hyperparameters(
@@ -101,7 +84,7 @@ class DiffusionLM(L.LightningModule):
         self.seed = seed
         self.val_t_levels = val_t_levels
         self.schedule = get_schedule(self.diffusion_cfg.schedule, **self.diffusion_cfg.schedule_kwargs)
-        self.net: Optional[DiffusionBackbone] = None
+        self.net: Optional[DiffusionModel] = None
         self._pending_weights = False  # sharded load: weights still to be broadcast into the shards
         self._first_nonfinite: Optional[torch.Tensor] = None  # first step with a nan/inf loss (device)
         self.tokenizer = None
@@ -124,11 +107,14 @@ class DiffusionLM(L.LightningModule):
         if cfg.tokenizer_source is not None:
             self.tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.trust_remote_code)
         empty = self._sharded_load()
-        self.net = DiffusionBackbone.from_config(cfg, self.tokenizer, seed=self.seed, empty=empty)
+        self.net = DiffusionModel.from_config(cfg, self.tokenizer, seed=self.seed, empty=empty,
+                                              diffusion=self.diffusion_cfg)
         if empty:
             strategy = self.trainer.strategy
             strategy.kwargs.setdefault("param_init_fn", partial(materialize_meta, device=strategy.root_device))
             self._pending_weights = True
+        else:
+            self.net.check_row_logits()  # now, not inside the first (FLOP-counted) training step
         # from_pretrained returns eval mode, and Lightning keeps the mode it finds: dropout-bearing
         # models would silently train without dropout.
         self.net.train()
@@ -152,8 +138,15 @@ class DiffusionLM(L.LightningModule):
         if self.global_rank == 0:
             cfg = self.backbone_cfg
             tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.trust_remote_code) if cfg.tokenizer_source else None
-            source = DiffusionBackbone.from_config(cfg, tokenizer, seed=self.seed).model.state_dict()
+            full = DiffusionModel.from_config(cfg, tokenizer, seed=self.seed)
+            exact = [full.check_row_logits()]  # decided on the whole model, before it is sharded
+            source = full.model.state_dict()
+        else:
+            exact = [None]
         broadcast_into_sharded(self.trainer.strategy.model, source, prefix="net.model.")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(exact, src=0)
+        self.net.row_logits_exact = exact[0]
         del source
 
     def on_fit_start(self) -> None:
@@ -172,7 +165,7 @@ class DiffusionLM(L.LightningModule):
     def mask_token_id(self) -> int:
         return self._require_net().mask_token_id
 
-    def _require_net(self) -> DiffusionBackbone:
+    def _require_net(self) -> DiffusionModel:
         if self.net is None:
             self.configure_model()
         return self.net
@@ -200,25 +193,21 @@ class DiffusionLM(L.LightningModule):
         return self.global_step * accumulate + batch_idx % accumulate
 
     def diffusion_terms(self, x0, attention_mask, t, allowed, generator, document_ids=None):
-        """Corrupt ``x0`` at times ``t``, run the backbone, return (LossTerms, masked, maskable).
+        """Corrupt ``x0`` at times ``t``, run the model, return (LossTerms, masked, maskable).
 
-        When the model's logits are a plain linear head, the head runs only on the rows that are
-        scored (about half of them on average), which the loss needs and nothing else.
+        The model gives the logits of the scored rows only (about half of them on average; its
+        LM head runs on those rows alone when that is exact), which is all the loss needs.
         """
         cfg = self.diffusion_cfg
         net = self._require_net()
         maskable = maskable_positions(x0.shape, cfg.shift, attention_mask, device=x0.device)
         xt, masked = corrupt(x0, t, net.mask_token_id, self.schedule, maskable, generator)
         num_targets = maskable.sum()  # real target positions (no padding), a tensor: no host sync
-        if net.row_logits_exact:
-            hidden = net.hidden_states(xt, attention_mask=attention_mask, allowed=allowed, document_ids=document_ids)
-            sources, targets = scored_rows(x0, masked, cfg.shift)
-            weights = self.schedule.weight(t.float()).to(x0.device)[:, None].expand_as(sources)[sources]
-            terms = loss_terms_from_rows(net.lm_head(hidden[sources]), targets, weights, num_targets)
-        else:
-            logits = self(xt, attention_mask=attention_mask, allowed=allowed, document_ids=document_ids)
-            terms = diffusion_loss_terms(logits, x0, masked, t, self.schedule, cfg.shift, num_targets)
-        return terms, masked, maskable
+        sources, targets = scored_rows(x0, masked, cfg.shift)
+        logits = net.scored_logits(xt, sources, attention_mask=attention_mask, allowed=allowed,
+                                   document_ids=document_ids)
+        weights = self.schedule.weight(t.float()).to(x0.device)[:, None].expand_as(sources)[sources]
+        return loss_terms_from_rows(logits, targets, weights, num_targets), masked, maskable
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Dropout draws from torch's global generator: reseed it per batch so resume is exact.
@@ -360,7 +349,7 @@ class DiffusionLM(L.LightningModule):
             "mask_token_id": net.mask_token_id,
             "mask_token_added": net.mask_token_added,
             "tokens_seen": self.tokens_seen,
-            "tokenizer_files": _tokenizer_files(self.tokenizer),
+            "tokenizer_files": tokenizer_to_files(self.tokenizer),
         }
         # Rebuilding from the checkpoint needs neither the original weights nor their path: the
         # backbone is described by its full transformers config and an explicit mask id. The
@@ -392,6 +381,19 @@ class DiffusionLM(L.LightningModule):
         del checkpoint
         return super().load_from_checkpoint(path, map_location, hparams_file, strict, weights_only=not trust, **kwargs)
 
+    @classmethod
+    def from_model(cls, model: DiffusionModel) -> "DiffusionLM":
+        """A DiffusionLM around a loaded :class:`DiffusionModel` (its weights, config and
+        tokenizer), e.g. to validate or keep training it."""
+        backbone = BackboneConfig(config=model.config.to_dict(), dtype=str(model.model.dtype).replace("torch.", ""),
+                                  attn_implementation=model.attn_implementation,
+                                  mask_token=MaskTokenConfig(mode="reuse", id=model.mask_token_id))
+        module = cls(backbone=backbone, diffusion=model.diffusion, seed=int(model.info.get("seed", 0)),
+                     val_t_levels=int(model.info.get("val_t_levels", 8)))
+        module.net, module.tokenizer = model, model.tokenizer
+        module.tokens_seen = int(model.info.get("tokens_seen", 0))
+        return module
+
     def _follow_new_optim_options(self, checkpoint: Dict[str, Any]) -> None:
         """A resume with new optimiser options (allowed and printed by the CLI): the restored
         optimiser and scheduler state take the new peak lr, betas, decay and schedule."""
@@ -412,7 +414,7 @@ class DiffusionLM(L.LightningModule):
         self.tokens_seen = int(meta.get("tokens_seen", 0))
         self._follow_new_optim_options(checkpoint)
         if self.tokenizer is None and meta.get("tokenizer_files"):
-            self.tokenizer = _tokenizer_from_files(meta["tokenizer_files"])
+            self.tokenizer = tokenizer_from_files(meta["tokenizer_files"])
         net = self._require_net()
         net.mask_token_added = bool(meta["mask_token_added"])
         if net.mask_token_id != meta["mask_token_id"]:
@@ -420,39 +422,3 @@ class DiffusionLM(L.LightningModule):
                 f"mask token id mismatch: the checkpoint used {meta['mask_token_id']}, this model "
                 f"{net.mask_token_id}: use the same backbone.mask_token settings as the checkpoint"
             )
-
-
-def _tokenizer_files(tokenizer) -> Dict[str, str]:
-    """Serialise a tokenizer into {file name: base64 content} (storable in a checkpoint)."""
-    if tokenizer is None:
-        return {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        files = {}
-        for name in sorted(os.listdir(tmp)):
-            with open(os.path.join(tmp, name), "rb") as fh:
-                files[name] = base64.b64encode(fh.read()).decode("ascii")
-    return files
-
-
-def _tokenizer_from_files(files: Dict[str, str]):
-    """The tokenizer of :func:`_tokenizer_files`' mapping. Every name is checked (a plain file name)
-    and every content decoded before anything is written."""
-    import binascii
-
-    from lightning_dlm.checkpoints import check_plain_names
-
-    if not isinstance(files, dict):
-        raise DLMError("the checkpoint's tokenizer files are not a {name: content} mapping: the checkpoint is damaged")
-    check_plain_names(files, "tokenizer file name", "the checkpoint")
-    decoded = {}
-    for name, content in files.items():
-        try:
-            decoded[name] = base64.b64decode(content, validate=True)
-        except (binascii.Error, TypeError, ValueError):
-            raise DLMError(f"tokenizer file {name!r} in the checkpoint is not base64: the checkpoint is damaged") from None
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, content in decoded.items():
-            with open(os.path.join(tmp, name), "xb") as fh:  # x: never follows or replaces an existing file
-                fh.write(content)
-        return load_tokenizer(tmp)

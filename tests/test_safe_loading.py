@@ -20,7 +20,8 @@ import torch
 from lightning_dlm.checkpoints import is_diffusion_checkpoint, load_checkpoint_file, load_diffusion_lm
 from lightning_dlm.cli import main
 from lightning_dlm.errors import DLMError
-from lightning_dlm.module import CHECKPOINT_KEY, DiffusionLM, _tokenizer_from_files
+from lightning_dlm.model.tokenizer_files import tokenizer_from_files
+from lightning_dlm.module import CHECKPOINT_KEY, DiffusionLM
 from tests.conftest import REPO, TINY_CORPUS
 from tests.test_export import write_sharded
 
@@ -262,7 +263,7 @@ def test_bad_tokenizer_file_names_are_refused_before_anything_is_written(debug_c
         with pytest.raises(DLMError, match=f"tokenizer file name {repr(name).replace(chr(92), chr(92) * 2)}"):
             load_diffusion_lm(str(path))
         with pytest.raises(DLMError, match="is refused"):  # also the path Lightning takes (on_load_checkpoint)
-            _tokenizer_from_files(files)
+            tokenizer_from_files(files)
         for command in ("sample", "export"):
             args, written = commands(path, tmp_path)[command]
             line = error_line(args, capsys)
@@ -275,9 +276,9 @@ def test_bad_tokenizer_file_names_are_refused_before_anything_is_written(debug_c
 def test_tokenizer_files_round_trip_still_works(debug_ckpt):
     files = raw(debug_ckpt)[CHECKPOINT_KEY]["tokenizer_files"]
     assert "tokenizer.json" in files
-    assert len(_tokenizer_from_files(files)) > 0
+    assert len(tokenizer_from_files(files)) > 0
     with pytest.raises(DLMError, match="is not base64"):
-        _tokenizer_from_files({**files, "tokenizer.json": "not base64!"})
+        tokenizer_from_files({**files, "tokenizer.json": "not base64!"})
 
 
 # --- damaged and foreign files -----------------------------------------------------------------------------

@@ -160,11 +160,9 @@ def test_lm_head_on_scored_rows_matches_full_logits(family):
         torch.manual_seed(0)
         module = DiffusionLM(backbone=BackboneConfig(config=dict(FAMILIES[family]), mask_token=MaskTokenConfig(mode="reuse", id=3)))
         module.configure_model()
-        if force_full:  # a logit transform after the head forces the full-logits path
-            module.net.config.final_logit_softcapping = 30.0
-            assert not module.net.row_logits_exact
-        else:
-            assert module.net.row_logits_exact
+        assert module.net.row_logits_exact  # checked numerically: the head alone gives the logits
+        if force_full:
+            module.net.row_logits_exact = False
         x0 = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
         allowed = torch.ones(16, 16, dtype=torch.bool).tril()
         terms, _, _ = module.diffusion_terms(x0, None, torch.tensor([0.3, 0.6, 0.9]), allowed, torch.Generator().manual_seed(2))
@@ -223,3 +221,31 @@ def test_validation_nelbo_does_not_depend_on_batching_or_world_size():
     two_ranks = metric([DataLoader(dataset, batch_size=3, sampler=s) for s in shards])
     assert two_ranks == pytest.approx(single, rel=1e-6)
     assert metric([DataLoader(dataset, batch_size=2)]) == single  # and it is reproducible
+
+
+def test_the_row_logits_check_is_numeric():
+    """A model that transforms its logits after the LM head (soft-capping, scaling) is caught by
+    running both paths, not by a list of config keys."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lightning_dlm.model import DiffusionModel
+    from tests.conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    config = dict(TINY_LLAMA)
+    llama = DiffusionModel(AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config)),
+                           mask_token_id=3, mask_token_added=False)
+    assert llama.check_row_logits() is True
+    scaled = DiffusionModel(AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **config)),
+                            mask_token_id=3, mask_token_added=False)
+    scaled.model.register_forward_hook(lambda mod, args, out: out.__setitem__("logits", out["logits"] * 2) or out)
+    assert scaled.check_row_logits() is False
+    gemma = AutoConfig.for_model("gemma2", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5)
+    capped = DiffusionModel(AutoModelForCausalLM.from_config(gemma), mask_token_id=3, mask_token_added=False)
+    assert capped.check_row_logits() is False
+    x0 = torch.randint(4, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    rows = torch.zeros(2, 10, dtype=torch.bool)
+    rows[:, 3:6] = True
+    with torch.no_grad():  # the full path serves a capped model: its logits are the model's own
+        torch.testing.assert_close(capped.scored_logits(x0, rows), capped(x0)[rows])

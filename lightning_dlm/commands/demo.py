@@ -66,7 +66,7 @@ def demo(
         max_steps: override trainer.max_steps of the config.
         run_dir: write logs and checkpoints here instead of the config's folders.
     """
-    from lightning_dlm.checkpoints import load_diffusion_lm
+    from lightning_dlm.model.diffusion_model import DiffusionModel
     from lightning_dlm.sampling import generate
 
     if not os.path.isfile(config):
@@ -96,7 +96,7 @@ def demo(
     after = _val_nelbo(_run_cli(["validate", "--config", config, "--ckpt_path", ckpt, *quiet]))
     t3 = time.time()
     print(f"[demo] 4/4 sampling from {ckpt}")
-    module = load_diffusion_lm(ckpt)
+    module = DiffusionModel.from_pretrained(ckpt)
     cont = generate(module, [prompt], length=length, steps=steps, temperature=temperature, top_p=top_p, seed=0)
     fill = generate(module, [infill_prefix], suffixes=[infill_suffix], length=length // 2, steps=steps // 2,
                     temperature=temperature, top_p=top_p, seed=0)

@@ -20,6 +20,7 @@ from lightning_dlm.errors import DLMError
 from lightning_dlm.evaluation.choice import choice_rows, diffusion_choice_scores
 from lightning_dlm.evaluation.likelihood import causal_perplexity, diffusion_nelbo
 from lightning_dlm.evaluation.scoring import causal_row_nll
+from lightning_dlm.model.diffusion_model import DiffusionModel
 from lightning_dlm.model.loading import start_and_pad_ids
 
 Progress = Callable[[int], None]
@@ -59,20 +60,22 @@ class Evaluator:
 
 
 class DiffusionEvaluator(Evaluator):
-    """An adapted diffusion checkpoint: ELBO bounds, the paper's choice protocol, the sampler."""
+    """A diffusion model (:class:`DiffusionModel`, or the DiffusionLM training one): ELBO bounds,
+    the paper's choice protocol, the sampler."""
 
     kind = "diffusion"
 
-    def __init__(self, module, name: str = "diffusion"):
-        module.configure_model()
-        module.eval()
-        self.module = module
-        self.net = module.net
-        super().__init__(self.net, module.tokenizer, name)
+    def __init__(self, model, name: str = "diffusion"):
+        if hasattr(model, "configure_model") and hasattr(model, "diffusion_cfg"):  # the DiffusionLM training one
+            model.configure_model()
+            model = model.net
+        model.eval()
+        self.net = model
+        super().__init__(model, model.tokenizer, name)
 
     def likelihood(self, blocks: torch.Tensor, levels: int = 8, draws: int = 4, batch_size: int = 8, seed: int = 0,
                    progress: Progress = _nothing) -> Dict[str, float]:
-        return diffusion_nelbo(self.net, blocks, shift=self.module.diffusion_cfg.shift, levels=levels, draws=draws,
+        return diffusion_nelbo(self.net, blocks, shift=self.net.shift, levels=levels, draws=draws,
                                batch_size=batch_size, seed=seed, progress=progress)
 
     def likelihood_work(self, blocks: int, levels: int = 8, draws: int = 4, **_) -> int:
@@ -84,7 +87,7 @@ class DiffusionEvaluator(Evaluator):
         -score (the paper's criterion), ``greedy``."""
         rows, starts = choice_rows(self.encode, self.start_id, contexts, continuations)
         scores, greedy = diffusion_choice_scores(self.net, rows, starts, self.pad_id, levels=levels,
-                                                 shift=self.module.diffusion_cfg.shift, batch_size=batch_size,
+                                                 shift=self.net.shift, batch_size=batch_size,
                                                  seed=seed, progress=progress)
         counts = [len(r) - s for r, s in zip(rows, starts)]
         return dict(loglik=[-s * n for s, n in zip(scores, counts)], per_token=[-s for s in scores], greedy=greedy,
@@ -106,7 +109,7 @@ class DiffusionEvaluator(Evaluator):
             chunk = list(prompts[lo: lo + batch_size])
             suffix = list(suffixes[lo: lo + batch_size]) if suffixes is not None else None
             size = dict(max_length=length) if stop_at_eos else dict(length=length)
-            out = generate(self.module, chunk, suffixes=suffix, **size, **sampler)
+            out = generate(self.net, chunk, suffixes=suffix, **size, **sampler)
             texts.extend(self.decode(ids) for ids in out.token_ids)
             progress(len(chunk))
         return texts
@@ -175,7 +178,7 @@ def load_evaluator(path: str, kind: str = "auto", device: str = "cpu", dtype: st
     """An evaluator for ``path``: a diffusion checkpoint (``.ckpt``, sharded or exported folder)
     or a causal LM (hub name or folder). ``kind``: ``auto``, ``diffusion`` or ``ar``.
     ``trust_checkpoint``: unpickle a diffusion checkpoint in full (code in it can run)."""
-    from lightning_dlm.checkpoints import is_diffusion_checkpoint, load_diffusion_lm
+    from lightning_dlm.checkpoints import is_diffusion_checkpoint
 
     if kind not in ("auto", "diffusion", "ar"):
         raise DLMError(f"unknown model kind '{kind}': use auto, diffusion or ar")
@@ -183,8 +186,8 @@ def load_evaluator(path: str, kind: str = "auto", device: str = "cpu", dtype: st
     # a file can only be a diffusion checkpoint (a causal LM is a folder or hub name): the loader
     # names what is wrong with it, and refuses what would run code
     if kind == "diffusion" or (kind == "auto" and (os.path.isfile(path) or is_diffusion_checkpoint(path))):
-        module = load_diffusion_lm(path, map_location=device, trust_checkpoint=trust_checkpoint)
-        return DiffusionEvaluator(module.to(device), name=label)
+        model = DiffusionModel.from_pretrained(path, map_location=device, trust_checkpoint=trust_checkpoint)
+        return DiffusionEvaluator(model, name=label)
     if os.path.isfile(path):
         raise DLMError(f"'{path}' is a file, and a causal LM is a folder or hub name: pass a model folder, "
                        f"or --kind diffusion for a .ckpt written by `dlm fit`")

@@ -105,7 +105,7 @@ class DiffusionHarnessLM(LM):
                 owner.append(n)
         bar = tqdm(total=len(rows) * self.levels, desc="loglikelihood_rolling", disable=disable_tqdm)
         scores, _ = diffusion_choice_scores(ev.net, rows, starts, ev.pad_id, levels=self.levels,
-                                            shift=ev.module.diffusion_cfg.shift, batch_size=self.batch_size,
+                                            shift=ev.net.shift, batch_size=self.batch_size,
                                             seed=self.seed, progress=bar.update)
         bar.close()
         totals = [0.0] * len(requests)

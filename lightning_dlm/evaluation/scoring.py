@@ -54,13 +54,11 @@ def diffusion_row_nll(net, x0: torch.Tensor, xt: torch.Tensor, masked: torch.Ten
     """Per row: (sum of CE of the masked tokens, number of masked tokens[, all argmax-correct]).
 
     ``x0`` are the clean ids, ``xt`` the corrupted input, ``masked`` (B, L) what was corrupted.
-    The LM head runs on the scored positions only when the backbone allows it.
+    ``net`` is a :class:`~lightning_dlm.model.DiffusionModel` (its ``scored_logits``: the LM head
+    runs on the scored positions only when that is exact).
     """
     sources, targets = scored_rows(x0, masked, shift)
-    if net.row_logits_exact:
-        logits = net.lm_head(net.hidden_states(xt, attention_mask=attention_mask)[sources])
-    else:
-        logits = net(xt, attention_mask=attention_mask)[sources]
+    logits = net.scored_logits(xt, sources, attention_mask=attention_mask)
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
     row = sources.nonzero()[:, 0]
     sums = torch.zeros(x0.shape[0], dtype=torch.float64, device=ce.device).index_add_(0, row, ce.double())

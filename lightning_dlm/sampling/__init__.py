@@ -1,6 +1,6 @@
 """Samplers for adapted diffusion LMs (plain torch; no Lightning).
 
-* :func:`generate` — text in, text out, for a DiffusionLM (or a DiffusionBackbone + tokenizer).
+* :func:`generate` — text in, text out, for a :class:`~lightning_dlm.model.DiffusionModel`.
 * :func:`decode` + :class:`SamplerConfig` — the sampler on token ids, for any denoiser.
 * :data:`STRATEGIES` — the registered strategies (``random``, ``confidence``, ``threshold``);
   :func:`register` adds one.

@@ -2,9 +2,9 @@
 
 :class:`FunctionDenoiser` wraps any ``fn(ids, attention_mask) -> logits (B, W, V)`` (a stub in
 tests, or a model without caching). :class:`ModelDenoiser` wraps a
-:class:`~lightning_dlm.model.DiffusionBackbone` and calls its transformers model directly with
-explicit ``position_ids`` (that skip padding), computing the LM head only at the positions the
-sampler needs (``logits_to_keep``), and supports KV caching for block decoding.
+:class:`~lightning_dlm.model.DiffusionModel` and runs its ``cached_forward`` with explicit
+``position_ids`` (that skip padding), computing the LM head only at the positions the sampler
+needs, and supports KV caching for block decoding.
 
 KV caching (``cache="prefix"`` or ``"dual"``) is an **approximation** for a bidirectional model:
 the keys/values of a token depend on every other token, including the masked slots that change
@@ -20,13 +20,12 @@ with sliding-window or recurrent layers should decode with ``cache="none"``.
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
 from lightning_dlm.errors import DLMError
-from lightning_dlm.model.backbone import position_ids_from_padding
+from lightning_dlm.model.diffusion_model import position_ids_from_padding
 
 CACHE_MODES = ("none", "prefix", "dual")
 
@@ -60,28 +59,22 @@ class FunctionDenoiser:
 
 
 class ModelDenoiser:
-    """A :class:`DiffusionBackbone` (any transformers causal LM run bidirectionally) with KV caching."""
+    """A :class:`~lightning_dlm.model.DiffusionModel` (any transformers causal LM run
+    bidirectionally) with KV caching, through the model's own ``cached_forward``."""
 
     supports_cache = True
 
     def __init__(self, net):
         model = getattr(net, "model", None)
-        if model is None or getattr(model.config, "is_causal", True):
+        if model is None or not hasattr(net, "cached_forward") or getattr(model.config, "is_causal", True):
             raise DLMError("this is not a diffusion model (no bidirectional backbone): load a lightning_dlm checkpoint")
         self.net = net
-        self.model = model
-        self._keep_ok = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
         self._kv_cols: Optional[torch.Tensor] = None  # the canvas columns held in the cache
         self._kv_rows: Optional[torch.Tensor] = None  # the canvas rows held in the cache
 
     def _run(self, ids, attention_mask, position_ids, keep: torch.Tensor, past=None, use_cache=False):
-        kwargs = dict(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids)
-        if self._keep_ok:  # the LM head runs at these positions only
-            kwargs["logits_to_keep"] = keep
-        out = self.model(**kwargs, past_key_values=past, use_cache=use_cache)
-        logits = out.logits if self._keep_ok else out.logits.index_select(1, keep)
-        return logits, out.past_key_values
+        return self.net.cached_forward(ids, attention_mask, position_ids, keep, past=past, use_cache=use_cache)
 
     def logits(self, ids, attention_mask, keep: Keep) -> torch.Tensor:
         """Raw logits at positions ``keep`` ((start, end) or indices) of a full (uncached) forward pass."""
