@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -230,3 +231,16 @@ def test_demo_runs_end_to_end_on_the_debug_config(tmp_path, capsys):
     assert "Once upon a time[" in out
     assert "val/nelbo before adaptation" in out and "val/nelbo after adaptation" in out
     assert os.path.isfile(tmp_path / "checkpoints" / "last.ckpt")
+
+
+def test_sample_help_shows_the_sampler_defaults_of_sampler_config(capsys):
+    from lightning_dlm.sampling import SamplerConfig
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--help"])
+    assert exit_info.value.code == 0
+    options = re.split(r"\n  (?=--)", capsys.readouterr().out.split("options:", 1)[1])  # one entry per option
+    defaults = SamplerConfig()
+    for name in ("steps", "temperature", "top_k", "top_p", "strategy", "cache"):
+        (entry,) = [" ".join(o.split()) for o in options if o.startswith(f"--{name} ")]
+        assert re.search(r"default: ([^)]+)\)$", entry).group(1) == str(getattr(defaults, name)), entry

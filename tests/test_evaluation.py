@@ -77,19 +77,24 @@ def ckpt(tmp_path_factory):
 
 # --- hand-built models ---------------------------------------------------------------------------
 class ForcedDenoiser(nn.Module):
-    """A diffusion 'backbone' whose every prediction puts probability ~1 on ``favoured``."""
+    """A diffusion model (the DiffusionModel interface) whose every prediction puts probability ~1
+    on ``favoured``."""
 
-    row_logits_exact = False
+    shift = True
 
-    def __init__(self, vocab, favoured, mask_token_id):
+    def __init__(self, vocab, favoured, mask_token_id, tokenizer=None):
         super().__init__()
         self.dummy = nn.Parameter(torch.zeros(()))
-        self.vocab, self.favoured, self.mask_token_id = vocab, favoured, mask_token_id
+        self.vocab, self.favoured, self.mask_token_id, self.tokenizer = vocab, favoured, mask_token_id, tokenizer
+        self.config = type("C", (), {"max_position_embeddings": 128})()
 
     def forward(self, input_ids, attention_mask=None):
         logits = torch.zeros(*input_ids.shape, self.vocab)
         logits[..., self.favoured] = 12.0
         return logits
+
+    def scored_logits(self, input_ids, rows, attention_mask=None, allowed=None, document_ids=None):
+        return self(input_ids, attention_mask)[rows]
 
 
 class ForcedCausalLM(nn.Module):
@@ -125,8 +130,7 @@ def test_choice_scorers_pick_the_option_the_model_is_forced_to_prefer(tmp_path, 
     path = write_jsonl(tmp_path / "mc.jsonl", [dict(context="Once upon a time", choices=options, label=label)])
     task = build_task(dict(task="multiple_choice", data=path, levels=4))
 
-    diffusion = tiny_module()
-    diffusion.net = ForcedDenoiser(len(tokenizer) + 1, favoured[0], mask_token_id=len(tokenizer))
+    diffusion = ForcedDenoiser(len(tokenizer) + 1, favoured[0], mask_token_id=len(tokenizer), tokenizer=tokenizer)
     ar = CausalEvaluator(ForcedCausalLM(len(tokenizer), favoured[0]), tokenizer)
     for evaluator in (DiffusionEvaluator(diffusion), ar):
         result = task.run(evaluator, lambda total, label: (lambda n: None))
@@ -134,7 +138,7 @@ def test_choice_scorers_pick_the_option_the_model_is_forced_to_prefer(tmp_path, 
     # raw diffusion scores: the forced option's mean masked CE is log(1 + 512 e^-12) ~ 0.003, the others ~12
     rows = [[0] + tokenizer("Once upon a time" + o, add_special_tokens=False)["input_ids"] for o in options]
     starts = [1 + len(tokenizer("Once upon a time", add_special_tokens=False)["input_ids"])] * 3
-    scores, greedy = diffusion_choice_scores(diffusion.net, rows, starts, pad_id=0, levels=4)
+    scores, greedy = diffusion_choice_scores(diffusion, rows, starts, pad_id=0, levels=4)
     assert scores[label] < 0.01 and min(s for i, s in enumerate(scores) if i != label) > 10
     assert greedy[label] and not any(g for i, g in enumerate(greedy) if i != label)
 
@@ -325,6 +329,111 @@ def test_bad_evaluation_input_gives_one_line_errors(tmp_path, ckpt, capsys):
         line = _error(["eval", "--model", ckpt, "--no-progress", *extra], capsys)
         assert line.startswith("error: ") and message in line, (extra, line)
     assert _error(["eval", "--task", "likelihood", "--data", TINY_CORPUS], capsys).startswith("error: no model")
+
+
+SHIPPED_EVAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "eval",
+                            "shakespeare.yaml")
+
+
+def test_dlm_eval_flags_override_the_config_and_help_lists_every_option(tmp_path, capsys):
+    from lightning_dlm.commands.eval import config_from_args, parse_args
+
+    base = config_from_args(parse_args(["--config", SHIPPED_EVAL]))
+    out = str(tmp_path / "r.json")
+    cfg = parse_args(["--config", SHIPPED_EVAL, "--model", "a.ckpt", "--model", "b", "--kind", "ar", "--set",
+                      "levels=3", "--out", out, "--device", "cuda:1", "--threads", "2", "--no-progress",
+                      "--trust-checkpoint"])
+    config = config_from_args(cfg)
+    assert [(m.path, m.kind, m.name) for m in config.models] == [("a.ckpt", "ar", None), ("b", "ar", None)]
+    assert [t["name"] for t in config.tasks] == [t["name"] for t in base.tasks] == ["shakespeare_val", "next_line"]
+    assert all(t["levels"] == 3 for t in config.tasks) and config.tasks[0]["draws"] == base.tasks[0]["draws"]
+    assert (config.out, config.device, config.threads, config.trust_checkpoint) == (out, "cuda:1", 2, True)
+    assert config.defaults == base.defaults == {"seed": 0} and cfg.progress is False
+    assert [m.name for m in base.models] == ["adapted (diffusion)", "SmolLM2-135M (AR)"] and base.out.endswith(".json")
+    # --task (with --data, --format, --name, --set) replaces the config's tasks, and keeps its models
+    one = config_from_args(parse_args(["--config", SHIPPED_EVAL, "--task", "lambada", "--data", "l.jsonl", "--name",
+                                       "lam", "--format", "lambada", "--set", "steps=4"]))
+    assert one.tasks == [dict(task="lambada", data="l.jsonl", name="lam", format="lambada", steps=4)]
+    assert one.models == base.models
+    # a config holds any option by its name; jsonargparse's own syntax works for the list keys
+    extra = tmp_path / "flags.yaml"
+    extra.write_text("models: [x, {path: y, kind: diffusion, name: Y}]\ntask: likelihood\ndata: corpus\n"
+                     "set: [max_blocks=2]\nprogress: false\nthreads: 3\n")
+    cfg = parse_args(["--config", str(extra), "--threads", "1"])
+    config = config_from_args(cfg)
+    assert [(m.path, m.kind, m.name) for m in config.models] == [("x", "auto", None), ("y", "diffusion", "Y")]
+    assert config.tasks == [dict(task="likelihood", data="corpus", max_blocks=2)] and config.threads == 1
+    assert not cfg.progress
+    cfg = parse_args(["--tasks", "[{task: lambada, data: l.jsonl}]", "--tasks+", "{task: infilling, data: r.jsonl}",
+                      "--defaults", "{seed: 3}"])
+    config = config_from_args(cfg)
+    assert [t["task"] for t in config.tasks] == ["lambada", "infilling"] and config.defaults == {"seed": 3}
+    # --help lists every option, one help line each
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--config", "--models", "--model", "--kind", "--tasks", "--defaults", "--task", "--data", "--format",
+                 "--name", "--set", "--out", "--device", "--dtype", "--threads", "--progress, --no-progress",
+                 "--trust_checkpoint", "--print_config"):
+        assert f"  {flag} " in text or f"  {flag}," in text or f"  {flag}\n" in text, flag
+    assert "tasks: gen_ppl, infilling, lambada, likelihood, multiple_choice, short_answer" in text
+
+
+def test_dlm_eval_command_line_errors_are_one_line(tmp_path, capsys):
+    bad_key = tmp_path / "bad.yaml"
+    bad_key.write_text("modles: [a]\n")
+    cases = [
+        (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+        (["--config", str(tmp_path / "none.yaml")], "none.yaml' does not exist"),
+        (["--config", str(bad_key)], "the config key 'modles' is no option of dlm eval"),
+        (["--kind", "encoder"], "--kind:"),
+        (["--threads", "two"], "--threads:"),
+        (["--model", "a", "--data", "x.jsonl"], "add --task <kind>"),
+        (["--model", "a", "--task", "lambada", "--set", "levels"], "is not key=value"),
+        (["--models", "[{path: a, knd: ar}]", "--task", "likelihood"], "unknown key(s) ['knd']"),
+        (["--models", "[{path: a, kind: encoder}]", "--task", "likelihood"], "has kind 'encoder'"),
+        (["--model", "a", "--task", "likelihood", "--out", str(tmp_path)], "is a folder"),
+        (["--model", "a"], "no task given"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and "\n" not in err, (args, err)
+
+
+def test_eval_decoding_defaults_are_the_samplers_or_the_declared_protocol():
+    """Every sampler option of an evaluation task (and of the lm-eval adapter) defaults to
+    SamplerConfig's value, or to the evaluation protocol's declared one: a default repeated with
+    another value fails here."""
+    import dataclasses
+    import inspect
+
+    from lightning_dlm.commands.eval import config_from_args, parse_args
+    from lightning_dlm.evaluation.harness import DiffusionHarnessLM
+    from lightning_dlm.evaluation.tasks import EVAL_DECODING, TASKS
+    from lightning_dlm.sampling.engine import sampler_defaults
+
+    defaults = sampler_defaults()
+    checked = set()
+    for kind, cls in TASKS.items():
+        protocol = getattr(cls, "decoding_protocol", {})
+        assert set(protocol) <= set(defaults), kind
+        cfg = config_from_args(parse_args(["--model", "m", "--task", kind]))  # what dlm eval resolves
+        task = build_task(cfg.tasks[0], cfg.defaults)
+        for f in dataclasses.fields(cls):
+            if f.name in defaults:
+                assert getattr(task, f.name) == protocol.get(f.name, defaults[f.name]), (kind, f.name)
+                checked.add(f.name)
+    assert {"steps", "strategy", "temperature", "top_p", "top_k", "block_size", "cache"} <= checked
+    assert EVAL_DECODING == dict(steps=None, strategy="confidence", temperature=0.0, top_p=1.0)  # the README's words
+    params = inspect.signature(DiffusionHarnessLM.__init__).parameters
+    shared = [name for name in defaults if name in params]
+    assert {"steps", "strategy", "temperature", "top_p", "block_size", "cache"} <= set(shared)
+    for name in shared:
+        assert params[name].default == EVAL_DECODING.get(name, defaults[name]), name
 
 
 def word_level_tokenizer(folder):

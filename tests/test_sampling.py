@@ -100,3 +100,49 @@ def test_bad_sampling_arguments(net):
         random_order_sample(_denoiser(net), canvas, get_schedule("linear"), steps=0)
     with pytest.raises(DLMError, match="top_p must be in"):
         random_order_sample(_denoiser(net), canvas, get_schedule("linear"), top_p=1.5)
+
+
+# --- the sampler's defaults live in SamplerConfig only -------------------------------------------
+def test_sampler_defaults_are_written_once_in_sampler_config(monkeypatch):
+    """generate() and `dlm sample` resolve every sampler option they leave unset to SamplerConfig's
+    default; a default repeated elsewhere with another value fails here."""
+    import dataclasses
+    import inspect
+
+    from lightning_dlm.commands.sample import build_parser
+    from lightning_dlm.model.loading import load_tokenizer
+    from lightning_dlm.sampling import generate
+    from lightning_dlm.sampling.engine import sampler_defaults
+    from tests.conftest import TINY_TOKENIZER
+
+    defaults = sampler_defaults()
+    assert defaults == {f.name: getattr(SamplerConfig(), f.name) for f in dataclasses.fields(SamplerConfig)}
+    # None means the default, so callers pass their options through
+    assert SamplerConfig(**{name: None for name in defaults}) == SamplerConfig()
+    assert SamplerConfig(steps=None, block_size=4, refresh_every=None).block_size == 4
+
+    # dlm sample: what its parser (and --help) resolves
+    parsed = build_parser().parse_args(["--ckpt", "x.ckpt"])
+    shared = [name for name in defaults if name in parsed]
+    assert {"steps", "temperature", "top_k", "top_p", "strategy", "block_size", "cache", "refresh_every"} <= set(shared)
+    assert {name: parsed[name] for name in shared} == {name: defaults[name] for name in shared}
+
+    # generate(): its signature leaves them unset, and the config it decodes with is SamplerConfig()'s
+    params = inspect.signature(generate).parameters
+    for name in defaults:
+        if name in params and params[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            assert params[name].default in (None, defaults[name]), name
+    seen = []
+
+    def capture(config):
+        seen.append(config)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(SamplerConfig, "check", capture)
+    tokenizer = load_tokenizer(TINY_TOKENIZER)
+    cfg = BackboneConfig(config=dict(TINY_LLAMA, vocab_size=len(tokenizer), max_position_embeddings=48))
+    net = DiffusionBackbone.from_config(cfg, tokenizer).eval()
+    with pytest.raises(RuntimeError, match="captured"):
+        generate(net, ["hello"], tokenizer=tokenizer, length=4)
+    resolved = dataclasses.asdict(seen[0])
+    assert {name: resolved[name] for name in defaults} == defaults

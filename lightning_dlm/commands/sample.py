@@ -15,7 +15,10 @@ from typing import Any, Dict, List, Literal, Optional, Union
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
 from lightning_dlm.errors import DLMError
+from lightning_dlm.sampling.engine import sampler_defaults
 
+#: The sampler's defaults (SamplerConfig's, written nowhere else): the signature below shows them in --help.
+_SAMPLER = sampler_defaults()
 
 TRUST_HELP = ("unpickle the checkpoint in full, which runs any code in it: only for a file whose author you trust "
               "(by default only tensors and plain data are read)")
@@ -51,18 +54,18 @@ def sample(
     prompts_file: Optional[str] = None,
     length: int = 64,
     max_length: Optional[int] = None,
-    steps: int = 64,
-    temperature: float = 0.9,
-    top_k: int = 0,
-    top_p: float = 0.9,
+    steps: int = _SAMPLER["steps"],
+    temperature: float = _SAMPLER["temperature"],
+    top_k: int = _SAMPLER["top_k"],
+    top_p: float = _SAMPLER["top_p"],
     seed: int = 0,
-    strategy: str = "random",
+    strategy: str = _SAMPLER["strategy"],
     confidence: Optional[str] = None,
     threshold: Optional[float] = None,
     rank_noise: Optional[float] = None,
-    block_size: Optional[int] = None,
-    cache: str = "none",
-    refresh_every: Optional[int] = None,
+    block_size: Optional[int] = _SAMPLER["block_size"],
+    cache: str = _SAMPLER["cache"],
+    refresh_every: Optional[int] = _SAMPLER["refresh_every"],
     num_samples: int = 1,
     batch_size: int = 8,
     format: Literal["text", "jsonl"] = "text",
@@ -105,7 +108,7 @@ def sample(
     """
     import torch
 
-    from lightning_dlm.checkpoints import load_diffusion_lm
+    from lightning_dlm.model.diffusion_model import DiffusionModel
     from lightning_dlm.sampling import SamplerConfig
 
     rows = _rows(prompt, suffix, prompts_file)
@@ -124,7 +127,11 @@ def sample(
                   strategy_options=options, block_size=block_size, cache=cache, refresh_every=refresh_every).check()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = load_diffusion_lm(ckpt, map_location=device, trust_checkpoint=trust_checkpoint)
+    if output:
+        folder = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(folder):
+            raise DLMError(f"--output {output}: the folder {folder} does not exist: create it or write elsewhere")
+    module = DiffusionModel.from_pretrained(ckpt, map_location=device, trust_checkpoint=trust_checkpoint)
     out_file = open(output, "w", encoding="utf-8") if output else None
     try:
         _run(module, rows, options, out_file or sys.stdout, num_samples=num_samples, batch_size=batch_size,
@@ -205,11 +212,16 @@ def _run(module, rows, options, stream, *, num_samples, batch_size, format, prog
     stream.flush()
 
 
-def sample_command(args: List[str]) -> None:
+def build_parser() -> ArgumentParser:
+    """The ``dlm sample`` parser: the options of :func:`sample` (its sampler defaults are SamplerConfig's)."""
     parser = ArgumentParser(prog="dlm sample", description="Decode text with a lightning_dlm checkpoint.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with these options")
     parser.add_function_arguments(sample, as_group=False, skip={"trust_checkpoint"})
     parser.add_argument("--trust_checkpoint", action=ActionYesNo, default=False, help=TRUST_HELP)
-    cfg = parser.parse_args(args)
+    return parser
+
+
+def sample_command(args: List[str]) -> None:
+    cfg = build_parser().parse_args(args)
     cfg.pop("config", None)
     sample(**cfg.as_dict())

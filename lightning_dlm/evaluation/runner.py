@@ -25,11 +25,33 @@ HEADLINE = {
 }
 
 
+MODEL_KINDS = ("auto", "diffusion", "ar")
+
+
 @dataclass
 class ModelSpec:
+    """One evaluated model: a diffusion checkpoint or a causal LM, its kind, its column name."""
+
     path: str
     kind: str = "auto"
     name: Optional[str] = None
+
+    @classmethod
+    def parse(cls, item: Any, kind: str = "auto") -> "ModelSpec":
+        """From a path (with ``kind``) or a ``{path, kind, name}`` mapping, with one-line errors."""
+        if isinstance(item, str):
+            item = dict(path=item, kind=kind)
+        if not isinstance(item, dict):
+            raise DLMError(f"model entry {item!r} is neither a path nor a {{path, kind, name}} mapping")
+        unknown = sorted(set(item) - {"path", "kind", "name"})
+        if unknown:
+            raise DLMError(f"model entry {item!r} has unknown key(s) {unknown}: use path, kind, name")
+        if not isinstance(item.get("path"), str) or not item["path"]:
+            raise DLMError(f"model entry {item!r} has no path: give path: <checkpoint or model folder>")
+        spec = cls(**item)
+        if spec.kind not in MODEL_KINDS:
+            raise DLMError(f"model '{spec.path}' has kind '{spec.kind}': choose one of {list(MODEL_KINDS)}")
+        return spec
 
 
 @dataclass

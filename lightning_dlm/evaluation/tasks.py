@@ -20,7 +20,7 @@ import hashlib
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, ClassVar, Dict, List, Optional
 
 import torch
 
@@ -28,6 +28,7 @@ from lightning_dlm.errors import DLMError
 from lightning_dlm.evaluation import metrics as M
 from lightning_dlm.evaluation.data import read_records
 from lightning_dlm.evaluation.formats import convert_records
+from lightning_dlm.sampling.engine import sampler_defaults
 
 Bar = Callable[[int, str], Callable[[int], None]]  # (total work, label) -> advance(n)
 
@@ -128,18 +129,30 @@ class MultipleChoiceTask(Task):
 
 
 # --- generation ------------------------------------------------------------------------------
+_SAMPLER = sampler_defaults()  # SamplerConfig's defaults: the sampler options not set by a protocol below
+
+#: Where the evaluation protocol decodes differently from the sampler's defaults: most confident
+#: slot first, argmax, one step per generated token (steps None). Every other sampler option of a
+#: generation task defaults to SamplerConfig's.
+EVAL_DECODING: Dict[str, Any] = dict(steps=None, strategy="confidence", temperature=0.0, top_p=1.0)
+#: Generative perplexity draws from the model: the paper's random order, temperature 1, no nucleus.
+GEN_PPL_DECODING: Dict[str, Any] = dict(EVAL_DECODING, strategy="random", temperature=1.0)
+
+
 @dataclass
 class GenerationTask(Task):
     """Shared options of the generation tasks: the sampler's (diffusion) or greedy decoding (AR)."""
 
-    steps: Optional[int] = None  # diffusion steps T (None: one per generated token)
-    strategy: str = "confidence"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    block_size: Optional[int] = None
-    cache: str = "none"
+    steps: Optional[int] = EVAL_DECODING["steps"]  # diffusion steps T (None: one per generated token)
+    strategy: str = EVAL_DECODING["strategy"]
+    temperature: float = EVAL_DECODING["temperature"]
+    top_p: float = EVAL_DECODING["top_p"]
+    top_k: int = _SAMPLER["top_k"]
+    block_size: Optional[int] = _SAMPLER["block_size"]
+    cache: str = _SAMPLER["cache"]
     show: int = 3  # examples kept in the results
+
+    decoding_protocol: ClassVar[Dict[str, Any]] = EVAL_DECODING  # the defaults that are not SamplerConfig's
 
     def decoding(self, evaluator, length: int) -> Dict[str, Any]:
         """The decoding options for ``length`` tokens: the sampler's for a diffusion model."""
@@ -237,11 +250,12 @@ class GenerativePerplexityTask(GenerationTask):
     num_samples: int = 16
     length: int = 128
     prompt: str = ""
-    strategy: str = "random"
-    temperature: float = 1.0
+    strategy: str = GEN_PPL_DECODING["strategy"]
+    temperature: float = GEN_PPL_DECODING["temperature"]
     show: int = 2
 
     kind = "gen_ppl"
+    decoding_protocol: ClassVar[Dict[str, Any]] = GEN_PPL_DECODING
 
     def judge(self, device: str):
         """The evaluator model, loaded once per task (every evaluated model is scored by it)."""

@@ -20,7 +20,7 @@ depend on whether *any* row commits).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -52,6 +52,10 @@ class SamplerConfig:
         stop_at_eos: a row stops once it has committed an EOS and every slot left of it is
             decided; the slots right of the EOS are set to the pad token.
         capture_trajectory: keep the canvas after every step (on the CPU).
+
+    These are the sampler's defaults, written here and nowhere else: ``generate()``, ``dlm
+    sample`` and the evaluation tasks take theirs from this class. ``None`` for an option whose
+    default is not None means "the default", so a caller passes its options through as they are.
     """
 
     steps: int = 64
@@ -65,6 +69,11 @@ class SamplerConfig:
     refresh_every: Optional[int] = None
     stop_at_eos: bool = False
     capture_trajectory: bool = False
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) is None and f.default is not None:
+                setattr(self, f.name, f.default_factory() if f.default is MISSING else f.default)
 
     def check(self) -> Strategy:
         """Validate the options; returns the strategy object."""
@@ -296,3 +305,10 @@ def decode(
         out.append(row[:eos_at[r]] if eos_at[r] is not None else row)
     stats.tokens = sum(len(r) for r in out)
     return Decoded(ids=ids, tokens=out, stopped_at_eos=stopped, stats=stats, trajectory=trajectory)
+
+
+def sampler_defaults() -> Dict[str, Any]:
+    """``{option: default}`` of :class:`SamplerConfig`, the one place the sampler's defaults live
+    (for signatures and help texts that show them)."""
+    config = SamplerConfig()
+    return {f.name: getattr(config, f.name) for f in fields(SamplerConfig)}

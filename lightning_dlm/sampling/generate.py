@@ -11,7 +11,7 @@ import torch
 
 from lightning_dlm.diffusion.schedules import get_schedule
 from lightning_dlm.errors import DLMError
-from lightning_dlm.model import DiffusionBackbone
+from lightning_dlm.model import DiffusionModel
 from lightning_dlm.model.loading import start_and_pad_ids
 from lightning_dlm.sampling.canvas import build_canvas
 from lightning_dlm.sampling.denoisers import ModelDenoiser
@@ -83,22 +83,20 @@ def row_seeds(seed: int, prefixes: Sequence[Sequence[int]], suffixes: Optional[S
     return out
 
 
-def resolve_model(model, tokenizer=None, schedule=None, shift=None) -> Tuple[DiffusionBackbone, object, object, bool]:
-    """(backbone, tokenizer, schedule, shift) of a DiffusionLM, or of a DiffusionBackbone plus arguments."""
-    if isinstance(model, DiffusionBackbone):
-        net = model
-    elif hasattr(model, "diffusion_cfg") and hasattr(model, "configure_model"):
-        model.configure_model()  # a DiffusionLM builds its backbone lazily
-        net = model.net
+def resolve_model(model, tokenizer=None, schedule=None, shift=None) -> Tuple[DiffusionModel, object, object, bool]:
+    """(model, tokenizer, schedule, shift) of a :class:`DiffusionModel` (its own tokenizer and
+    diffusion config, unless given here) or of a DiffusionLM (the model it trains)."""
+    if not isinstance(model, DiffusionModel) and hasattr(model, "diffusion_cfg") and hasattr(model, "configure_model"):
+        model.configure_model()  # a DiffusionLM builds its model lazily
         tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        schedule = schedule if schedule is not None else model.schedule
-        shift = model.diffusion_cfg.shift if shift is None else shift
-    else:
+        model = model.net
+    if not isinstance(model, DiffusionModel):
         raise DLMError(
-            f"a {type(model).__name__} is not a diffusion model: load one with lightning_dlm.checkpoints.load_diffusion_lm"
+            f"a {type(model).__name__} is not a diffusion model: load one with DiffusionModel.from_pretrained(path)"
         )
-    schedule = get_schedule(schedule if schedule is not None else "linear")
-    return net, tokenizer, schedule, True if shift is None else bool(shift)
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    schedule = get_schedule(schedule if schedule is not None else model.schedule)
+    return model, tokenizer, schedule, model.shift if shift is None else bool(shift)
 
 
 @torch.no_grad()
@@ -107,14 +105,14 @@ def generate(
     prompts: Sequence[str],
     length: Optional[int] = None,
     suffixes: Optional[Sequence[str]] = None,
-    steps: int = 64,
-    temperature: float = 0.9,
-    top_k: int = 0,
-    top_p: float = 0.9,
+    steps: Optional[int] = None,
+    temperature: Optional[float] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
     seed: int = 0,
-    strategy: str = "random",
+    strategy: Optional[str] = None,
     block_size: Optional[int] = None,
-    cache: str = "none",
+    cache: Optional[str] = None,
     refresh_every: Optional[int] = None,
     max_length: Optional[int] = None,
     capture_trajectory: bool = False,
@@ -126,8 +124,9 @@ def generate(
 ) -> Generation:
     """Decode ``length`` tokens after each prompt (and before each suffix, for infilling).
 
-    ``model`` is a :class:`lightning_dlm.module.DiffusionLM` (its tokenizer, schedule and shift
-    are used) or a :class:`DiffusionBackbone` with ``tokenizer`` (schedule: linear, shift: on).
+    ``model`` is a :class:`~lightning_dlm.model.DiffusionModel` (its tokenizer, schedule and
+    shift are used unless given here), e.g. ``DiffusionModel.from_pretrained(path)``, or the
+    DiffusionLM that trains one.
     Give ``length`` for exactly that many tokens, or ``max_length`` to stop each row at its EOS
     (at most that many tokens). ``strategy`` names a registered strategy; its options
     (``confidence``, ``threshold``, ``rank_noise``) are keyword arguments. Every row draws its
