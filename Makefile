@@ -10,7 +10,7 @@ ASSETS ?= assets
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install assets demo eval test test-slow bench gpu-wheels gpu-dry-run clean
+.PHONY: install assets demo eval lint test test-slow bench gpu-wheels gpu-dry-run clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,11 @@ eval: assets
 	$(PY) data/make_next_line_mc.py --text $(ASSETS)/shakespeare/val --out runs/next_line_mc.jsonl --items 40
 	$(DLM) eval --config experiments/eval/shakespeare.yaml
 
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2
 
 test-slow: $(STAMP)

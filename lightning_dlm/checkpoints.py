@@ -271,7 +271,8 @@ def _read_sharded(path: str, trust: bool = False) -> Dict[str, Any]:
     except DLMError:
         raise
     except Exception as err:
-        raise DLMError(f"could not read {DCP_METADATA} of sharded checkpoint '{path}' ({type(err).__name__}): the folder is damaged") from None
+        raise DLMError(f"could not read {DCP_METADATA} of sharded checkpoint '{path}' ({type(err).__name__}): "
+                       f"the folder is damaged") from None
     _check_shards(path, metadata)
     checkpoint = _load_quietly(os.path.join(path, SHARDED_META), trust, what=f"the {SHARDED_META} of sharded checkpoint")
     if not isinstance(checkpoint, dict):
@@ -412,7 +413,8 @@ def _consolidate_model(reader, path: str, trust: bool = False) -> Dict[str, Any]
         if refused:
             raise refused[0] from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise DLMError(f"could not consolidate sharded checkpoint '{path}' ({type(err).__name__}: {first[:200]}): the folder is damaged") from None
+        raise DLMError(f"could not consolidate sharded checkpoint '{path}' ({type(err).__name__}: {first[:200]}): "
+                       f"the folder is damaged") from None
     model = state.get("model")
     if not isinstance(model, dict) or not model:
         raise DLMError(f"sharded checkpoint '{path}' holds no model weights (no 'model' entry): was it written by `dlm fit`?")

@@ -28,8 +28,8 @@ import torch
 
 from lightning_dlm.checkpoints import EXPORT_CONFIG, read_checkpoint, require_exists
 from lightning_dlm.configs import coerce_config
-from lightning_dlm.model.tokenizer_files import tokenizer_from_files
 from lightning_dlm.errors import DLMError
+from lightning_dlm.model.tokenizer_files import tokenizer_from_files
 
 EXPORT_FORMAT = 1
 DTYPE_CHOICES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -118,7 +118,8 @@ def tokenizer_with_mask(meta: Dict[str, Any]):
     if tokenizer.mask_token_id != mask_id:
         token = tokenizer.convert_ids_to_tokens(mask_id) if mask_id < len(tokenizer) else None
         if token is None:
-            raise DLMError(f"the mask token id {mask_id} has no entry in the tokenizer (size {len(tokenizer)}): cannot export its mask token")
+            raise DLMError(f"the mask token id {mask_id} has no entry in the tokenizer (size {len(tokenizer)}): "
+                           f"cannot export its mask token")
         # a reused id: the tokenizer names it as its mask token (it becomes a special token)
         tokenizer.mask_token = token
     return tokenizer

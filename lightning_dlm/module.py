@@ -10,17 +10,17 @@ Checkpoints are self-contained: they carry the model's transformers config and t
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, replace
 from functools import partial
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics.aggregation import MeanMetric
 
+from lightning_dlm.configs import coerce_config
 from lightning_dlm.diffusion import (
     anneal_ratio,
     annealing_mask,
@@ -32,14 +32,13 @@ from lightning_dlm.diffusion import (
     scored_rows,
     t_grid,
 )
-from lightning_dlm.configs import coerce_config
 from lightning_dlm.diffusion.config import DiffusionConfig
 from lightning_dlm.distributed import clip_grad_norm_sharded
 from lightning_dlm.errors import DLMError
 from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig, load_tokenizer
 from lightning_dlm.model.loading import max_positions, resolve_hf_config
-from lightning_dlm.model.tokenizer_files import tokenizer_from_files, tokenizer_to_files
 from lightning_dlm.model.sharded_loading import broadcast_into_sharded, loads_pretrained_weights, materialize_meta
+from lightning_dlm.model.tokenizer_files import tokenizer_from_files, tokenizer_to_files
 from lightning_dlm.optim import OptimConfig, build_optimizer, lr_multiplier
 from lightning_dlm.resume import apply_optim_changes, compare_hparams
 from lightning_dlm.seeding import derive_seed, make_generator

@@ -71,7 +71,8 @@ def test_every_config_parses_and_builds_on_meta(path):
     if backbone.mask_token.mode == "reuse":
         net = DiffusionBackbone(model, backbone.mask_token.id, False)
         assert net.mask_token_id < net.vocab_size
-    assert cfg.data.seq_len <= (hf_config.max_position_embeddings if hasattr(hf_config, "max_position_embeddings") else hf_config.n_positions)
+    limit = getattr(hf_config, "max_position_embeddings", None) or hf_config.n_positions
+    assert cfg.data.seq_len <= limit
     strategy = cfg.trainer.strategy
     if isinstance(strategy, Namespace):  # e.g. FSDP for 7B: the strategy object must build
         assert strategy.class_path.endswith("FSDPStrategy")

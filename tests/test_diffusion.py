@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from lightning_dlm.diffusion import (
-    diffusion_loss_terms,
-    SCHEDULES,
     ANNEAL_MASKS,
+    SCHEDULES,
     RandomAnnealMask,
     RightContextAnnealMask,
     additive_attention_mask,
@@ -18,6 +17,7 @@ from lightning_dlm.diffusion import (
     attention_allowed,
     corrupt,
     diffusion_loss,
+    diffusion_loss_terms,
     get_schedule,
     maskable_positions,
     sample_t,

@@ -12,9 +12,7 @@ from torch import nn
 from lightning_dlm.cli import main
 from lightning_dlm.data import CorpusSource, TextDataModule
 from lightning_dlm.diffusion.config import DiffusionConfig
-from lightning_dlm.errors import DLMError
-from lightning_dlm.evaluation import (CausalEvaluator, DiffusionEvaluator, EvalConfig, ModelSpec, build_task,
-                                      run_evaluation, table)
+from lightning_dlm.evaluation import CausalEvaluator, DiffusionEvaluator, build_task, table
 from lightning_dlm.evaluation.choice import diffusion_choice_scores, encode_pair
 from lightning_dlm.evaluation.formats import convert_records
 from lightning_dlm.evaluation.likelihood import causal_perplexity, diffusion_nelbo

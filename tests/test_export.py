@@ -361,3 +361,25 @@ def test_module_entry_point_exports(llama_ckpt, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "[dlm export] exported to" in result.stderr and result.stdout == ""
     assert torch.equal(plain_logits(tmp_path / "out"), ckpt_logits(llama_ckpt))
+
+
+def test_every_entry_point_loads_the_same_diffusion_model(llama_ckpt, llama_export, tmp_path):
+    """The same trained weights through each source DiffusionModel.from_pretrained takes: the
+    .ckpt, a sharded folder, the exported folder, and a folder written by save_pretrained (and a
+    DiffusionLM around it): identical logits, mask token, diffusion config and tokenizer."""
+    from lightning_dlm import DiffusionModel
+    from lightning_dlm.module import DiffusionLM
+
+    sharded = write_sharded(llama_ckpt, tmp_path / "sharded")
+    models = {name: DiffusionModel.from_pretrained(str(path))
+              for name, path in [("ckpt", llama_ckpt), ("sharded", sharded), ("export", llama_export)]}
+    models["saved"] = DiffusionModel.from_pretrained(models["ckpt"].save_pretrained(str(tmp_path / "saved")))
+    reference = models["ckpt"]
+    with torch.no_grad():
+        expected = reference(IDS)
+        for name, model in models.items():
+            assert not model.training and model.mask_token_id == reference.mask_token_id, name
+            assert model.diffusion == reference.diffusion and model.tokenizer.mask_token_id == reference.mask_token_id
+            assert torch.equal(model(IDS), expected), name
+        assert torch.equal(DiffusionLM.from_model(models["export"])(IDS), expected)
+    assert reference.info["global_step"] == models["export"].info["global_step"] > 0

@@ -165,7 +165,8 @@ def test_pretrained_folder_round_trip(tmp_path):
 
     _, ref = _pair(TINY_LLAMA)
     ref.save_pretrained(tmp_path / "m")
-    net = DiffusionBackbone.from_config(BackboneConfig(pretrained=str(tmp_path / "m"), mask_token=MaskTokenConfig(mode="reuse", id=3))).eval()
+    cfg = BackboneConfig(pretrained=str(tmp_path / "m"), mask_token=MaskTokenConfig(mode="reuse", id=3))
+    net = DiffusionBackbone.from_config(cfg).eval()
     x = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         assert torch.equal(net(x, allowed=causal_allowed(9)), ref(x).logits)

@@ -31,7 +31,8 @@ from lightning_dlm.diffusion.schedules import (
 )
 
 __all__ = [
-    "ANNEAL_MASKS", "AnnealMask", "RandomAnnealMask", "RightContextAnnealMask", "SCHEDULES", "T_SAMPLERS", "CosineSchedule", "LinearSchedule", "LogLinearSchedule",
+    "ANNEAL_MASKS", "AnnealMask", "RandomAnnealMask", "RightContextAnnealMask", "SCHEDULES", "T_SAMPLERS",
+    "CosineSchedule", "LinearSchedule", "LogLinearSchedule",
     "LossTerms", "NoiseSchedule", "PolynomialSchedule", "additive_attention_mask",
     "anneal_ratio", "annealing_allowed", "annealing_mask", "attention_allowed", "causal_allowed", "corrupt", "diffusion_loss",
     "diffusion_loss_terms", "get_schedule", "loss_terms_from_rows", "scored_rows", "maskable_positions", "sample_t", "t_grid",

@@ -9,7 +9,7 @@ next to a low perplexity means repetitive text, not better text.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, Sequence
 
 import torch
 

@@ -26,7 +26,6 @@ hub name of an exported model; :meth:`save_pretrained` writes the export format,
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
