@@ -243,7 +243,12 @@ def test_datamodule_state_roundtrip_and_exact_resume(tmp_path, tokenizer_dir):
     dm.trainer.training = False  # validation batches do not count
     dm.on_before_batch_transfer({"input_ids": full[5]["input_ids"], "index": full[5]["index"]}, 0)
     state = dm.state_dict()
-    assert state == {"consumed_batches": 4, "world_size": 1, "num_workers": 0, "seed": 1, "seq_len": 8, "batch_size": 2}
+    cursors = state.pop("cursors")
+    assert state == {"consumed_batches": 4, "world_size": 1, "num_workers": 0, "seed": 1, "seq_len": 8, "batch_size": 2,
+                     "cursor_version": 1}
+    assert list(cursors) == [0] and list(cursors[0]) == [0] and cursors[0][0]["batches"] == 4  # rank 0, worker slot 0
+    assert all("data_cursor" not in batch for batch in full[:4])  # the cursor leaves the batch before the model
+    state["cursors"] = cursors
 
     resumed = make()
     resumed.load_state_dict(state)
@@ -315,7 +320,8 @@ def test_errors_are_one_line_and_helpful(tmp_path, tokenizer_dir):
     assert "matches no files" in message(lambda: open_corpus(CorpusSource(str(tmp_path / "*.jsonl"))))
 
     (tmp_path / "empty.txt").write_text("\n\n  \n")
-    assert re.search(r"corpus '.*empty\.txt' is empty", message(lambda: open_corpus(CorpusSource(str(tmp_path / "empty.txt"), sample_by="line"))))
+    empty = CorpusSource(str(tmp_path / "empty.txt"), sample_by="line")
+    assert re.search(r"corpus '.*empty\.txt' is empty", message(lambda: open_corpus(empty)))
     (tmp_path / "empty.jsonl").write_text("")
     assert "is empty" in message(lambda: open_corpus(CorpusSource(str(tmp_path / "empty.jsonl"))))
 
@@ -337,7 +343,7 @@ def test_errors_are_one_line_and_helpful(tmp_path, tokenizer_dir):
     assert "seq_len" in message(lambda: TextDataModule([CorpusSource(missing)], seq_len=0))
 
 
-def test_trainer_resume_sees_the_uninterrupted_batches(tmp_path, tokenizer_dir):
+def test_trainer_resume_sees_the_uninterrupted_batches(tmp_path, tokenizer_dir, caplog):
     """End to end through Lightning: fit 3 steps, checkpoint, resume to 6 == fit 6 steps straight."""
     import lightning as L
 
@@ -348,6 +354,7 @@ def test_trainer_resume_sees_the_uninterrupted_batches(tmp_path, tokenizer_dir):
             self.seen = []
 
         def training_step(self, batch, batch_idx):
+            assert "data_cursor" not in batch  # the datamodule keeps it; the model never sees it
             self.seen.append((int(batch["index"]), batch["input_ids"].clone()))
             return self.weight * batch["input_ids"].float().mean()
 
@@ -374,7 +381,11 @@ def test_trainer_resume_sees_the_uninterrupted_batches(tmp_path, tokenizer_dir):
     trainer, dm, first = fit(3)
     assert dm.consumed_batches == 3
     trainer.save_checkpoint(tmp_path / "half.ckpt")
-    _, dm2, second = fit(6, ckpt_path=tmp_path / "half.ckpt")
+    saved = torch.load(tmp_path / "half.ckpt", weights_only=True)["TextDataModule"]
+    assert saved["consumed_batches"] == 3 and saved["cursors"][0][0]["batches"] == 3  # the data position is saved
+    with caplog.at_level("INFO"):
+        _, dm2, second = fit(6, ckpt_path=tmp_path / "half.ckpt")
+    assert "resuming the training stream at batch 3 from the saved data positions" in caplog.text
     assert dm2.consumed_batches == 6
     resumed = first.seen + second.seen
     assert [index for index, _ in resumed] == [index for index, _ in straight.seen] == list(range(6))
@@ -401,3 +412,237 @@ def test_training_batches_carry_document_ids_when_asked(tmp_path, tokenizer_dir,
         # a new document starts exactly after each EOS: the id steps by one there and nowhere else
         steps = docs[:, 1:] - docs[:, :-1]
         assert torch.equal(steps, (ids[:, :-1] == eos).long())
+
+
+# ------------------------------------------------------------------------ resume from saved cursors
+
+
+class CountingEncoder:
+    """A DocumentEncoder that records every text it tokenizes."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.texts = []
+
+    def __call__(self, texts):
+        self.texts.extend(texts)
+        return self.encoder(texts)
+
+
+TRICKY = (
+    "first line\r\nsecond line\rthird\n\n\nfourth para\nstill fourth\r\n\r\nfifth \u00e9\u00e8 \u4e2d\u6587\n"
+    "\n   \n\nsixth\n\n\n\n\nseventh line without end"
+)
+
+
+@pytest.mark.parametrize("sample_by", ["line", "paragraph", "document"])
+@pytest.mark.parametrize("chunk", [5, 1 << 20])
+def test_own_file_reader_reads_what_datasets_reads(tmp_path, monkeypatch, sample_by, chunk):
+    from lightning_dlm.data import sources
+
+    monkeypatch.setattr(sources, "_CHUNK", chunk)  # tiny chunks: records and separators cross chunk ends
+    (tmp_path / "a.txt").write_bytes(TRICKY.encode())
+    (tmp_path / "b.txt").write_bytes(("x\r" * 3 + "\n\ny\n\n").encode() + TRICKY.encode()[::-1].decode("utf-8", "ignore").encode())
+    (tmp_path / "c.txt").write_bytes(b"")
+    corpus = open_corpus(CorpusSource(str(tmp_path / "*.txt"), sample_by=sample_by))
+    reader = sources.LocalFileReader(corpus)
+    assert sources.LocalFileReader.supports(corpus, shuffle_buffer=0)
+    assert not sources.LocalFileReader.supports(corpus, shuffle_buffer=4)
+    ours = list(reader.records(range(3), None))
+    expected = [text for texts in corpus.texts() for text in texts]
+    assert [text for text, _, _ in ours if text] == [text for text in expected if text]
+    # reading from a document's position (or the one after it) reads on as reading through does
+    for i, (text, start, after) in enumerate(ours):
+        if text:  # cursors only point at documents
+            assert [t for t, _, _ in reader.records(range(3), start) if t] == [t for t, _, _ in ours[i:] if t]
+            assert [t for t, _, _ in reader.records(range(3), after) if t] == [t for t, _, _ in ours[i + 1:] if t]
+
+
+def test_own_jsonl_reader_reads_what_datasets_reads(tmp_path):
+    from lightning_dlm.data import sources
+
+    rows = [{"id": i, "content": doc_text(i) + (" \u00e9\n\"q\"" if i % 3 else "")} for i in range(20)]
+    rows[5]["content"] = ""
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + ("\r\n" if i % 2 else "\n") for i, row in enumerate(rows)))
+    corpus = open_corpus(CorpusSource(str(tmp_path / "d.jsonl"), text_field="content"))
+    assert sources.LocalFileReader.supports(corpus, shuffle_buffer=0)
+    ours = [text for text, _, _ in sources.LocalFileReader(corpus).records([0], None)]
+    assert ours == [text for texts in corpus.texts() for text in texts] == [row["content"] for row in rows]
+
+
+def last_cursors(batches, upto, workers):
+    """What the datamodule keeps after consuming batches [0, upto): each worker slot's last cursor."""
+    return {int(b["index"]) % workers: b["data_cursor"] for b in batches[:upto]}
+
+
+def worker_batches(stream, workers, n):
+    """Batches ``start_batch ..`` of ``stream`` in counter order, from its workers run in this process."""
+    iters = [stream.iter_worker(w) for w in range(workers)]
+    return [next(iters[j % workers]) for j in range(n)]
+
+
+@pytest.mark.parametrize("case", ["split_document", "mixture", "two_workers", "document_ids", "shuffled", "jsonl", "files"])
+def test_cursor_resume_is_exact_and_tokenizes_no_consumed_document(tmp_path, encoder, case):
+    workers = 2 if case == "two_workers" else 1
+    kw = dict(seq_len=16, batch_size=2, seed=5, doc_batch_size=4, num_workers=0)
+    if case == "jsonl":
+        path = tmp_path / "docs.jsonl"
+        path.write_text("".join(json.dumps({"text": doc_text(i, 9)}) + "\n" for i in range(400)))
+        sources_ = [CorpusSource(str(path))]
+    elif case == "files":  # 4 files, 2 slots: file-level sharding, a slot reads on across its files
+        for f in range(4):
+            write_lines(tmp_path / f"part{f}.txt", range(f * 80, f * 80 + 80), n_words=9)
+        sources_ = [CorpusSource(str(tmp_path / "part*.txt"), sample_by="line")]
+    else:
+        sources_ = [CorpusSource(write_lines(tmp_path / "long.txt", range(400), n_words=9), sample_by="line")]
+    if case == "mixture":
+        sources_.append(CorpusSource(write_lines(tmp_path / "short.txt", range(5000, 5300), n_words=2), sample_by="line",
+                                     weight=0.5))
+    if case == "document_ids":
+        kw["document_ids"] = True
+    if case == "shuffled":
+        kw["shuffle_buffer"] = 8  # read through datasets: records before the position are read, not tokenized
+    corpora = open_corpora(sources_)
+
+    def make(start=0, cursors=None):
+        counting = CountingEncoder(encoder)
+        stream = PackedBatchStream(corpora, counting, rank=1, world_size=2, start_batch=start, cursors=cursors, **kw)
+        stream.num_workers = workers  # run the workers here, to count their tokenizer calls
+        return stream, counting
+
+    stream, full_counting = make()
+    full = worker_batches(stream, workers, 40)
+
+    def source_of(text):
+        return int(int(re.search(r"doc(\d{4})", text).group(1)) >= 5000)
+
+    def consumed_before(cursors):
+        """The documents of the slots' sources before their cursors (the example-level split keeps
+        documents i % S == slot of each source; ``seen`` is the cursor's document counter)."""
+        S, consumed = 2 * workers, set()
+        for local, cursor in cursors.items():
+            slot = 1 * workers + local
+            for source, state in enumerate(cursor["sources"]):
+                assert state["epoch"] == 0
+                if workers == 1:  # this slot's documents in its reading order, as the uninterrupted run tokenized them
+                    mine = [t for t in full_counting.texts if source_of(t) == source]
+                    if case == "files":  # file level: the slot keeps every document of its files
+                        consumed |= set(mine[: state["seen"]])
+                        assert state["position"][0] in (2, 3)  # rank 1 reads the second half of the files
+                    else:
+                        consumed |= set(mine[: (state["seen"] - slot + S - 1) // S])
+                else:  # unshuffled: document i of a source is its i-th line
+                    consumed |= {t for t in full_counting.texts if source_of(t) == source
+                                 and int(re.search(r"doc(\d{4})", t).group(1)) - 5000 * source < state["seen"]
+                                 and (int(re.search(r"doc(\d{4})", t).group(1)) - 5000 * source) % S == slot}
+        assert consumed
+        return consumed
+    assert [int(b["index"]) for b in full] == list(range(40))
+    assert all(s["epoch"] == 0 for b in full for s in b["data_cursor"]["sources"])
+    # resume points where the next block starts inside a document (skip > 0)
+    split = [n for n in range(6, 34) if all(s["skip"] > 0 for s in full[n - 1]["data_cursor"]["sources"][:1])]
+    assert split, "no resume point inside a document"
+    for n0 in split[:2] + [34]:
+        cursors = last_cursors(full, n0, workers)
+        resumed_stream, counting = make(n0, cursors)
+        resumed_stream.check_cursors()
+        resumed = worker_batches(resumed_stream, workers, 6)
+        for expected, got in zip(full[n0:], resumed):
+            assert int(got["index"]) == int(expected["index"])
+            assert torch.equal(got["input_ids"], expected["input_ids"])
+            if "document_ids" in expected:
+                assert torch.equal(got["document_ids"], expected["document_ids"])
+            assert got["data_cursor"] == expected["data_cursor"]
+        # the resume tokenized no document consumed before its cursors (the partly used one at most)
+        assert not set(counting.texts) & consumed_before(cursors), f"resume at {n0} re-tokenized consumed documents"
+        # ... while regenerating (an old checkpoint without cursors) tokenizes everything consumed
+        regen_stream, regen = make(n0)
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(worker_batches(regen_stream, workers, 2), resumed))
+        assert len(regen.texts) > len(counting.texts)
+
+
+def test_cursor_resume_through_dataloader_workers_and_the_datamodule(tmp_path, tokenizer_dir):
+    a = CorpusSource(write_lines(tmp_path / "a.txt", range(0, 40), n_words=9), sample_by="line", weight=2)
+    b = CorpusSource(write_lines(tmp_path / "b.txt", range(100, 140), n_words=3), sample_by="line")
+
+    def make():
+        dm = TextDataModule([a, b], tokenizer=tokenizer_dir, seq_len=12, batch_size=3, seed=2, num_workers=2)
+        dm.trainer = SimpleNamespace(global_rank=1, world_size=2, training=True, max_steps=100)
+        dm.setup("fit")
+        return dm
+
+    dm = make()
+    full = take(dm.train_dataloader(), 16)
+    cursors = [dict(batch["data_cursor"]) for batch in full]
+    for batch in full[:9]:
+        dm.on_before_batch_transfer(batch, 0)
+    state = dm.state_dict()
+    assert state["consumed_batches"] == 9 and set(state["cursors"]) == {1}  # rank 1 alone here
+    assert state["cursors"][1] == {0: cursors[8], 1: cursors[7]}
+    resumed = make()
+    resumed.load_state_dict(state)
+    for expected, got, cursor in zip(full[9:], take(resumed.train_dataloader(), 7), cursors[9:]):
+        assert int(got["index"]) == int(expected["index"])
+        assert torch.equal(got["input_ids"], expected["input_ids"])
+        assert got["data_cursor"] == cursor
+
+    # an older checkpoint (no cursors): regenerated, still exact
+    old = make()
+    old.load_state_dict({k: v for k, v in state.items() if k not in ("cursors", "cursor_version")})
+    for expected, got in zip(full[9:], take(old.train_dataloader(), 3)):
+        assert torch.equal(got["input_ids"], expected["input_ids"])
+
+
+def test_resume_on_a_changed_corpus_is_one_line(tmp_path, tokenizer_dir):
+    path = tmp_path / "train.txt"
+    write_lines(path, range(60), n_words=9)
+
+    def make():
+        dm = TextDataModule([CorpusSource(str(path), sample_by="line")], tokenizer=tokenizer_dir, seq_len=8, batch_size=2)
+        dm.trainer = SimpleNamespace(global_rank=0, world_size=1, training=True, max_steps=100)
+        dm.setup("fit")
+        return dm
+
+    dm = make()
+    for batch in take(dm.train_dataloader(), 20):
+        dm.on_before_batch_transfer(batch, 0)
+    state = dm.state_dict()
+    offset = state["cursors"][0][0]["sources"][0]["position"][1]
+    assert offset > 0
+
+    def refused():
+        resumed = make()
+        resumed.load_state_dict(state)
+        with pytest.raises(DLMError) as info:
+            resumed.train_dataloader()
+        text = str(info.value)
+        assert "\n" not in text and str(path) in text
+        assert "resume with the original corpus or start a new run" in text
+        return text
+
+    original = path.read_bytes()
+    path.write_bytes(original[: offset // 2])  # shorter than the saved offset
+    assert "does not match the checkpoint's data position" in refused()
+    path.write_bytes(original + b"more text appended at the end\n")  # longer
+    refused()
+    edited = original[:offset - 10] + original[offset - 10:offset].upper() + original[offset:]  # same size, edited
+    path.write_bytes(edited)
+    refused()
+    path.write_bytes(original)  # back to the original: resumes
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert int(next(iter(resumed.train_dataloader()))["index"]) == 20
+
+
+def test_resume_past_the_end_of_a_datasets_read_corpus_is_one_line(tmp_path, encoder):
+    path = write_lines(tmp_path / "t.txt", range(30))
+    corpora = open_corpora([CorpusSource(path, sample_by="line")])
+    kw = dict(seq_len=8, batch_size=2, shuffle_buffer=4)  # a shuffle buffer: read through datasets
+    full = take(DataLoader(PackedBatchStream(corpora, encoder, **kw), batch_size=None), 5)
+    cursor = full[3]["data_cursor"]
+    assert cursor["sources"][0]["reader"] == "records"
+    cursor["sources"][0]["position"] = [999]  # the corpus got shorter than the saved position
+    stream = PackedBatchStream(corpora, encoder, start_batch=4, cursors={0: cursor}, **kw)
+    with pytest.raises(DLMError) as info:
+        next(iter(stream))
+    assert "\n" not in str(info.value) and path in str(info.value) and "start a new run" in str(info.value)

@@ -121,6 +121,13 @@ def test_two_rank_resume_is_exact(two_ranks):
             assert after["loss"] == before["loss"]  # to the last bit
             assert after["train/loss"] == before["train/loss"]
     tmp = two_ranks["tmp"]
+    # the data position of both ranks is in the (rank 0) checkpoint: the resume read on from there
+    data = torch.load(tmp / "straight" / "ck" / f"step{HALF:07d}.ckpt", weights_only=True)["TextDataModule"]
+    assert data["consumed_batches"] == HALF and sorted(data["cursors"]) == [0, 1]
+    assert [data["cursors"][r][0]["slot"] for r in range(2)] == [0, 1]  # worker slot 0 of each rank
+    assert [data["cursors"][r][0]["batches"] for r in range(2)] == [HALF, HALF]
+    assert data["cursors"][0][0]["sources"] != data["cursors"][1][0]["sources"]  # each rank its own position
+    assert f"resuming the training stream at batch {HALF} from the saved data positions" in two_ranks["stderr"]
     a = torch.load(tmp / "straight" / "ck" / f"step{STEPS:07d}.ckpt", weights_only=False)
     b = torch.load(tmp / "resumed" / "ck" / f"step{STEPS:07d}.ckpt", weights_only=False)
     assert a["global_step"] == b["global_step"] == STEPS

@@ -1,8 +1,10 @@
 """The data layer: corpora -> tokenized, packed blocks -> sharded, exactly resumable batches.
 
-* :mod:`.sources`: :class:`CorpusSource` and opening corpora through ``datasets`` (streaming);
+* :mod:`.sources`: :class:`CorpusSource`, opening corpora through ``datasets`` (streaming), and the
+  record readers the training stream resumes from a saved position (byte offsets for local files);
 * :mod:`.packing`: tokenize documents (+ EOS) and pack them into ``seq_len`` blocks;
-* :mod:`.stream`: the per-rank training stream (sharding over ranks x workers, mixture, resume);
+* :mod:`.stream`: the per-rank training stream (sharding over ranks x workers, mixture, resume
+  from saved cursors);
 * :mod:`.datamodule`: :class:`TextDataModule`, the LightningDataModule.
 """
 

@@ -1,13 +1,18 @@
 """``TextDataModule``: packed pretraining data for Lightning, resumable batch for batch.
 
 Resume bookkeeping: the module counts the batches training actually consumed (in
-``on_before_batch_transfer``, from each batch's ``index``), saves that count in the checkpoint
-through ``state_dict()`` and, on resume, starts the training stream at that counter (Lightning
-calls ``load_state_dict`` before ``train_dataloader``). The stream's content at every counter is
-a pure function of (seed, rank, world_size, num_workers, corpus), see
-:mod:`lightning_dlm.data.stream`, so the resumed run sees exactly the batches the interrupted
-one would have. Loader state is deliberately *not* saved through the dataset: Lightning's
-loader-state saving runs one batch ahead of training and keeps rank 0's state only.
+``on_before_batch_transfer``, from each batch's ``index``; the Trainer prefetches, so counting at
+transfer time is right) and keeps, per DataLoader worker slot, the ``data_cursor`` of the last
+consumed batch: that slot's position in its sources after it (see
+:mod:`lightning_dlm.data.stream`). ``state_dict()`` saves the count and the cursors of *every*
+rank (Lightning calls it on every rank but writes rank 0's checkpoint, so the ranks' cursors are
+gathered with ``all_gather_object``); on resume (Lightning calls ``load_state_dict`` before
+``train_dataloader``) the training stream starts at that counter, each slot from its cursor,
+without re-reading or re-tokenizing what was consumed, and sees exactly the batches the
+interrupted run would have. A checkpoint without cursors (written before they existed) resumes
+by regenerating the consumed batches, exactly but slowly. Loader state is deliberately *not*
+saved through Lightning: its loader-state saving runs one batch ahead of training and keeps
+rank 0's state only.
 """
 
 from __future__ import annotations
@@ -16,13 +21,20 @@ import os
 from typing import Any, Optional, Union
 
 import lightning as L
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lightning_dlm.data.packing import DocumentEncoder, load_tokenizer
 from lightning_dlm.data.sources import Corpus, CorpusSource, count_documents, open_corpora
-from lightning_dlm.data.stream import (BlockDataset, PackedBatchStream, ShardSampler, build_eval_blocks,
-                                      too_few_documents_error)
+from lightning_dlm.data.stream import (
+    CURSOR_VERSION,
+    BlockDataset,
+    PackedBatchStream,
+    ShardSampler,
+    build_eval_blocks,
+    too_few_documents_error,
+)
 from lightning_dlm.errors import DLMError, require
 
 #: Settings the data order depends on; a resume must keep them.
@@ -94,6 +106,7 @@ class TextDataModule(L.LightningDataModule):
         self.add_eos = add_eos
         self.document_ids = document_ids
         self._consumed = 0
+        self._cursors: dict[int, dict] = {}  # worker slot -> data_cursor of its last consumed batch (this rank)
         self._encoder: Optional[DocumentEncoder] = None
         self._train: Optional[list[Corpus]] = None
         self._val_blocks = None
@@ -155,12 +168,14 @@ class TextDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             seed=self.seed,
             start_batch=self._consumed if start_batch is None else start_batch,
+            cursors=self._cursors if start_batch is None else None,
             shuffle_buffer=self.shuffle_buffer,
             document_ids=self.document_ids,
         )
         for corpus in self._train:  # catch "too few documents" here, as one line, not in a worker
             if count_documents(corpus, limit=stream.num_slots) < stream.num_slots:
                 raise too_few_documents_error(corpus, world_size, stream.workers_per_rank)
+        stream.check_cursors()
         return stream
 
     def train_dataloader(self) -> DataLoader:
@@ -168,7 +183,9 @@ class TextDataModule(L.LightningDataModule):
         if trainer is not None and trainer.max_steps is not None and trainer.max_steps < 0:
             rank_zero_warn("the training stream is infinite: set trainer.max_steps (or max_time) to end training")
         if self._consumed:
-            rank_zero_info(f"data: resuming the training stream at batch {self._consumed}")
+            how = ("from the saved data positions" if self._cursors else
+                   "by regenerating the consumed batches (the checkpoint has no saved data positions)")
+            rank_zero_info(f"data: resuming the training stream at batch {self._consumed} {how}")
         return DataLoader(
             self.train_stream(), batch_size=None, num_workers=self.num_workers, persistent_workers=False
         )
@@ -194,10 +211,15 @@ class TextDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------- resume
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count training batches as they reach the model (after the Trainer's prefetch)."""
+        """Count training batches as they reach the model (after the Trainer's prefetch) and keep
+        their slot's cursor; the cursor leaves the batch here, the model never sees it."""
+        cursor = batch.pop("data_cursor", None) if isinstance(batch, dict) else None
         trainer = self.trainer
         if trainer is not None and trainer.training and isinstance(batch, dict) and "index" in batch:
-            self._consumed = int(batch["index"]) + 1
+            index = int(batch["index"])
+            self._consumed = index + 1
+            if cursor is not None:
+                self._cursors[index % max(1, self.num_workers)] = cursor
         return batch
 
     @property
@@ -205,10 +227,9 @@ class TextDataModule(L.LightningDataModule):
         """Training batches consumed on this rank: where a resumed stream starts."""
         return self._consumed
 
-    def state_dict(self) -> dict[str, Any]:
+    def _order_state(self) -> dict[str, Any]:
         _, world_size = self._rank_and_world()
         return {
-            "consumed_batches": self._consumed,
             "world_size": world_size,
             "num_workers": self.num_workers,
             "seed": self.seed,
@@ -216,9 +237,25 @@ class TextDataModule(L.LightningDataModule):
             "batch_size": self.batch_size,
         }
 
+    def _all_cursors(self) -> dict[int, dict]:
+        """``{rank: {worker slot: cursor}}`` of every rank (a collective when distributed)."""
+        rank, world_size = self._rank_and_world()
+        if world_size > 1 and dist.is_available() and dist.is_initialized() and dist.get_world_size() == world_size:
+            gathered: list = [None] * world_size
+            dist.all_gather_object(gathered, self._cursors)
+            return {r: dict(c or {}) for r, c in enumerate(gathered)}
+        return {rank: dict(self._cursors)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The resume point: consumed batches, every rank's cursors and the order settings.
+
+        Called by Lightning on every rank when it saves a checkpoint (it gathers across ranks)."""
+        return {"consumed_batches": self._consumed, **self._order_state(), "cursor_version": CURSOR_VERSION,
+                "cursors": self._all_cursors()}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the resume point; refuse a resume whose data order would differ."""
-        current = self.state_dict()
+        current = self._order_state()
         for key in _ORDER_KEYS:
             if key in state_dict and state_dict[key] != current[key]:
                 raise DLMError(
@@ -226,3 +263,7 @@ class TextDataModule(L.LightningDataModule):
                     f"{current[key]}, and the data order depends on it; resume with data/trainer {key}={state_dict[key]}"
                 )
         self._consumed = int(state_dict.get("consumed_batches", 0))
+        rank, _ = self._rank_and_world()
+        cursors = state_dict.get("cursors") or {}
+        mine = cursors.get(rank, cursors.get(str(rank))) if state_dict.get("cursor_version") == CURSOR_VERSION else None
+        self._cursors = {int(k): v for k, v in (mine or {}).items()}

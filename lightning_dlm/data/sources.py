@@ -9,7 +9,10 @@ instead of deep inside a DataLoader worker.
 from __future__ import annotations
 
 import glob
+import json
 import os
+import re
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Literal, Optional, Sequence
 
@@ -62,6 +65,9 @@ class Corpus:
     source: CorpusSource
     dataset: datasets.IterableDataset
     weight: float
+    #: The local data files (sorted) and their ``datasets`` builder; ``None`` for a hub corpus.
+    files: Optional[list] = None
+    builder: Optional[str] = None
 
     @property
     def label(self) -> str:
@@ -192,6 +198,9 @@ def open_corpus(source: CorpusSource, weight: Optional[float] = None) -> Corpus:
     """
     require(source.weight > 0, f"corpus '{source.path}' has weight {source.weight}; weights must be > 0")
     corpus = Corpus(source=source, dataset=load_streaming(source), weight=source.weight if weight is None else weight)
+    if source.format != "hub":
+        corpus.files = resolve_files(source.path)
+        corpus.builder = infer_format(source.path, corpus.files) if source.format == "auto" else source.format
     features = corpus.dataset.features
     if features is not None and source.text_field not in features:
         raise missing_field_error(source, list(features))
@@ -218,3 +227,189 @@ def open_corpora(sources: Sequence[CorpusSource]) -> list[Corpus]:
     for corpus in opened:
         corpus.weight = corpus.weight / total
     return opened
+
+
+# ----------------------------------------------------------------------------------- record readers
+#
+# The training stream reads a source as "records" (raw examples: a line, a paragraph, a file, a JSON
+# line, a hub row) and needs to restart reading at a saved position without re-reading what came
+# before (see lightning_dlm.data.stream, "Resume design"). A reader yields, for one epoch of one
+# data slot, ``(text, start, after)``: the record's text and the positions of the record and of
+# the record after it. Positions are short lists of ints (they travel in batches and checkpoints).
+
+#: What separates records in a local file, matched on the raw bytes. Text files are split on the
+#: universal newlines ``\r\n``, ``\r`` and ``\n`` (what ``datasets``' text builder reads them
+#: with); a paragraph ends at two newlines in a row; JSON Lines at ``\n``.
+_LINE_END = re.compile(rb"\r\n|\r(?!\n)|\n")
+_PARAGRAPH_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n){2}")
+_JSONL_END = re.compile(rb"\n")
+#: Bytes read per chunk (extended to the end of the line).
+_CHUNK = 1 << 20
+#: Bytes before a saved offset whose checksum a resume compares (detects a changed corpus).
+_CHECK_BYTES = 64
+
+
+class LocalFileReader:
+    """Our own reader of local, uncompressed text (``.txt``/``.md``, any ``sample_by``) and JSON
+    Lines (``.jsonl``) files, seekable in O(1): a position is ``[file index, byte offset]``.
+
+    It yields the same texts in the same order as ``datasets``' text and json builders (checked
+    by the tests), so switching readers does not change the data order. Reading from a position
+    seeks there (``file.seek``) and reads nothing before it.
+    """
+
+    kind = "bytes"
+
+    def __init__(self, corpus: "Corpus"):
+        self.corpus = corpus
+        self.files = list(corpus.files or [])
+        self._sizes: dict = {}
+        self.mode = "jsonl" if corpus.builder == "json" else corpus.source.sample_by
+
+    @staticmethod
+    def supports(corpus: "Corpus", shuffle_buffer: int) -> bool:
+        if shuffle_buffer > 0 or not corpus.files or corpus.source.format == "hub":
+            return False
+        if any(f.endswith(COMPRESSION_SUFFIXES) for f in corpus.files):
+            return False
+        if corpus.builder == "text":
+            return True
+        return corpus.builder == "json" and all(f.lower().endswith(".jsonl") for f in corpus.files)
+
+    def slot_files(self, num_slots: int, slot: int, file_level: bool) -> list[int]:
+        """The file indices slot ``slot`` reads: like ``datasets``' ``shard(contiguous=True)``."""
+        n = len(self.files)
+        if not file_level or num_slots == 1:
+            return list(range(n))
+        per = n // num_slots
+        return list(range(slot * per, (slot + 1) * per))
+
+    def records(self, files: Sequence[int], start: Optional[Sequence[int]]) -> Iterator[tuple]:
+        first_file, first_offset = (files[0] if files else 0, 0) if start is None else (int(start[0]), int(start[1]))
+        for index in files:
+            if index < first_file:
+                continue
+            yield from self._file_records(index, first_offset if index == first_file else 0)
+
+    def _file_records(self, index: int, offset: int) -> Iterator[tuple]:
+        path = self.files[index]
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            if self.mode == "document":
+                if offset == 0:
+                    data = fh.read()
+                    yield self._text(data, path, 0), [index, 0], [index, len(data)]
+                return
+            end = _LINE_END if self.mode == "line" else _PARAGRAPH_END if self.mode == "paragraph" else _JSONL_END
+            carry, base = b"", offset  # base: the file offset of carry[0]
+            while True:
+                chunk = fh.read(_CHUNK)
+                if chunk and not chunk.endswith(b"\n"):
+                    chunk += fh.readline()
+                data = carry + chunk if carry else chunk
+                pos = 0
+                for match in end.finditer(data):
+                    yield self._text(data[pos:match.start()], path, base + pos), [index, base + pos], [index, base + match.end()]
+                    pos = match.end()
+                carry, base = data[pos:], base + pos
+                if not chunk:
+                    if carry:
+                        yield self._text(carry, path, base), [index, base], [index, base + len(carry)]
+                    return
+
+    def _text(self, raw: bytes, path: str, offset: int) -> object:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DLMError(
+                f"corpus '{self.corpus.source.path}' is not UTF-8 text (byte {err.object[err.start:err.start + 1]!r} at "
+                f"offset {offset + err.start} of {path}): convert it, e.g. iconv -f latin1 -t utf-8 IN > OUT"
+            ) from None
+        if self.mode == "jsonl":
+            if not text.strip():
+                return None
+            try:
+                row = json.loads(text)
+            except ValueError as err:
+                raise DLMError(f"corpus file '{path}' has a line that is not JSON at byte {offset}: {err}") from None
+            return row.get(self.corpus.text_field) if isinstance(row, dict) else None
+        return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+    def fingerprint(self, position: Sequence[int]) -> dict:
+        """What a resume checks a saved position against, O(1): the number of files, the file's
+        size and a checksum of the bytes just before the position (an edit of the same length
+        elsewhere in the file goes unnoticed)."""
+        index, offset = int(position[0]), int(position[1])
+        if index not in self._sizes:
+            self._sizes[index] = os.path.getsize(self.files[index])
+        return {"num_files": len(self.files), "size": self._sizes[index], "check": position_check(self.files[index], offset)}
+
+    def check_position(self, position: Sequence[int], saved: dict) -> None:
+        """Refuse, in one line, a saved position that does not fit the corpus files as they are now."""
+        index, offset = int(position[0]), int(position[1])
+        label = self.corpus.source.path
+        if saved.get("num_files") != len(self.files) or index >= len(self.files):
+            raise DLMError(
+                f"cannot resume the data stream: corpus '{label}' now has {len(self.files)} file(s), the checkpoint's "
+                f"data position was saved with {saved.get('num_files')}; resume with the original corpus or start a new run"
+            )
+        path = self.files[index]
+        size = os.path.getsize(path)
+        if offset > size or saved.get("size") != size or saved.get("check") != position_check(path, offset):
+            raise DLMError(
+                f"cannot resume the data stream: corpus file '{path}' does not match the checkpoint's data position "
+                f"(byte {offset}; the file has {size} bytes, {saved.get('size')} when it was saved); resume with the "
+                f"original corpus or start a new run"
+            )
+
+
+def position_check(path: str, offset: int) -> int:
+    """Checksum of the bytes just before ``offset`` in ``path`` (0 at the start of a file)."""
+    if offset <= 0:
+        return 0
+    with open(path, "rb") as fh:
+        begin = max(0, offset - _CHECK_BYTES)
+        fh.seek(begin)
+        return zlib.crc32(fh.read(offset - begin))
+
+
+class DatasetsReader:
+    """Reader of the other sources (hub datasets, parquet, ``.json``, compressed files, and any
+    source read with a shuffle buffer) through ``datasets`` streaming: a position is
+    ``[record number in this epoch's stream]``. Reading from position ``p`` reads and discards the
+    first ``p`` raw records of the epoch; it tokenizes none of them (the slow part), but it does
+    read them."""
+
+    kind = "records"
+
+    def __init__(self, corpus: "Corpus", shuffle_buffer: int = 0, seed: int = 0, source_index: int = 0,
+                 doc_batch_size: int = 64):
+        self.corpus = corpus
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.source_index = source_index
+        self.doc_batch_size = doc_batch_size
+
+    def epoch_dataset(self, epoch: int, num_slots: int, slot: int, file_level: bool):
+        dataset = self.corpus.dataset
+        if file_level and num_slots > 1:
+            dataset = dataset.shard(num_shards=num_slots, index=slot)
+        if self.shuffle_buffer > 0:
+            from lightning_dlm.data.stream import epoch_seed
+
+            dataset = dataset.shuffle(seed=epoch_seed(self.seed, epoch, self.source_index), buffer_size=self.shuffle_buffer)
+        return dataset
+
+    def records(self, dataset, start: Optional[Sequence[int]]) -> Iterator[tuple]:
+        skip = 0 if start is None else int(start[0])
+        count = 0
+        for texts in self.corpus.texts(dataset, batch_size=self.doc_batch_size):
+            for text in texts:
+                if count >= skip:
+                    yield text, [count], [count + 1]
+                count += 1
+        if count < skip:
+            raise DLMError(
+                f"cannot resume the data stream: corpus '{self.corpus.source.path}' has {count} records in this pass, "
+                f"the checkpoint's data position is record {skip}; resume with the original corpus or start a new run"
+            )
