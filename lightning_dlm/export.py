@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from lightning_dlm.checkpoints import EXPORT_CONFIG, read_checkpoint, require_exists
+from lightning_dlm.checkpoints import EXPORT_CONFIG, is_exported_folder, require_exists
 from lightning_dlm.configs import coerce_config
 from lightning_dlm.errors import DLMError
 from lightning_dlm.model.tokenizer_files import tokenizer_from_files
@@ -64,11 +64,8 @@ def backbone_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.
     return state
 
 
-def _target_dtype(state: Dict[str, torch.Tensor], choice: str) -> torch.dtype:
-    if choice not in DTYPE_CHOICES:
-        raise DLMError(f"unknown dtype '{choice}': choose one of {', '.join(DTYPE_CHOICES)}")
-    if DTYPE_CHOICES[choice] is not None:
-        return DTYPE_CHOICES[choice]
+def stored_dtype(state: Dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype that holds most of a state dict's numbers (float32 if none)."""
     counts = Counter()
     for value in state.values():
         if value.is_floating_point():
@@ -154,17 +151,6 @@ def checkpoint_info(checkpoint: Dict[str, Any], source: str) -> Dict[str, Any]:
             "global_step": checkpoint.get("global_step"), "source_checkpoint": os.path.abspath(source)}
 
 
-def diffusion_config(checkpoint: Dict[str, Any], tokenizer, source: str, dtype: torch.dtype) -> Dict[str, Any]:
-    """``diffusion_config.json`` of a ``dlm fit`` checkpoint."""
-    from lightning_dlm.diffusion.config import DiffusionConfig
-    from lightning_dlm.module import CHECKPOINT_KEY
-
-    meta = checkpoint[CHECKPOINT_KEY]
-    diffusion = coerce_config(DiffusionConfig, (checkpoint.get("hyper_parameters") or {}).get("diffusion"))
-    return export_config(meta["mask_token_id"], tokenizer, meta["mask_token_added"], diffusion, dtype,
-                         checkpoint_info(checkpoint, source))
-
-
 def export(ckpt: str, out: str, dtype: str = "keep", progress: Optional[Callable[[str], None]] = None,
            trust_checkpoint: bool = False) -> str:
     """Write the model of ``ckpt`` (a ``.ckpt`` or sharded checkpoint folder from ``dlm fit``) as a
@@ -172,7 +158,7 @@ def export(ckpt: str, out: str, dtype: str = "keep", progress: Optional[Callable
     or ``bfloat16``. ``progress`` receives one line per stage. ``trust_checkpoint``: unpickle the
     checkpoint in full (code in it can run); by default only tensors and plain data are read.
     Returns ``out``."""
-    from lightning_dlm.module import CHECKPOINT_KEY
+    from lightning_dlm.model.pretrained import load_model, save_model
 
     say = progress or (lambda line: None)
     out = os.path.abspath(out)
@@ -180,19 +166,16 @@ def export(ckpt: str, out: str, dtype: str = "keep", progress: Optional[Callable
     if dtype not in DTYPE_CHOICES:
         raise DLMError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPE_CHOICES)}")
     require_exists(ckpt)
+    if is_exported_folder(ckpt):
+        raise DLMError(f"'{ckpt}' is a folder written by `dlm export`, not a training checkpoint: it is exported "
+                       f"already (DiffusionModel.from_pretrained(path).save_pretrained(out, dtype=...) converts it)")
     say(f"reading {ckpt}" + (" (consolidating the shards on the CPU)" if os.path.isdir(ckpt) else ""))
-    checkpoint = read_checkpoint(ckpt, trust=trust_checkpoint)
-    meta = checkpoint[CHECKPOINT_KEY]
-    state = backbone_state_dict(checkpoint.pop("state_dict"))  # the only reference to the weights now
-    target = _target_dtype(state, dtype)
-    model = build_hf_model(meta["backbone"], state, target)
-    tokenizer = tokenizer_with_mask(meta)
+    model = load_model(ckpt, trust_checkpoint=trust_checkpoint, dtype=DTYPE_CHOICES[dtype])
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"model: {model.config.model_type}, {n_params / 1e6:.2f}M parameters, {str(target).replace('torch.', '')}, "
-        f"mask token {meta['mask_token_id']} ({'added' if meta['mask_token_added'] else 'reused'})")
-
-    write_export_folder(out, model, tokenizer, diffusion_config(checkpoint, tokenizer, ckpt, target), say)
-    return out
+    say(f"model: {model.config.model_type}, {n_params / 1e6:.2f}M parameters, "
+        f"{str(model.model.dtype).replace('torch.', '')}, mask token {model.mask_token_id} "
+        f"({'added' if model.mask_token_added else 'reused'})")
+    return save_model(model, out, progress=say)
 
 
 def write_export_folder(out: str, model, tokenizer, config: Dict[str, Any],

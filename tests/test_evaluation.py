@@ -269,8 +269,19 @@ def test_lambada_and_short_answer_scoring(tmp_path, tokenizer):
 # --- real models end to end ----------------------------------------------------------------------
 def test_generation_tasks_run_on_a_diffusion_model_and_keep_the_suffix(tmp_path, module):
     path = write_jsonl(tmp_path / "roc.jsonl", [{f"sentence{i}": f"The dog ran {i}." for i in range(1, 6)}])
-    res = build_task(dict(task="infilling", data=path, steps=4)).run(DiffusionEvaluator(module), lambda *a: (lambda n: None))
+    evaluator = DiffusionEvaluator(module)
+    seen = []
+    hook = evaluator.net.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["input_ids"].tolist()), with_kwargs=True)
+    try:
+        res = build_task(dict(task="infilling", data=path, steps=4)).run(evaluator, lambda *a: (lambda n: None))
+    finally:
+        hook.remove()
     assert res["uses_suffix"] and 0.0 <= res["rouge1"] <= 1.0 and res["examples"][0]["suffix"] == " The dog ran 4. The dog ran 5."
+    # the suffix reached the model: its tokens sit, in order, in the rows the model was given
+    suffix = evaluator.encode(" The dog ran 4. The dog ran 5.")
+    rows = [row for batch in seen for row in batch]
+    assert seen and all(any(row[i:i + len(suffix)] == suffix for i in range(len(row))) for row in rows)
 
 
 def test_dlm_eval_side_by_side_json_and_table(tmp_path, ckpt, ar_folder, capsys):

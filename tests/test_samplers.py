@@ -569,3 +569,15 @@ def test_the_registry_refuses_a_second_strategy_under_a_taken_name():
         register(Impostor)
     assert STRATEGIES == before
     assert register(STRATEGIES["random"]) is STRATEGIES["random"]  # re-registering the same class is harmless
+
+
+def test_sample_output_into_a_missing_folder_is_refused_before_sampling(tmp_path, capsys):
+    from lightning_dlm.cli import main
+
+    target = tmp_path / "missing" / "out.txt"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sample", "--ckpt", str(tmp_path / "nothing.ckpt"), "--prompt", "x", "--output", str(target)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --output {target}: the folder {target.parent} does not exist: create it or write elsewhere"]
+    assert not target.parent.exists()

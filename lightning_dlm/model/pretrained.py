@@ -31,14 +31,16 @@ def _looks_like_hub_name(path: str) -> bool:
     return not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/", "~"))
 
 
-def load_model(path: str, trust_checkpoint: bool = False):
-    """A :class:`DiffusionModel` (CPU, the stored dtype) from any of the sources above."""
+def load_model(path: str, trust_checkpoint: bool = False, dtype: Optional[torch.dtype] = None):
+    """A :class:`DiffusionModel` (CPU) from any of the sources above, in ``dtype`` (default: the
+    stored one; a checkpoint's tensors are cast one at a time, never a second copy of the model)."""
     if _looks_like_hub_name(path):
         path = _download(path)
     if is_exported_folder(path):
-        return _load_exported(path)
+        model = _load_exported(path)
+        return model if dtype is None else model.to(dtype)
     require_exists(path)
-    return _load_checkpoint(path, trust_checkpoint)
+    return _load_checkpoint(path, trust_checkpoint, dtype)
 
 
 def _download(name: str) -> str:
@@ -56,17 +58,15 @@ def _download(name: str) -> str:
     return folder
 
 
-def _load_checkpoint(path: str, trust: bool):
-    from lightning_dlm.export import backbone_state_dict, build_hf_model, checkpoint_info, tokenizer_with_mask
+def _load_checkpoint(path: str, trust: bool, dtype: Optional[torch.dtype] = None):
+    from lightning_dlm.export import backbone_state_dict, build_hf_model, checkpoint_info, stored_dtype, tokenizer_with_mask
     from lightning_dlm.model.diffusion_model import DiffusionModel
     from lightning_dlm.module import CHECKPOINT_KEY
 
     checkpoint = read_checkpoint(path, trust=trust)
     meta = checkpoint[CHECKPOINT_KEY]
     state = backbone_state_dict(checkpoint.pop("state_dict"))
-    dtypes = {value.dtype for value in state.values() if value.is_floating_point()}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    hf_model = build_hf_model(meta["backbone"], state, dtype)
+    hf_model = build_hf_model(meta["backbone"], state, dtype or stored_dtype(state))
     tokenizer = tokenizer_with_mask(meta)
     diffusion = coerce_config(DiffusionConfig, (checkpoint.get("hyper_parameters") or {}).get("diffusion"))
     return DiffusionModel(hf_model, meta["mask_token_id"], meta["mask_token_added"], diffusion=diffusion,
