@@ -124,12 +124,38 @@ COMMANDS: Dict[str, Callable[[List[str]], None]] = {
     "sample": sample_main, "demo": demo_main, "export": export_main, "eval": eval_main, "lm-eval": lm_eval_main,
 }
 
+#: Every subcommand with its one line (LightningCLI's four, then lightning_dlm's own).
+SUBCOMMANDS: Dict[str, str] = {
+    "fit": "adapt a causal LM into a diffusion LM (or resume: --ckpt_path) from a YAML config",
+    "validate": "the validation NELBO of a config's model or of a checkpoint (--ckpt_path)",
+    "test": "the NELBO on the config's data.test corpus",
+    "predict": "Lightning's predict loop (no predict step is defined: use sample or eval)",
+    "sample": "generate text from a checkpoint or exported model (continuation, infilling)",
+    "demo": "adapt SmolLM2 on Shakespeare on the CPU, then show what it generates (make demo)",
+    "export": "write a checkpoint as a Hugging Face folder that plain transformers loads",
+    "eval": "evaluate diffusion and AR models side by side (likelihood, choice, generation tasks)",
+    "lm-eval": "run lm-evaluation-harness with lightning_dlm registered as a model",
+}
+
+
+def usage() -> str:
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: dlm <subcommand> [options]   (dlm <subcommand> --help for its options)", "",
+             "Adapt pretrained autoregressive LMs into masked diffusion LMs.", "", "subcommands:"]
+    lines += [f"  {name.ljust(width)}  {text}" for name, text in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args and args[0] in COMMANDS:
+        if not args or args[0] in ("-h", "--help"):
+            print(usage(), file=sys.stdout if args else sys.stderr)
+            sys.exit(0 if args else 2)
+        if args[0] in COMMANDS:
             COMMANDS[args[0]](args[1:])
+        elif args[0] not in SUBCOMMANDS and not args[0].startswith("-"):
+            raise DLMError(f"unknown subcommand '{args[0]}': choose one of {', '.join(SUBCOMMANDS)} (dlm --help)")
         else:
             # LightningCLI reads sys.argv itself when run as a program (args=None).
             lightning_main(None if argv is None else args)

@@ -245,3 +245,37 @@ def test_sample_help_shows_the_sampler_defaults_of_sampler_config(capsys):
     for name in ("steps", "temperature", "top_k", "top_p", "strategy", "cache"):
         (entry,) = [" ".join(o.split()) for o in options if o.startswith(f"--{name} ")]
         assert re.search(r"default: ([^)]+)\)$", entry).group(1) == str(getattr(defaults, name)), entry
+
+
+def test_dlm_help_lists_every_subcommand_with_one_line(capsys):
+    from lightning_dlm.cli import COMMANDS, SUBCOMMANDS
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ["fit", "validate", "test", "predict", *COMMANDS]:
+        line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
+        assert line.strip() == f"{name.ljust(max(map(len, SUBCOMMANDS)))}  {SUBCOMMANDS[name]}"
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2 and "subcommands:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fitt", "--config", "x.yaml"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: unknown subcommand 'fitt': choose one of fit, validate, test, "
+                                               "predict, sample, demo, export, eval, lm-eval (dlm --help)")
+
+
+@pytest.mark.parametrize("name", ["fit", "validate", "test", "sample", "demo", "export", "eval", "lm-eval"])
+def test_every_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out.lower() and len(out.splitlines()) > 3
+
+
+def test_python_dash_m_lightning_dlm_help_is_the_same():
+    proc = subprocess.run([sys.executable, "-m", "lightning_dlm", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "lm-eval   run lm-evaluation-harness" in proc.stdout
