@@ -229,9 +229,24 @@ def test_demo_runs_end_to_end_on_the_debug_config(tmp_path, capsys):
     main(["demo", "--config", os.path.join(REPO, "experiments", "debug.yaml"), "--max_steps", "4",
           "--run_dir", str(tmp_path), "--length", "8", "--steps", "8", "--prompt", "Once upon a time"])
     out = capsys.readouterr().out
-    assert "Once upon a time[" in out
+    assert "Once upon a time\u27e6" in out and "\u27e7" in out and "\033[" not in out  # markers; no colour off a tty
     assert "val/nelbo before adaptation" in out and "val/nelbo after adaptation" in out
     assert os.path.isfile(tmp_path / "checkpoints" / "last.ckpt")
+    # one TensorBoard run: the fit's, holding the validations before (step 0) and after (step 4)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = {os.path.dirname(p) for p in glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)}
+    assert len(runs) == 1
+    values = {}
+    for events in glob.glob(os.path.join(runs.pop(), "events.out.tfevents.*")):
+        acc = EventAccumulator(events)
+        acc.Reload()
+        for tag in ("demo/val_nelbo_before", "demo/val_nelbo_after"):
+            if tag in acc.Tags()["scalars"]:
+                values[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+    before = float(re.search(r"val/nelbo before adaptation :\s+([0-9.]+)", out).group(1))
+    assert values["demo/val_nelbo_before"][0][0] == 0 and values["demo/val_nelbo_after"][0][0] == 4
+    assert values["demo/val_nelbo_before"][0][1] == pytest.approx(before, abs=1e-3)
 
 
 def test_sample_help_shows_the_sampler_defaults_of_sampler_config(capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from typing import List, Optional
@@ -38,6 +39,48 @@ def _val_nelbo(cli) -> float:
     if value is None:
         raise DLMError("the demo config has no validation data: set data.val")
     return float(value)
+
+
+class SpanMarker:
+    """Marks generated text: colour on a terminal, and markers that never occur in the corpus
+    (Shakespeare's own square brackets, as in ``[Exit.]``, must not look generated)."""
+
+    OPEN, CLOSE = "\u27e6", "\u27e7"  # the mathematical white square brackets
+
+    def __init__(self, colour: bool):
+        self.colour = colour
+
+    @property
+    def legend(self) -> str:
+        return f"between {self.OPEN} {self.CLOSE}" + (", in green" if self.colour else "")
+
+    def __call__(self, text: str) -> str:
+        if self.colour:
+            return f"{self.OPEN}\033[32m{text}\033[0m{self.CLOSE}"
+        return f"{self.OPEN}{text}{self.CLOSE}"
+
+
+def span_marker(stream) -> SpanMarker:
+    """Colour only on a terminal that is not asked to go without it (NO_COLOR)."""
+    isatty = getattr(stream, "isatty", lambda: False)()
+    return SpanMarker(colour=bool(isatty) and "NO_COLOR" not in os.environ)
+
+
+def log_validations(trainer, before: float, after: float) -> Optional[str]:
+    """Write the validations before and after adaptation into the fit's TensorBoard run as
+    ``val/nelbo`` at step 0 and at the last step (so one plot shows them with the curves)."""
+    logger = getattr(trainer, "logger", None)
+    log_dir = getattr(logger, "log_dir", None)
+    if not log_dir:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=log_dir) as writer:
+        writer.add_scalar("val/nelbo", before, 0)
+        writer.add_scalar("val/nelbo", after, trainer.global_step)
+        writer.add_scalar("demo/val_nelbo_before", before, 0)
+        writer.add_scalar("demo/val_nelbo_after", after, trainer.global_step)
+    return log_dir
 
 
 def demo(
@@ -80,7 +123,9 @@ def demo(
         # the demo starts over each time: it replaces its own earlier run, and only that
         print(f"[demo] removing the previous demo checkpoints in {ckpt_dir}")
         shutil.rmtree(ckpt_dir)
-    quiet = ["--trainer.enable_progress_bar", "false", *overrides]
+    # the validations before and after write no logs of their own: their values go into the fit's
+    # TensorBoard run at the steps they stand for (0 and the last), beside the training curves
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false", *overrides]
     t0 = time.time()
     print("[demo] 1/4 validating the pretrained model before adaptation (diffusion NELBO bound)")
     before = _val_nelbo(_run_cli(["validate", "--config", config, *quiet]))
@@ -94,6 +139,7 @@ def demo(
     t2 = time.time()
     print("[demo] 3/4 validating the adapted model")
     after = _val_nelbo(_run_cli(["validate", "--config", config, "--ckpt_path", ckpt, *quiet]))
+    log_dir = log_validations(fit.trainer, before, after)
     t3 = time.time()
     print(f"[demo] 4/4 sampling from {ckpt}")
     module = DiffusionModel.from_pretrained(ckpt)
@@ -102,14 +148,17 @@ def demo(
                     temperature=temperature, top_p=top_p, seed=0)
     t4 = time.time()
     bar = "=" * 72
-    print(f"\n{bar}\nContinuation ({length} tokens, {steps} steps, generated text in [brackets]):\n{bar}")
-    print(f"{prompt}[{cont.texts[0]}]")
+    mark = span_marker(sys.stdout)
+    print(f"\n{bar}\nContinuation ({length} tokens, {steps} steps, generated text {mark.legend}):\n{bar}")
+    print(f"{prompt}{mark(cont.texts[0])}")
     print(f"\n{bar}\nInfilling ({length // 2} tokens between a fixed prefix and suffix):\n{bar}")
-    print(f"{infill_prefix}[{fill.texts[0]}]{infill_suffix}")
+    print(f"{infill_prefix}{mark(fill.texts[0])}{infill_suffix}")
     print(f"\n{bar}\nSummary\n{bar}")
     print(f"val/nelbo before adaptation : {before:8.3f}   (perplexity bound {math.exp(min(before, 50)):,.1f})")
     print(f"val/nelbo after adaptation  : {after:8.3f}   (perplexity bound {math.exp(min(after, 50)):,.1f})")
     print(f"checkpoint                  : {ckpt}")
+    if log_dir:
+        print(f"tensorboard                 : tensorboard --logdir {log_dir}  (val/nelbo at step 0 = before)")
     print(f"time: validate {t1 - t0:.0f}s, fit {t2 - t1:.0f}s, validate {t3 - t2:.0f}s, sample {t4 - t3:.0f}s, "
           f"total {t4 - t0:.0f}s")
 
