@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics.aggregation import MeanMetric, SumMetric
 
 from lightning_dlm.configs import coerce_config
 from lightning_dlm.diffusion import (
@@ -88,8 +88,10 @@ class DiffusionLM(L.LightningModule):
         self._first_nonfinite: Optional[torch.Tensor] = None  # first step with a nan/inf loss (device)
         self.tokenizer = None
         self.tokens_seen = 0
-        self.val_nelbo = MeanMetric()
-        self.test_nelbo = MeanMetric()
+        # NELBO per token (weighted by targets), its square and the number of batches: the mean and
+        # its standard error over the evaluation batches (val/nelbo_se)
+        self.val_nelbo, self.val_nelbo_sq, self.val_batches = MeanMetric(), MeanMetric(), SumMetric()
+        self.test_nelbo, self.test_nelbo_sq, self.test_batches = MeanMetric(), MeanMetric(), SumMetric()
 
     # --- model construction -------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -298,32 +300,39 @@ class DiffusionLM(L.LightningModule):
             num_targets = terms.num_targets
         return total / (levels * num_targets), int(num_targets)  # one host sync per batch: an int weight
 
-    def _eval_step(self, batch, batch_idx, metric: MeanMetric) -> None:
+    def _eval_step(self, batch, batch_idx, prefix: str) -> None:
         nelbo, num_targets = self.nelbo_per_token(
             batch["input_ids"], batch.get("attention_mask"), batch_idx, document_ids=batch.get("document_ids"),
             row_keys=batch.get("block_index"),
         )
-        metric.update(nelbo, weight=num_targets)
+        getattr(self, f"{prefix}_nelbo").update(nelbo, weight=num_targets)
+        getattr(self, f"{prefix}_nelbo_sq").update(nelbo.double() ** 2, weight=num_targets)
+        getattr(self, f"{prefix}_batches").update(1.0)
 
-    def _eval_epoch_end(self, metric: MeanMetric, prefix: str) -> None:
+    def _eval_epoch_end(self, prefix: str) -> None:
+        metric = getattr(self, f"{prefix}_nelbo")
         if metric.update_count == 0:
             return
         value = metric.compute()
+        square, batches = getattr(self, f"{prefix}_nelbo_sq").compute(), getattr(self, f"{prefix}_batches").compute()
+        spread = (square - value.double() ** 2).clamp_min(0)
         self.log(f"{prefix}/nelbo", value, prog_bar=True, sync_dist=False)
+        self.log(f"{prefix}/nelbo_se", (spread / batches.clamp_min(1)).sqrt().float(), sync_dist=False)
         self.log(f"{prefix}/ppl_bound", torch.exp(value), sync_dist=False)
-        metric.reset()
+        for name in ("nelbo", "nelbo_sq", "batches"):
+            getattr(self, f"{prefix}_{name}").reset()
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, batch_idx, self.val_nelbo)
+        self._eval_step(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self):
-        self._eval_epoch_end(self.val_nelbo, "val")
+        self._eval_epoch_end("val")
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch, batch_idx, self.test_nelbo)
+        self._eval_step(batch, batch_idx, "test")
 
     def on_test_epoch_end(self):
-        self._eval_epoch_end(self.test_nelbo, "test")
+        self._eval_epoch_end("test")
 
     # --- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):

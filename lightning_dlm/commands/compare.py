@@ -1,0 +1,66 @@
+"""``dlm compare``: the runs of a sweep (or any run folders) side by side, from their TensorBoard logs.
+
+    dlm compare runs/schedules/*                                   # a markdown table on stdout
+    dlm compare runs/schedules/* --format csv --out runs/schedules/compare   # + val_nelbo.png, train_loss.png
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from typing import List, Literal, Optional
+
+from jsonargparse import ArgumentParser
+
+from lightning_dlm.errors import DLMError
+
+
+def compare(runs: List[str], format: Literal["markdown", "csv", "json"] = "markdown", out: Optional[str] = None,
+            plots: bool = True) -> str:
+    """Print one table of the runs (arm, final val/nelbo and its standard error, perplexity bound,
+    tokens seen, steps, wall time) and, with ``out``, write it there with PNG plots.
+
+    Args:
+        runs: run folders (each a trainer.default_root_dir of dlm fit, or an arm of dlm sweep); globs work.
+        format: markdown, csv or json.
+        out: also write the table (compare.md / .csv / .json) and the plots (val_nelbo.png:
+            val/nelbo against tokens seen; train_loss.png: train/loss against the step) into this folder.
+        plots: write the PNG plots when out is given.
+    """
+    from lightning_dlm.research.compare import plot_runs, render, summarize
+
+    folders = []
+    for pattern in runs:
+        if any(ch in pattern for ch in "*?["):  # a glob: its folders, less a sweep's own outputs
+            folders += [path for path in sorted(glob.glob(pattern)) if os.path.isdir(path)
+                        and os.path.basename(os.path.normpath(path)) not in ("compare", "slurm")]
+        else:
+            folders.append(pattern)
+    rows = summarize(folders)
+    table = render(rows, format)
+    print(table)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        suffix = {"markdown": "md", "csv": "csv", "json": "json"}[format]
+        with open(os.path.join(out, f"compare.{suffix}"), "w", encoding="utf-8") as fh:
+            fh.write(table + ("\n" if not table.endswith("\n") else ""))
+        if plots:
+            for path in plot_runs(folders, out, arms=[r.arm for r in rows]).values():
+                print(f"wrote {path}", file=sys.stderr)
+    return table
+
+
+def compare_command(args: List[str]) -> None:
+    parser = ArgumentParser(prog="dlm compare", exit_on_error=False,
+                            description="Put runs side by side from their TensorBoard logs: a table and PNG plots.")
+    parser.add_argument("runs", nargs="*", help="run folders (trainer.default_root_dir of dlm fit, arms of dlm sweep); globs work")
+    parser.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown", help="table format")
+    parser.add_argument("--out", default=None, help="also write the table and val_nelbo.png / train_loss.png here")
+    parser.add_argument("--plots", type=bool, default=True, help="write the PNG plots when --out is given")
+    try:
+        cfg = parser.parse_args(args)
+    except Exception as err:  # noqa: BLE001 - jsonargparse's ArgumentError: one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DLMError(f"dlm compare: {first}: see dlm compare --help") from None
+    compare(list(cfg.runs), format=cfg.format, out=cfg.out, plots=cfg.plots)

@@ -1,0 +1,1 @@
+"""The research workflow: comparing runs (:mod:`.compare`) and sweeping configs (:mod:`.sweep`)."""

@@ -1,0 +1,150 @@
+"""Read the TensorBoard logs of several runs and put them side by side.
+
+``summarize(run_dirs)`` gives one row per run (arm): the final ``val/nelbo`` with its standard
+error (``val/nelbo_se``, over the validation batches), the perplexity bound exp(NELBO), tokens
+seen, optimiser steps and wall time; ``plot_runs`` draws ``val/nelbo`` against tokens seen and
+``train/loss`` against the step, one line per arm. Logs are read with ``tbparse`` (every event
+file under a run folder, all TensorBoard versions of a resumed run merged by step).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+from lightning_dlm.errors import DLMError
+
+FORMATS = ("markdown", "csv", "json")
+
+
+@dataclass
+class RunSummary:
+    arm: str
+    val_nelbo: Optional[float]
+    val_nelbo_se: Optional[float]
+    ppl_bound: Optional[float]
+    tokens_seen: Optional[float]
+    steps: Optional[int]
+    wall_s: Optional[float]
+    folder: str
+
+
+def read_scalars(run_dir: str):
+    """A DataFrame (step, tag, value, wall_time) of every scalar logged under ``run_dir``; when a
+    resumed run logged a step twice, the later write wins."""
+    from tbparse import SummaryReader
+
+    if not os.path.isdir(run_dir):
+        raise DLMError(f"run folder '{run_dir}' does not exist: give folders written by dlm fit or dlm sweep")
+    events = [os.path.join(root, name) for root, _, names in os.walk(run_dir) for name in names
+              if name.startswith("events.out.tfevents.")]
+    if not events:
+        raise DLMError(f"'{run_dir}' holds no TensorBoard logs (events.out.tfevents.*): give run folders of "
+                       f"dlm fit / dlm sweep (their trainer.default_root_dir)")
+    frame = SummaryReader(run_dir, extra_columns={"wall_time"}).scalars
+    if frame.empty:
+        raise DLMError(f"the TensorBoard logs under '{run_dir}' hold no scalars: the run logged nothing yet")
+    return frame.sort_values("wall_time").drop_duplicates(["tag", "step"], keep="last").sort_values(["tag", "step"])
+
+
+def _last(frame, tag: str) -> Optional[float]:
+    rows = frame[frame.tag == tag]
+    return float(rows.value.iloc[-1]) if len(rows) else None
+
+
+def summarize_run(run_dir: str, arm: Optional[str] = None) -> RunSummary:
+    frame = read_scalars(run_dir)
+    nelbo = _last(frame, "val/nelbo")
+    train = frame[frame.tag.str.startswith("train/")]
+    return RunSummary(
+        arm=arm or os.path.basename(os.path.normpath(run_dir)),
+        val_nelbo=nelbo,
+        val_nelbo_se=_last(frame, "val/nelbo_se"),
+        ppl_bound=math.exp(min(nelbo, 700.0)) if nelbo is not None else None,
+        tokens_seen=_last(frame, "train/tokens_seen"),
+        steps=int(train.step.max()) + 1 if len(train) else None,
+        wall_s=float(frame.wall_time.max() - frame.wall_time.min()) if len(frame) > 1 else None,
+        folder=os.path.abspath(run_dir),
+    )
+
+
+def summarize(run_dirs: Sequence[str]) -> List[RunSummary]:
+    if not run_dirs:
+        raise DLMError("no run folders given: dlm compare runs/<sweep>/*")
+    names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    if len(set(names)) != len(names):  # arms of different sweeps with the same name: keep them apart
+        names = [os.path.normpath(d) for d in run_dirs]
+    return [summarize_run(d, name) for d, name in zip(run_dirs, names)]
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def render(rows: Sequence[RunSummary], fmt: str = "markdown") -> str:
+    """The table as markdown, CSV or JSON."""
+    if fmt not in FORMATS:
+        raise DLMError(f"unknown format '{fmt}': choose one of {', '.join(FORMATS)}")
+    if fmt == "json":
+        return json.dumps([asdict(r) for r in rows], indent=2)
+    header = ["arm", "val/nelbo", "se", "ppl bound", "tokens seen", "steps", "wall s"]
+    cells = [[r.arm, _fmt(r.val_nelbo), _fmt(r.val_nelbo_se), _fmt(r.ppl_bound, 2), _fmt(r.tokens_seen),
+              _fmt(r.steps), _fmt(r.wall_s, 1)] for r in rows]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["arm", "val_nelbo", "val_nelbo_se", "ppl_bound", "tokens_seen", "steps", "wall_s", "folder"])
+        for r in rows:
+            writer.writerow([r.arm, r.val_nelbo, r.val_nelbo_se, r.ppl_bound, r.tokens_seen, r.steps, r.wall_s,
+                             r.folder])
+        return buffer.getvalue().rstrip("\n")
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def plot_runs(run_dirs: Sequence[str], out_dir: str, arms: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """PNG plots in ``out_dir``: ``val_nelbo.png`` (val/nelbo against tokens seen) and
+    ``train_loss.png`` (train/loss against the step), one line per arm. Returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    arms = list(arms) if arms is not None else [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    frames = [read_scalars(d) for d in run_dirs]
+    paths = {}
+    for name, tag, xlabel in [("val_nelbo", "val/nelbo", "tokens seen"), ("train_loss", "train/loss", "step")]:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for arm, frame in zip(arms, frames):
+            rows = frame[frame.tag == tag]
+            if rows.empty:
+                continue
+            x = rows.step.to_numpy()
+            if xlabel == "tokens seen":
+                tokens = frame[frame.tag == "train/tokens_seen"].set_index("step").value
+                x = [tokens.get(s, tokens[tokens.index <= s].iloc[-1] if (tokens.index <= s).any() else 0)
+                     for s in rows.step]
+            ax.plot(x, rows.value.to_numpy(), marker="o" if len(rows) < 30 else None, label=arm)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(tag + (" (nats per token, a bound)" if tag == "val/nelbo" else ""))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+        fig.tight_layout()
+        paths[name] = os.path.join(out_dir, f"{name}.png")
+        fig.savefig(paths[name], dpi=110)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,64 @@
+"""`dlm compare`: one table and PNG plots from the TensorBoard logs of several runs."""
+
+import json
+import math
+import os
+
+import pytest
+
+from lightning_dlm.cli import main
+from lightning_dlm.research.compare import read_scalars, summarize
+from tests.conftest import REPO
+
+DEBUG = os.path.join(REPO, "experiments", "debug.yaml")
+STEPS, BATCH, SEQ = 4, 8, 64
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    for arm, schedule in (("linear", "linear"), ("cosine", "cosine")):
+        main(["fit", "--config", DEBUG, "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", "2",
+              "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar",
+              "false", "--model.diffusion.schedule", schedule, "--trainer.default_root_dir", str(tmp / arm)])
+    return tmp
+
+
+def test_compare_table_holds_the_values_the_logs_hold(runs, tmp_path, capsys):
+    main(["compare", str(runs / "*"), "--format", "json", "--out", str(tmp_path / "cmp")])
+    rows = {row["arm"]: row for row in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"linear", "cosine"}
+    for arm, row in rows.items():
+        frame = read_scalars(str(runs / arm))
+        nelbo = frame[frame.tag == "val/nelbo"].value.tolist()
+        assert len(nelbo) == 2 and row["val_nelbo"] == pytest.approx(nelbo[-1])  # the last validation
+        assert row["val_nelbo_se"] == pytest.approx(frame[frame.tag == "val/nelbo_se"].value.tolist()[-1])
+        assert 0 < row["val_nelbo_se"] < 1
+        assert row["ppl_bound"] == pytest.approx(math.exp(row["val_nelbo"]), rel=1e-6)
+        assert row["tokens_seen"] == STEPS * BATCH * SEQ and row["steps"] == STEPS and row["wall_s"] > 0
+    assert rows["linear"]["val_nelbo"] != rows["cosine"]["val_nelbo"]
+    for name in ("val_nelbo.png", "train_loss.png", "compare.json"):
+        assert os.path.getsize(tmp_path / "cmp" / name) > 1000 or name == "compare.json"
+
+
+def test_markdown_and_csv(runs, capsys):
+    main(["compare", str(runs / "linear"), str(runs / "cosine")])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| arm | val/nelbo | se | ppl bound | tokens seen | steps | wall s |"
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["linear", "cosine"]
+    main(["compare", str(runs / "linear"), "--format", "csv"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("arm,val_nelbo,val_nelbo_se,ppl_bound,tokens_seen,steps,wall_s") and len(lines) == 2
+
+
+def test_folders_without_logs_are_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for args, message in [([str(tmp_path / "empty")], "holds no TensorBoard logs"),
+                          ([str(tmp_path / "missing")], "does not exist"),
+                          ([str(tmp_path / "nothing*")], "no run folders given")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compare", *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert summarize  # the library entry point is importable without the CLI
