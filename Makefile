@@ -10,7 +10,7 @@ ASSETS ?= assets
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install assets demo eval lint test test-slow bench gpu-wheels gpu-dry-run clean
+.PHONY: install assets demo eval lint test test-slow bench gpu-wheels gpu-dry-run clean clean-runs
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,5 +61,13 @@ gpu-wheels:
 gpu-dry-run: $(STAMP)
 	$(PY) benchmarks/gpu_suite.py --dry-run --out runs/gpu_suite_dry_run
 
+# Build leftovers only: runs/ (checkpoints and logs of your runs, the demo's included) is kept.
 clean:
-	rm -rf runs lightning_logs build *.egg-info
+	rm -rf lightning_logs build *.egg-info
+	@if [ -d runs ]; then echo "kept runs/ ($$(du -sh runs | cut -f1): checkpoints and logs of your runs); 'make clean-runs' deletes it"; fi
+
+# Deletes runs/ (every run's checkpoints and logs, the demo's included), saying what it deletes.
+clean-runs:
+	@if [ -d runs ]; then \
+		echo "deleting runs/ ($$(du -sh runs | cut -f1)):"; ls -A runs | sed 's|^|  runs/|'; rm -rf runs; \
+	else echo "no runs/ to delete"; fi

@@ -11,6 +11,10 @@ resumed ``fit`` compares the checkpoint's hyper-parameters with the config, key 
 * any other difference (model shape, objective, mask token, the noise seed) stops the run with a
   one-line error naming the key. (Data-order settings are checked by the datamodule.)
 
+A weights-only checkpoint (the step files of ``dlm fit``, see
+:class:`lightning_dlm.callbacks.StepCheckpoint`) holds no optimizer or schedule state: resuming from
+one stops with one line naming the run's ``last.ckpt``.
+
 :func:`apply_optim_changes` then rewrites the restored optimiser and scheduler state so a new
 learning rate or schedule takes effect from the first resumed step.
 """
@@ -72,8 +76,9 @@ def compare_hparams(saved: Dict[str, Any], given: Dict[str, Any]) -> Tuple[List[
     return allowed, refused
 
 
-def read_hparams(path: str) -> Dict[str, Any]:
-    """The hyper-parameters a ``dlm fit`` checkpoint stores (a file, or a sharded folder's meta.pt)."""
+def read_resume_checkpoint(path: str) -> Dict[str, Any]:
+    """A ``dlm fit`` checkpoint given to ``--ckpt_path`` (a file, or a sharded folder's meta.pt),
+    tensors memory-mapped: one-line errors for a missing or unreadable one."""
     if not os.path.exists(path):
         raise DLMError(f"--ckpt_path {path} does not exist: give a checkpoint written by dlm fit "
                        f"(e.g. runs/<run>/checkpoints/last.ckpt)")
@@ -86,12 +91,40 @@ def read_hparams(path: str) -> Dict[str, Any]:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise DLMError(f"--ckpt_path {path} is not a readable checkpoint ({first}): it may be truncated or not "
                        f"written by dlm fit; resume from an earlier checkpoint of the run") from None
-    return dict(checkpoint.get("hyper_parameters") or {})
+    if not isinstance(checkpoint, dict):
+        raise DLMError(f"--ckpt_path {path} is not a checkpoint written by dlm fit (it holds no checkpoint dict)")
+    return checkpoint
+
+
+def read_hparams(path: str) -> Dict[str, Any]:
+    """The hyper-parameters a ``dlm fit`` checkpoint stores (a file, or a sharded folder's meta.pt)."""
+    return dict(read_resume_checkpoint(path).get("hyper_parameters") or {})
+
+
+def is_weights_only(checkpoint: Dict[str, Any], sharded: bool = False) -> bool:
+    """Whether a checkpoint lacks the training state a resume needs: Lightning writes
+    ``lr_schedulers`` (a list, maybe empty) and ``optimizer_states`` into every full checkpoint and
+    neither into a weights-only one (a sharded folder keeps the optimizer in its shards, so only
+    ``lr_schedulers`` is in its meta.pt)."""
+    return "lr_schedulers" not in checkpoint or (not sharded and "optimizer_states" not in checkpoint)
+
+
+def check_full_state(path: str, checkpoint: Dict[str, Any]) -> None:
+    """Refuse to resume from a weights-only checkpoint (the step files of ``dlm fit``), in one line."""
+    if is_weights_only(checkpoint, sharded=os.path.isdir(path)):
+        last = os.path.join(os.path.dirname(os.path.normpath(path)), "last.ckpt")
+        raise DLMError(f"cannot resume from {path}: it is a weights-only step checkpoint (no optimizer or "
+                       f"learning-rate schedule state); resume from {last}, which holds the full state (step files "
+                       f"load for dlm sample, eval, export and validate)")
 
 
 def check_resume(path: str, given_model: Any) -> List[Change]:
-    """Refuse a resume whose model options differ where they may not; return the allowed changes."""
-    saved = read_hparams(path)
+    """Refuse a resume from a weights-only checkpoint, or whose model options differ where they may
+    not; return the allowed changes."""
+    checkpoint = read_resume_checkpoint(path)
+    check_full_state(path, checkpoint)
+    saved = dict(checkpoint.get("hyper_parameters") or {})
+    del checkpoint
     if not saved:
         return []
     allowed, refused = compare_hparams(saved, given_model)

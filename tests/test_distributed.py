@@ -42,7 +42,8 @@ def fit_args(root, out_dir=None, devices=1, ckpt_path=None):
             "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
             "--trainer.max_steps", str(STEPS), "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
-            "--checkpoint.dirpath", str(root / "ck"), "--checkpoint.every_n_train_steps", str(HALF)]
+            "--checkpoint.dirpath", str(root / "ck"), "--checkpoint.every_n_train_steps", str(HALF),
+            "--checkpoint.save_weights_only", "false"]  # full step files: the runs resume from step HALF
     return args + (["--ckpt_path", str(ckpt_path)] if ckpt_path else [])
 
 

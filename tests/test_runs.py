@@ -93,7 +93,7 @@ def test_a_resumed_run_repeats_the_uninterrupted_losses(two_runs, tmp_path):
     resumed_root = tmp_path / "resumed"
     fit(resumed_root, "--checkpoint.dirpath", str(tmp_path / "ck_half"), "--trainer.max_steps", "2")
     fit(resumed_root, "--checkpoint.dirpath", str(tmp_path / "ck_half"),
-        "--ckpt_path", str(tmp_path / "ck_half" / "step0000002.ckpt"))
+        "--ckpt_path", str(tmp_path / "ck_half" / "last.ckpt"))
     resumed = scalars(resumed_root)
     assert sorted(straight) == [0, 1, 2, 3] and sorted(resumed) == [0, 1, 2, 3]
     assert [resumed[s] for s in (2, 3)] == [straight[s] for s in (2, 3)]  # to the last bit
@@ -174,15 +174,15 @@ def test_a_process_killed_while_writing_leaves_the_previous_checkpoint_loadable(
 # --- resume with changed options --------------------------------------------------------------------
 
 def test_a_resume_applies_and_prints_a_new_learning_rate_and_schedule(two_runs, tmp_path, capsys):
-    ckpt = two_runs / "a" / "checkpoints" / "step0000002.ckpt"
+    ckpt = two_runs / "a" / "checkpoints" / "last.ckpt"  # step 4 (the step files hold no optimizer state)
     fit(tmp_path, "--ckpt_path", str(ckpt), "--model.optim.lr", "1e-7", "--model.optim.lr_schedule", "constant",
-        "--model.optim.warmup_steps", "0")
+        "--model.optim.warmup_steps", "0", "--trainer.max_steps", "6")
     err = capsys.readouterr().err
     assert "resume: model.optim.lr changed from 0.002 (checkpoint) to 1e-07" in err
     assert "resume: model.optim.lr_schedule changed from 'cosine' (checkpoint) to 'constant'" in err
     assert "resume: model.optim.warmup_steps changed from 5 (checkpoint) to 0" in err
     lrs = scalars(tmp_path, "train/lr")
-    assert sorted(lrs) == [2, 3] and all(v == pytest.approx(1e-7, rel=1e-6) for v in lrs.values())
+    assert sorted(lrs) == [4, 5] and all(v == pytest.approx(1e-7, rel=1e-6) for v in lrs.values())
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["lr_schedulers"][0]["base_lrs"] == [1e-7, 1e-7]
     assert [g["lr"] for g in state["optimizer_states"][0]["param_groups"]] == [1e-7, 1e-7]
@@ -195,7 +195,7 @@ def test_a_resume_applies_and_prints_a_new_learning_rate_and_schedule(two_runs, 
     (["--model.seed", "5"], "with model.seed = 5: the checkpoint was trained with 0"),
 ])
 def test_a_resume_that_changes_the_model_or_objective_is_refused(two_runs, tmp_path, capsys, extra, message):
-    ckpt = two_runs / "a" / "checkpoints" / "step0000002.ckpt"
+    ckpt = two_runs / "a" / "checkpoints" / "last.ckpt"
     before = digests(two_runs / "a" / "checkpoints")
     with pytest.raises(SystemExit) as exit_info:
         fit(tmp_path, "--ckpt_path", str(ckpt), *extra)
