@@ -153,5 +153,24 @@ def lm_eval_command(argv: List[str]) -> None:
     saved, sys.argv = sys.argv, ["lm_eval", *argv]
     try:
         cli_evaluate()
+    except Exception as err:
+        if not _is_network_error(err):
+            raise
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise DLMError(f"lm-eval could not reach the Hugging Face hub for a task's data ({detail}): hub tasks such as "
+                       "hellaswag need network; offline, run a local task YAML, e.g. --tasks hellaswag_sample "
+                       "--include_path data/examples/lm_eval_tasks/") from None
     finally:
         sys.argv = saved
+
+
+def _is_network_error(err: BaseException) -> bool:
+    """Whether ``err`` (or an exception it was raised from) says the hub could not be reached."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, ConnectionError) or type(err).__name__ in (
+                "OfflineModeIsEnabled", "ConnectionError", "ConnectTimeout", "ReadTimeout", "LocalEntryNotFoundError"):
+            return True  # builtin, requests' and huggingface_hub's connection errors
+        err = err.__cause__ or err.__context__
+    return False
