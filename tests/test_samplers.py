@@ -503,7 +503,7 @@ def test_cli_prompts_file_strategies_and_jsonl_statistics(tiny_ckpt, tmp_path, c
     for r in records:
         assert len(r["token_ids"]) == 6 and sum(r["committed_per_step"]) == 6
         assert {"forward_passes", "tokens_per_s", "wall_time_s", "steps"} <= set(r["batch_stats"])
-    assert "sample/s" in captured.err  # the progress bar (two batches)
+    assert "sampling (2 batches) 4/4 samples" in captured.err  # progress lines (stderr is not a terminal here)
     out_file = tmp_path / "one_batch.jsonl"
     main(common + ["--batch_size", "8", "--output", str(out_file)])
     assert capsys.readouterr().out == ""

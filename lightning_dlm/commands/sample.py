@@ -100,7 +100,7 @@ def sample(
         batch_size: samples decoded together.
         format: text, or jsonl (one JSON object per sample, with its statistics).
         output: write the samples to this file instead of stdout.
-        progress: show a progress bar over the samples when there is more than one batch.
+        progress: show progress over the samples on stderr (a bar on a terminal, else plain lines) when more than one.
         trajectory: also show the generated region after every step (masked slots as _).
         device: cpu, cuda, or auto.
         trust_checkpoint: unpickle the checkpoint in full, which runs any code in it: only for a file
@@ -156,8 +156,7 @@ def _rows(prompt, suffix, prompts_file) -> List[Dict[str, Any]]:
 
 
 def _run(module, rows, options, stream, *, num_samples, batch_size, format, progress, seed, gen_kwargs) -> None:
-    from tqdm.auto import tqdm
-
+    from lightning_dlm.callbacks.progress import progress_bar
     from lightning_dlm.sampling import generate, row_seeds
 
     tokenizer = module.tokenizer
@@ -172,7 +171,10 @@ def _run(module, rows, options, stream, *, num_samples, batch_size, format, prog
                       [encode(suffix_of(i)) for i, _ in jobs] if infill else None)
     total_passes = total_tokens = 0
     total_time = 0.0
-    bar = tqdm(total=len(jobs), unit="sample", disable=not progress or len(jobs) <= batch_size, file=sys.stderr)
+    # on stderr from the first batch on (a bar on a terminal, plain lines otherwise), unless one sample
+    batches = -(-len(jobs) // batch_size)
+    bar = progress_bar(len(jobs), f"sampling ({batches} batch{'es' if batches > 1 else ''})",
+                       enabled=progress and len(jobs) > 1, unit="sample", file=sys.stderr)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         out = generate(module, [rows[i]["prompt"] for i, _ in chunk],
@@ -182,33 +184,40 @@ def _run(module, rows, options, stream, *, num_samples, batch_size, format, prog
         total_passes += stats.forward_passes
         total_tokens += stats.tokens
         total_time += stats.wall_time_s
-        for b, (i, k) in enumerate(chunk):
-            row = rows[i]
-            if format == "jsonl":
-                record = {**row, "sample": k, "text": out.texts[b], "token_ids": out.token_ids[b],
-                          "stopped_at_eos": out.stopped_at_eos[b], "seed": out.seeds[b],
-                          "committed_per_step": [step[b] for step in stats.committed_per_step],
-                          "batch_stats": {key: value for key, value in stats.as_dict().items()
-                                          if key != "committed_per_step"}}
-                if out.trajectory is not None:
-                    record["trajectory"] = out.trajectory_texts(tokenizer, row=b)
-                stream.write(json.dumps(record) + "\n")
-            else:
-                head = f"--- sample {start + b + 1}/{len(jobs)}"
-                if num_samples > 1:
-                    head += f" (prompt {i + 1}, sample {k + 1})"
-                stream.write(head + "\n")
-                tail = row.get("suffix") or ""
-                if out.trajectory is not None:
-                    for number, state in enumerate(out.trajectory_texts(tokenizer, row=b), 1):
-                        stream.write(f"  step {number:>3}: {state!r}\n")
-                stream.write(f"{row['prompt']}[{out.texts[b]}]{tail}\n")
+        with bar.external_write_mode(stream):  # samples written to a terminal go above the bar
+            _write_chunk(stream, out, chunk, rows, start, len(jobs), num_samples, format, tokenizer)
         bar.update(len(chunk))
     bar.close()
     if format == "text":
         rate = total_tokens / total_time if total_time > 0 else float("inf")
         stream.write(f"({total_passes} forward passes, {total_tokens} tokens in {total_time:.2f}s = {rate:.1f} tokens/s; "
                      f"generated text in [brackets])\n")
+    stream.flush()
+
+
+def _write_chunk(stream, out, chunk, rows, start, total, num_samples, format, tokenizer) -> None:
+    stats = out.stats
+    for b, (i, k) in enumerate(chunk):
+        row = rows[i]
+        if format == "jsonl":
+            record = {**row, "sample": k, "text": out.texts[b], "token_ids": out.token_ids[b],
+                      "stopped_at_eos": out.stopped_at_eos[b], "seed": out.seeds[b],
+                      "committed_per_step": [step[b] for step in stats.committed_per_step],
+                      "batch_stats": {key: value for key, value in stats.as_dict().items()
+                                      if key != "committed_per_step"}}
+            if out.trajectory is not None:
+                record["trajectory"] = out.trajectory_texts(tokenizer, row=b)
+            stream.write(json.dumps(record) + "\n")
+        else:
+            head = f"--- sample {start + b + 1}/{total}"
+            if num_samples > 1:
+                head += f" (prompt {i + 1}, sample {k + 1})"
+            stream.write(head + "\n")
+            tail = row.get("suffix") or ""
+            if out.trajectory is not None:
+                for number, state in enumerate(out.trajectory_texts(tokenizer, row=b), 1):
+                    stream.write(f"  step {number:>3}: {state!r}\n")
+            stream.write(f"{row['prompt']}[{out.texts[b]}]{tail}\n")
     stream.flush()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
@@ -70,9 +71,10 @@ def _bar(enabled: bool):
     def make(total: int, label: str):
         if not enabled:
             return lambda n: None
-        from tqdm.auto import tqdm
+        from lightning_dlm.callbacks.progress import progress_bar
 
-        bar = tqdm(total=total, desc=label, leave=False, dynamic_ncols=True)
+        # a tqdm bar on stderr when it is a terminal, else plain lines ("label 40/200 | elapsed 12s | eta 48s")
+        bar = progress_bar(total, label, leave=False, file=sys.stderr)
 
         def advance(n: int) -> None:
             bar.update(n)
