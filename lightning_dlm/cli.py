@@ -12,9 +12,10 @@ import sys
 from typing import Callable, Dict, List, Optional
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_dlm.callbacks.checkpointing import StepCheckpoint
+from lightning_dlm.callbacks.progress import add_step_progress
 from lightning_dlm.checkpoint_io import AtomicCheckpointIO
 from lightning_dlm.data import TextDataModule
 from lightning_dlm.distributed import check_devices
@@ -32,7 +33,8 @@ class DLMCLI(LightningCLI):
     """LightningCLI with a step-based checkpoint callback and the tokenizer linked model -> data."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # a full last.ckpt to resume from, weights-only step files (checkpoint.keep_last_k: how many)
+        parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.every_n_train_steps": 1000,
@@ -65,6 +67,8 @@ class DLMCLI(LightningCLI):
             print(f"resume: model.{key} changed from {old!r} (checkpoint) to {new!r}", file=sys.stderr)
 
     def instantiate_trainer(self, **kwargs):
+        # step n/N, loss, tokens/s, ETA (plain lines when not a terminal) unless the config has a progress bar
+        add_step_progress(self._get(self.config_init, "trainer", default={}))
         trainer = super().instantiate_trainer(**kwargs)
         # checkpoint files written atomically in their own folder (Lightning stages them in /tmp)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
@@ -112,6 +116,18 @@ def eval_main(args: List[str]) -> None:
     eval_command(args)
 
 
+def sweep_main(args: List[str]) -> None:
+    from lightning_dlm.commands.sweep import sweep_command
+
+    sweep_command(args)
+
+
+def compare_main(args: List[str]) -> None:
+    from lightning_dlm.commands.compare import compare_command
+
+    compare_command(args)
+
+
 def lm_eval_main(args: List[str]) -> None:
     try:
         from lightning_dlm.evaluation.harness import lm_eval_command
@@ -122,6 +138,7 @@ def lm_eval_main(args: List[str]) -> None:
 
 COMMANDS: Dict[str, Callable[[List[str]], None]] = {
     "sample": sample_main, "demo": demo_main, "export": export_main, "eval": eval_main, "lm-eval": lm_eval_main,
+    "sweep": sweep_main, "compare": compare_main,
 }
 
 #: Every subcommand with its one line (LightningCLI's four, then lightning_dlm's own).
@@ -135,6 +152,8 @@ SUBCOMMANDS: Dict[str, str] = {
     "export": "write a checkpoint as a Hugging Face folder that plain transformers loads",
     "eval": "evaluate diffusion and AR models side by side (likelihood, choice, generation tasks)",
     "lm-eval": "run lm-evaluation-harness with lightning_dlm registered as a model",
+    "sweep": "run a config under a grid of overrides, one run folder per arm (locally or on SLURM)",
+    "compare": "put runs side by side from their TensorBoard logs: a table and PNG plots",
 }
 
 

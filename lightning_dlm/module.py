@@ -317,7 +317,8 @@ class DiffusionLM(L.LightningModule):
         square, batches = getattr(self, f"{prefix}_nelbo_sq").compute(), getattr(self, f"{prefix}_batches").compute()
         spread = (square - value.double() ** 2).clamp_min(0)
         self.log(f"{prefix}/nelbo", value, prog_bar=True, sync_dist=False)
-        self.log(f"{prefix}/nelbo_se", (spread / batches.clamp_min(1)).sqrt().float(), sync_dist=False)
+        if batches >= 2:  # a standard error needs two batches at least
+            self.log(f"{prefix}/nelbo_se", (spread / (batches - 1)).sqrt().float(), sync_dist=False)
         self.log(f"{prefix}/ppl_bound", torch.exp(value), sync_dist=False)
         for name in ("nelbo", "nelbo_sq", "batches"):
             getattr(self, f"{prefix}_{name}").reset()

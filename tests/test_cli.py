@@ -279,10 +279,10 @@ def test_dlm_help_lists_every_subcommand_with_one_line(capsys):
         main(["fitt", "--config", "x.yaml"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: unknown subcommand 'fitt': choose one of fit, validate, test, "
-                                               "predict, sample, demo, export, eval, lm-eval (dlm --help)")
+                                               "predict, sample, demo, export, eval, lm-eval, sweep, compare (dlm --help)")
 
 
-@pytest.mark.parametrize("name", ["fit", "validate", "test", "sample", "demo", "export", "eval", "lm-eval"])
+@pytest.mark.parametrize("name", ["fit", "validate", "test", "sample", "demo", "export", "eval", "lm-eval", "sweep", "compare"])
 def test_every_subcommand_has_help(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([name, "--help"])

@@ -1,0 +1,195 @@
+"""Sweeps: one base config, a grid of overrides, one isolated run folder per arm.
+
+A grid file is either a map from config keys to lists of values (every combination is an arm)::
+
+    model.diffusion.schedule: [linear, cosine, loglinear]
+    model.optim.lr: [1.0e-4, 3.0e-4]
+
+or a list of named arms, each a map of overrides::
+
+    - name: full
+    - name: no_shift
+      model.diffusion.shift: false
+
+Each arm becomes ``<out>/<arm>/`` holding ``config.yaml`` (the resolved config, written by the
+CLI's own ``--print_config``, so a key that is not a config key is refused before anything runs),
+``arm.json`` (its overrides and the base config's hash) and, once its fit has ended, ``DONE``.
+Locally the arms run one after another, each ``dlm fit`` in its own process: a finished arm is
+skipped, an interrupted one resumes from its ``last.ckpt``. ``--launcher slurm`` submits the arms
+as one SLURM job array through ``submitit`` (``--dry_run`` writes the sbatch script instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from lightning_dlm.errors import DLMError
+
+DONE, RECORD, CONFIG = "DONE", "arm.json", "config.yaml"
+
+
+@dataclass
+class Arm:
+    name: str
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+def _value_name(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "x"
+
+
+def load_grid(path: str) -> List[Arm]:
+    """The arms of a grid file (see the module docstring); one-line errors for bad grids."""
+    if not os.path.isfile(path):
+        raise DLMError(f"grid file '{path}' does not exist: give a YAML map of key -> values, or a list of named arms")
+    with open(path, encoding="utf-8") as fh:
+        grid = yaml.safe_load(fh)
+    if not grid:
+        raise DLMError(f"grid '{path}' is empty: give at least one key with values, or one named arm")
+    if isinstance(grid, dict) and set(grid) == {"arms"}:
+        grid = grid["arms"]
+    if isinstance(grid, list):
+        arms = []
+        for i, entry in enumerate(grid):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+                raise DLMError(f"grid '{path}': arm {i + 1} needs a name (- name: ..., then its overrides)")
+            overrides = {k: v for k, v in entry.items() if k != "name"}
+            arms.append(Arm(entry["name"], overrides))
+    elif isinstance(grid, dict):
+        lists = {}
+        for key, values in grid.items():
+            values = values if isinstance(values, list) else [values]
+            if not values:
+                raise DLMError(f"grid '{path}': key '{key}' has no values")
+            lists[key] = values
+        arms = []
+        for combo in itertools.product(*lists.values()):
+            overrides = dict(zip(lists, combo))
+            varying = [k for k in lists if len(lists[k]) > 1] or list(lists)
+            name = ",".join(f"{k.split('.')[-1]}={_value_name(overrides[k])}" for k in varying)
+            arms.append(Arm(name, overrides))
+    else:
+        raise DLMError(f"grid '{path}' must be a map of key -> list of values, or a list of named arms")
+    names = [arm.name for arm in arms]
+    for arm in arms:
+        if not re.fullmatch(r"[A-Za-z0-9._,=+-]+", arm.name):
+            raise DLMError(f"arm name '{arm.name}' is not a plain folder name: use letters, digits and . _ , = + -")
+        if names.count(arm.name) > 1:
+            raise DLMError(f"grid '{path}' names the arm '{arm.name}' twice: give every arm its own name")
+    return arms
+
+
+def _override_args(overrides: Dict[str, Any]) -> List[str]:
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return args
+
+
+def base_hash(base: str) -> str:
+    with open(base, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()[:16]
+
+
+def resolve_arm(base: str, arm: Arm, folder: str) -> str:
+    """Write the arm's resolved config (the CLI's ``--print_config``); returns its text."""
+    args = ["-m", "lightning_dlm", "fit", "--config", base, *_override_args(arm.overrides),
+            "--trainer.default_root_dir", folder, "--print_config"]
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        lines = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
+        key = next((line for line in lines if "not expected" in line or "Key" in line or "error" in line.lower()),
+                   lines[-1] if lines else "")
+        raise DLMError(f"arm '{arm.name}' does not parse against {base} ({key.strip()[:200]}): check the grid's keys "
+                       f"(they are config keys such as model.diffusion.schedule)")
+    return proc.stdout
+
+
+def prepare(base: str, arms: List[Arm], out: str) -> List[str]:
+    """Create (or check) every arm's folder; returns the folders. An existing folder must hold the
+    same arm of the same base config: another sweep's arm is never overwritten."""
+    if not os.path.isfile(base):
+        raise DLMError(f"base config '{base}' does not exist: give the YAML the sweep varies")
+    digest = base_hash(base)
+    folders = []
+    for arm in arms:
+        folder = os.path.join(out, arm.name)
+        record = {"name": arm.name, "overrides": arm.overrides, "base": os.path.abspath(base), "base_sha256": digest}
+        record_path = os.path.join(folder, RECORD)
+        if os.path.isfile(record_path):
+            with open(record_path, encoding="utf-8") as fh:
+                old = json.load(fh)
+            if old.get("base_sha256") != digest or old.get("overrides") != arm.overrides:
+                raise DLMError(f"{folder} holds arm '{arm.name}' of another sweep (base {old.get('base')} or other "
+                               f"overrides): give this sweep another --out")
+        elif os.path.isdir(folder) and os.listdir(folder):
+            raise DLMError(f"{folder} exists and is not an arm of this sweep: give this sweep another --out")
+        else:
+            os.makedirs(folder, exist_ok=True)
+            text = resolve_arm(base, arm, folder)
+            with open(os.path.join(folder, CONFIG), "w", encoding="utf-8") as fh:
+                fh.write(text)
+            with open(record_path, "w", encoding="utf-8") as fh:
+                json.dump(record, fh, indent=2)
+        folders.append(folder)
+    return folders
+
+
+def arm_command(folder: str) -> List[str]:
+    """The ``dlm fit`` of an arm: fresh, or resumed from its last.ckpt."""
+    command = [sys.executable, "-m", "lightning_dlm", "fit", "--config", os.path.join(folder, CONFIG)]
+    last = os.path.join(folder, "checkpoints", "last.ckpt")
+    if os.path.exists(last):
+        command += ["--ckpt_path", last]
+    return command
+
+
+def run_arm(folder: str) -> int:
+    """Run one arm to its end (skipped if done); writes DONE on success. Returns the exit code."""
+    if os.path.isfile(os.path.join(folder, DONE)):
+        return 0
+    began = time.time()
+    code = subprocess.run(arm_command(folder)).returncode
+    if code == 0:
+        with open(os.path.join(folder, DONE), "w", encoding="utf-8") as fh:
+            json.dump({"seconds": round(time.time() - began, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, fh)
+    return code
+
+
+def slurm_script(folders: List[str], out: str, partition: Optional[str], gpus: int, time_min: int,
+                 cpus: int) -> str:
+    """The sbatch script of the job array ``submitit`` submits for these arms (see :func:`submit_slurm`)."""
+    return _slurm("script", folders, out, partition, gpus, time_min, cpus)
+
+
+def submit_slurm(folders: List[str], out: str, partition: Optional[str], gpus: int, time_min: int, cpus: int) -> str:
+    """Submit the arms as one job array through ``submitit``; returns the array's job id.
+
+    submitit configures the logging module when it is imported (``logging.config.dictConfig``,
+    which shuts every existing handler down), so it only ever runs in a process of its own
+    (:mod:`lightning_dlm.research.slurm`)."""
+    return _slurm("submit", folders, out, partition, gpus, time_min, cpus)
+
+
+def _slurm(action: str, folders, out, partition, gpus, time_min, cpus) -> str:
+    spec = dict(action=action, folders=[os.path.abspath(f) for f in folders], out=os.path.abspath(out),
+                partition=partition, gpus=gpus, time=time_min, cpus=cpus)
+    proc = subprocess.run([sys.executable, "-m", "lightning_dlm.research.slurm", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise DLMError(f"submitit could not {action} the job array ({lines[-1][:200] if lines else proc.returncode}): "
+                       f"check that sbatch is on the PATH (a SLURM login node), or use --dry_run true")
+    return proc.stdout

@@ -1,0 +1,122 @@
+"""`dlm sweep`: arms as isolated run folders, skipped when done, resumed when interrupted; SLURM
+job arrays through submitit (checked without a cluster); one-line errors for bad grids."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from lightning_dlm.cli import main
+from lightning_dlm.research.sweep import load_grid
+from tests.conftest import REPO
+
+DEBUG = os.path.join(REPO, "experiments", "debug.yaml")
+SHORT = {"trainer.max_steps": 4, "trainer.limit_val_batches": 1, "trainer.val_check_interval": 2,
+         "checkpoint.every_n_train_steps": 2, "trainer.enable_progress_bar": False}
+
+
+def write_grid(path, arms):
+    path.write_text(yaml.safe_dump(arms, sort_keys=False))
+    return str(path)
+
+
+def test_a_two_arm_sweep_runs_then_skips_both_arms(tmp_path, capsys):
+    grid = write_grid(tmp_path / "grid.yaml", [dict(name="linear", **SHORT),
+                                               {"name": "cosine", "model.diffusion.schedule": "cosine", **SHORT}])
+    out = tmp_path / "sweep"
+    main(["sweep", "--config", DEBUG, "--grid", grid, "--out", str(out)])
+    for arm in ("linear", "cosine"):
+        assert (out / arm / "DONE").is_file() and (out / arm / "checkpoints" / "last.ckpt").is_file()
+        resolved = yaml.safe_load((out / arm / "config.yaml").read_text())
+        assert resolved["trainer"]["default_root_dir"] == str(out / arm) and resolved["trainer"]["max_steps"] == 4
+    assert yaml.safe_load((out / "cosine" / "config.yaml").read_text())["model"]["diffusion"]["schedule"] == "cosine"
+    stamp = os.path.getmtime(out / "linear" / "checkpoints" / "last.ckpt")
+    capsys.readouterr()
+    main(["sweep", "--config", DEBUG, "--grid", grid, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert err.count("done already, skipped") == 2
+    assert os.path.getmtime(out / "linear" / "checkpoints" / "last.ckpt") == stamp
+    main(["compare", str(out / "*"), "--format", "csv"])
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3  # header + 2 arms
+
+
+def test_an_interrupted_sweep_resumes_the_unfinished_arm(tmp_path):
+    longer = dict(SHORT, **{"trainer.max_steps": 60, "checkpoint.every_n_train_steps": 5,
+                            "trainer.val_check_interval": 30})
+    grid = write_grid(tmp_path / "grid.yaml", [dict(name="first", **SHORT), dict(name="second", **longer)])
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "lightning_dlm", "sweep", "--config", DEBUG, "--grid", grid, "--out", str(out)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    last = out / "second" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the arm's dlm fit
+    proc.wait()
+    assert (out / "first" / "DONE").is_file() and not (out / "second" / "DONE").exists() and last.exists()
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "arm 1/2 first: done already, skipped" in rerun.stderr
+    assert "arm 2/2 second: resuming from its last.ckpt" in rerun.stderr
+    assert (out / "second" / "DONE").is_file()
+
+
+def test_slurm_dry_run_writes_the_job_array(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("model.diffusion.schedule: [linear, cosine, loglinear]\n")
+    out = tmp_path / "sweep"
+    main(["sweep", "--config", DEBUG, "--grid", str(grid), "--out", str(out), "--launcher", "slurm", "--partition",
+          "gpu", "--gpus", "8", "--time", "120", "--dry_run", "true"])
+    script = (out / "slurm" / "array.sbatch").read_text()
+    assert script.startswith("#!/bin/bash")
+    for line in ("#SBATCH --array=0-2%3", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --time=120", "#SBATCH --job-name=dlm-sweep"):
+        assert line in script, line
+    assert "-m submitit.core._submit" in script
+    assert sorted(os.listdir(out)) == ["schedule=cosine", "schedule=linear", "schedule=loglinear", "slurm"]
+    assert not any((out / arm / "DONE").exists() for arm in os.listdir(out))  # nothing ran
+    # submitit reconfigures logging when imported (it shuts every handler down): never in this process
+    assert "submitit" not in sys.modules
+
+
+def test_grid_forms_and_names(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("model.diffusion.schedule: [linear, cosine]\nmodel.optim.lr: [1.0e-4, 3.0e-4]\n")
+    arms = load_grid(str(grid))
+    assert [a.name for a in arms] == ["schedule=linear,lr=0.0001", "schedule=linear,lr=0.0003",
+                                      "schedule=cosine,lr=0.0001", "schedule=cosine,lr=0.0003"]
+    assert arms[3].overrides == {"model.diffusion.schedule": "cosine", "model.optim.lr": 3.0e-4}
+
+
+@pytest.mark.parametrize("grid, message", [
+    ("", "is empty"),
+    ("- name: a\n- name: a\n", "names the arm 'a' twice"),
+    ("- {model.seed: 1}\n", "arm 1 needs a name"),
+    ("model.diffusion.schedul: [linear]\n", "does not parse against"),
+])
+def test_bad_grids_are_one_line(tmp_path, capsys, grid, message):
+    path = tmp_path / "grid.yaml"
+    path.write_text(grid)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sweep", "--config", DEBUG, "--grid", str(path), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_folder_of_another_sweep_is_refused(tmp_path, capsys):
+    grid = write_grid(tmp_path / "grid.yaml", [{"name": "a", "model.seed": 1}])
+    out = tmp_path / "sweep"
+    main(["sweep", "--config", DEBUG, "--grid", grid, "--out", str(out), "--launcher", "slurm", "--dry_run", "true"])
+    other = write_grid(tmp_path / "other.yaml", [{"name": "a", "model.seed": 2}])
+    before = (out / "a" / "config.yaml").read_text()
+    with pytest.raises(SystemExit):
+        main(["sweep", "--config", DEBUG, "--grid", other, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {out / 'a'} holds arm 'a' of another sweep") and "another --out" in err
+    assert (out / "a" / "config.yaml").read_text() == before
