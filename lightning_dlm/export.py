@@ -16,6 +16,7 @@ under a temporary name and renamed at the end, so a failure leaves nothing half-
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -110,15 +111,20 @@ def tokenizer_with_mask(meta: Dict[str, Any]):
     """The checkpoint's tokenizer, its mask token set to the diffusion mask (added or reused)."""
     if not meta.get("tokenizer_files"):
         raise DLMError("the checkpoint carries no tokenizer: train with model.backbone.tokenizer (or pretrained) set")
-    tokenizer = tokenizer_from_files(meta["tokenizer_files"])
-    mask_id = int(meta["mask_token_id"])
-    if tokenizer.mask_token_id != mask_id:
-        token = tokenizer.convert_ids_to_tokens(mask_id) if mask_id < len(tokenizer) else None
-        if token is None:
-            raise DLMError(f"the mask token id {mask_id} has no entry in the tokenizer (size {len(tokenizer)}): "
-                           f"cannot export its mask token")
-        # a reused id: the tokenizer names it as its mask token (it becomes a special token)
-        tokenizer.mask_token = token
+    return name_mask_token(tokenizer_from_files(meta["tokenizer_files"]), int(meta["mask_token_id"]))
+
+
+def name_mask_token(tokenizer, mask_id: int):
+    """``tokenizer`` naming ``mask_id`` as its mask token: itself when it does already, else a copy
+    that does (a reused id becomes a special token)."""
+    if tokenizer.mask_token_id == mask_id:
+        return tokenizer
+    token = tokenizer.convert_ids_to_tokens(mask_id) if mask_id < len(tokenizer) else None
+    if token is None:
+        raise DLMError(f"the mask token id {mask_id} has no entry in the tokenizer (size {len(tokenizer)}): "
+                       f"cannot export its mask token")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.mask_token = token
     return tokenizer
 
 

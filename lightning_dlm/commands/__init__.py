@@ -1,1 +1,17 @@
 """Subcommands of ``dlm`` beyond LightningCLI's fit/validate/test."""
+
+from __future__ import annotations
+
+from typing import List
+
+from lightning_dlm.errors import DLMError
+
+
+def parse_or_one_line(parser, args: List[str]):
+    """``parser.parse_args(args)`` of a parser made with ``exit_on_error=False``; a bad command line
+    becomes one ``DLMError`` line naming the subcommand (``--help`` still exits 0)."""
+    try:
+        return parser.parse_args(args)
+    except Exception as err:  # noqa: BLE001 - jsonargparse's ArgumentError and kin: one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DLMError(f"{parser.prog}: {first}: see {parser.prog} --help") from None

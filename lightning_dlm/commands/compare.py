@@ -13,7 +13,7 @@ from typing import List, Literal, Optional
 
 from jsonargparse import ArgumentParser
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.commands import parse_or_one_line
 
 
 def compare(runs: List[str], format: Literal["markdown", "csv", "json"] = "markdown", out: Optional[str] = None,
@@ -58,9 +58,5 @@ def compare_command(args: List[str]) -> None:
     parser.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown", help="table format")
     parser.add_argument("--out", default=None, help="also write the table and val_nelbo.png / train_loss.png here")
     parser.add_argument("--plots", type=bool, default=True, help="write the PNG plots when --out is given")
-    try:
-        cfg = parser.parse_args(args)
-    except Exception as err:  # noqa: BLE001 - jsonargparse's ArgumentError: one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DLMError(f"dlm compare: {first}: see dlm compare --help") from None
+    cfg = parse_or_one_line(parser, args)
     compare(list(cfg.runs), format=cfg.format, out=cfg.out, plots=cfg.plots)

@@ -16,6 +16,7 @@ from typing import List, Literal, Optional
 
 from jsonargparse import ArgumentParser
 
+from lightning_dlm.commands import parse_or_one_line
 from lightning_dlm.errors import DLMError
 
 
@@ -73,9 +74,5 @@ def sweep_command(args: List[str]) -> None:
     parser = ArgumentParser(prog="dlm sweep", exit_on_error=False,
                             description="Run a base config under a grid of overrides, one run folder per arm.")
     parser.add_function_arguments(sweep, as_group=False)
-    try:
-        cfg = parser.parse_args(args)
-    except Exception as err:  # noqa: BLE001 - jsonargparse's ArgumentError: one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DLMError(f"dlm sweep: {first}: see dlm sweep --help") from None
+    cfg = parse_or_one_line(parser, args)
     sweep(**cfg.as_dict())

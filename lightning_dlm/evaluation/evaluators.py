@@ -66,9 +66,9 @@ class DiffusionEvaluator(Evaluator):
     kind = "diffusion"
 
     def __init__(self, model, name: str = "diffusion"):
-        if hasattr(model, "configure_model") and hasattr(model, "diffusion_cfg"):  # the DiffusionLM training one
-            model.configure_model()
-            model = model.net
+        from lightning_dlm.sampling.generate import unwrap_trainer
+
+        model = unwrap_trainer(model)
         model.eval()
         self.net = model
         super().__init__(model, model.tokenizer, name)

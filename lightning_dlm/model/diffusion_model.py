@@ -26,6 +26,7 @@ hub name of an exported model; :meth:`save_pretrained` writes the export format,
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
@@ -79,6 +80,8 @@ class DiffusionModel(nn.Module):
         self.tokenizer = tokenizer
         self.info: Dict[str, Any] = dict(info or {})
         self._row_logits_exact: Optional[bool] = None  # decided by check_row_logits
+        # whether the model computes its LM head at chosen positions only (decided once, not per step)
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         # A diffusion LM attends both ways: transformers builds bidirectional masks from this flag.
         self.model.config.is_causal = False
 
@@ -269,8 +272,3 @@ class DiffusionModel(nn.Module):
         logits = out.logits if self._takes_logits_to_keep else out.logits.index_select(1, keep)
         return logits, out.past_key_values
 
-    @property
-    def _takes_logits_to_keep(self) -> bool:
-        import inspect
-
-        return "logits_to_keep" in inspect.signature(self.model.forward).parameters

@@ -100,7 +100,7 @@ def _load_exported(path: str):
 
 def save_model(model, folder: str, dtype: str = "keep", progress: Optional[Callable[[str], None]] = None) -> str:
     """Write ``model`` (a :class:`DiffusionModel`) in the export format (see ``lightning_dlm.export``)."""
-    from lightning_dlm.export import DTYPE_CHOICES, export_config, write_export_folder
+    from lightning_dlm.export import DTYPE_CHOICES, export_config, name_mask_token, write_export_folder
 
     if dtype not in DTYPE_CHOICES:
         raise DLMError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPE_CHOICES)}")
@@ -110,9 +110,6 @@ def save_model(model, folder: str, dtype: str = "keep", progress: Optional[Calla
     target = DTYPE_CHOICES[dtype] or next(hf_model.parameters()).dtype
     if target != next(hf_model.parameters()).dtype:
         hf_model = copy.deepcopy(hf_model).to(target)
-    tokenizer = model.tokenizer
-    if tokenizer.mask_token_id != model.mask_token_id:
-        tokenizer = copy.deepcopy(tokenizer)
-        tokenizer.mask_token = tokenizer.convert_ids_to_tokens(model.mask_token_id)
+    tokenizer = name_mask_token(model.tokenizer, model.mask_token_id)
     config = export_config(model.mask_token_id, tokenizer, model.mask_token_added, model.diffusion, target, model.info)
     return write_export_folder(folder, hf_model, tokenizer, config, progress)

@@ -83,13 +83,20 @@ def row_seeds(seed: int, prefixes: Sequence[Sequence[int]], suffixes: Optional[S
     return out
 
 
+def unwrap_trainer(model):
+    """The :class:`DiffusionModel` a DiffusionLM trains (built on first use), or ``model`` as it is."""
+    if not isinstance(model, DiffusionModel) and hasattr(model, "diffusion_cfg") and hasattr(model, "configure_model"):
+        model.configure_model()  # a DiffusionLM builds its model lazily
+        return model.net
+    return model
+
+
 def resolve_model(model, tokenizer=None, schedule=None, shift=None) -> Tuple[DiffusionModel, object, object, bool]:
     """(model, tokenizer, schedule, shift) of a :class:`DiffusionModel` (its own tokenizer and
     diffusion config, unless given here) or of a DiffusionLM (the model it trains)."""
-    if not isinstance(model, DiffusionModel) and hasattr(model, "diffusion_cfg") and hasattr(model, "configure_model"):
-        model.configure_model()  # a DiffusionLM builds its model lazily
-        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        model = model.net
+    if tokenizer is None and not isinstance(model, DiffusionModel) and hasattr(model, "diffusion_cfg"):
+        tokenizer = model.tokenizer
+    model = unwrap_trainer(model)
     if not isinstance(model, DiffusionModel):
         raise DLMError(
             f"a {type(model).__name__} is not a diffusion model: load one with DiffusionModel.from_pretrained(path)"
