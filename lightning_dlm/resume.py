@@ -66,10 +66,16 @@ def is_mutable(key: str) -> bool:
 
 def compare_hparams(saved: Dict[str, Any], given: Dict[str, Any]) -> Tuple[List[Change], List[Change]]:
     """(allowed changes, refused changes) between the checkpoint's and the config's model options."""
+    from dataclasses import asdict
+
+    from lightning_dlm.diffusion.config import DiffusionConfig
+
     old, new = flatten(_plain(saved)), flatten(_plain(given))
+    # an option a checkpoint predates (e.g. diffusion.attention) was trained at its default
+    defaults = flatten({"diffusion": _plain(asdict(DiffusionConfig()))}) if "diffusion" in _plain(saved) else {}
     allowed, refused = [], []
     for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, defaults.get(key)), new.get(key)
         if a == b:
             continue
         (allowed if is_mutable(key) else refused).append((key, a, b))

@@ -15,6 +15,7 @@ from lightning_dlm.diffusion.annealing import (
     attention_allowed,
     causal_allowed,
 )
+from lightning_dlm.diffusion.blocks import block_attention_allowed, block_mask_mod, block_size_at, block_sources
 from lightning_dlm.diffusion.corruption import corrupt, maskable_positions
 from lightning_dlm.diffusion.loss import LossTerms, diffusion_loss, diffusion_loss_terms, loss_terms_from_rows, scored_rows
 from lightning_dlm.diffusion.schedules import (
@@ -34,6 +35,7 @@ __all__ = [
     "ANNEAL_MASKS", "AnnealMask", "RandomAnnealMask", "RightContextAnnealMask", "SCHEDULES", "T_SAMPLERS",
     "CosineSchedule", "LinearSchedule", "LogLinearSchedule",
     "LossTerms", "NoiseSchedule", "PolynomialSchedule", "additive_attention_mask",
+    "block_attention_allowed", "block_mask_mod", "block_size_at", "block_sources",
     "anneal_ratio", "annealing_allowed", "annealing_mask", "attention_allowed", "causal_allowed", "corrupt", "diffusion_loss",
     "diffusion_loss_terms", "get_schedule", "loss_terms_from_rows", "scored_rows", "maskable_positions", "sample_t", "t_grid",
 ]

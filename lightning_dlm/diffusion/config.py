@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal
+from typing import Any, Dict, List, Literal, Optional, Union
 
 from lightning_dlm.errors import DLMError
 
@@ -21,6 +21,14 @@ class DiffusionConfig:
         normalization: ``elbo`` (negative ELBO per token) or ``masked`` (reference code's choice).
         anneal_steps: optimiser steps of causal-to-bidirectional annealing (0 = bidirectional).
         anneal_mask: ``random`` (reference) or ``right_context`` (structured) annealing mask.
+        attention: ``bidirectional`` (the paper) or ``block`` (block diffusion: bidirectional inside
+            blocks of ``block_size`` tokens, causal across them; see lightning_dlm.diffusion.blocks).
+        block_size: the block size of a block model (sampling, validation, export).
+        block_size_schedule: training block sizes by step, ``{step: size}`` or ``[[step, size], ...]``,
+            non-decreasing, ending at ``block_size`` (the block mode's annealing); None = constant.
+        block_t: ``sequence`` (one t per sequence) or ``block`` (one t per block) in block mode.
+        complementary_masks: also train every sequence with the complementary mask (Fast-dLLM v2;
+            linear schedule only).
     """
 
     schedule: str = "linear"
@@ -31,6 +39,15 @@ class DiffusionConfig:
     normalization: Literal["elbo", "masked"] = "elbo"
     anneal_steps: int = 0
     anneal_mask: Literal["random", "right_context"] = "random"
+    attention: Literal["bidirectional", "block"] = "bidirectional"
+    block_size: int = 32
+    block_size_schedule: Optional[Union[Dict[int, int], List[List[int]]]] = None
+    block_t: Literal["sequence", "block"] = "sequence"
+    complementary_masks: bool = False
+
+    @property
+    def is_block(self) -> bool:
+        return self.attention == "block"
 
     def check(self) -> "DiffusionConfig":
         """Refuse impossible values in one line each (before anything is built or written)."""
@@ -39,4 +56,10 @@ class DiffusionConfig:
                            f"got {self.anneal_steps}")
         if not 0.0 < self.eps < 1.0:
             raise DLMError(f"model.diffusion.eps must be in (0, 1), got {self.eps}: the paper uses 1e-3")
+        if self.attention not in ("bidirectional", "block"):
+            raise DLMError(f"model.diffusion.attention must be bidirectional or block, got '{self.attention}'")
+        if self.is_block:
+            from lightning_dlm.diffusion.blocks import check_block_options
+
+            check_block_options(self)
         return self

@@ -118,6 +118,20 @@ def flex_block_mask(
     return create(mask_mod, rows, None, length, length, device=device, BLOCK_SIZE=block_size)
 
 
+def block_mask_from_mod(mask_mod: MaskMod, rows: int, q_len: int, kv_len: int, device=None, block_size: int = 128):
+    """The ``BlockMask`` of any ``mask_mod`` (e.g. block diffusion's 2L pattern,
+    :func:`lightning_dlm.diffusion.blocks.block_mask_mod`); compiled ``create_block_mask`` on CUDA."""
+    global _compiled_create_block_mask
+    flex = _flex()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    create = flex.create_block_mask
+    if device.type == "cuda":
+        if _compiled_create_block_mask is None:
+            _compiled_create_block_mask = torch.compile(flex.create_block_mask)
+        create = _compiled_create_block_mask
+    return create(mask_mod, rows, None, q_len, kv_len, device=device, BLOCK_SIZE=block_size)
+
+
 def check_flex_support(model_class: Optional[type], model_config) -> None:
     """Fail early, in one line, where transformers / torch cannot run this model with FlexAttention."""
     from transformers.utils import is_torch_flex_attn_available
