@@ -122,6 +122,21 @@ def sweep_main(args: List[str]) -> None:
     sweep_command(args)
 
 
+def sft_main(args: List[str]) -> None:
+    # fit / validate with the SFT data module (prompt never noised nor scored, EOS padding scored)
+    from lightning_dlm.data.sft_datamodule import SFTDataModule
+
+    if not args or args[0] not in ("fit", "validate", "-h", "--help"):
+        raise DLMError("usage: dlm sft fit --config experiments/sft/smollm2_arith.yaml (or dlm sft validate ...)")
+    DLMCLI(args=args, **{**lightning_kwargs(), "datamodule_class": SFTDataModule})
+
+
+def chat_main(args: List[str]) -> None:
+    from lightning_dlm.commands.chat import chat_command
+
+    chat_command(args)
+
+
 def compare_main(args: List[str]) -> None:
     from lightning_dlm.commands.compare import compare_command
 
@@ -138,7 +153,7 @@ def lm_eval_main(args: List[str]) -> None:
 
 COMMANDS: Dict[str, Callable[[List[str]], None]] = {
     "sample": sample_main, "demo": demo_main, "export": export_main, "eval": eval_main, "lm-eval": lm_eval_main,
-    "sweep": sweep_main, "compare": compare_main,
+    "sweep": sweep_main, "compare": compare_main, "sft": sft_main, "chat": chat_main,
 }
 
 #: Every subcommand with its one line (LightningCLI's four, then lightning_dlm's own).
@@ -154,6 +169,8 @@ SUBCOMMANDS: Dict[str, str] = {
     "lm-eval": "run lm-evaluation-harness with lightning_dlm registered as a model",
     "sweep": "run a config under a grid of overrides, one run folder per arm (locally or on SLURM)",
     "compare": "put runs side by side from their TensorBoard logs: a table and PNG plots",
+    "sft": "instruction-tune on prompt/response or chat records (dlm sft fit --config ...)",
+    "chat": "chat with a checkpoint in the terminal, watching each reply denoise",
 }
 
 

@@ -231,6 +231,7 @@ def test_demo_runs_end_to_end_on_the_debug_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Once upon a time\u27e6" in out and "\u27e7" in out and "\033[" not in out  # markers; no colour off a tty
     assert "val/nelbo before adaptation" in out and "val/nelbo after adaptation" in out
+    assert "8 steps, confidence order in blocks of 8" in out  # the demo's decoding (experiments/demo_quality)
     assert os.path.isfile(tmp_path / "checkpoints" / "last.ckpt")
     # one TensorBoard run: the fit's, holding the validations before (step 0) and after (step 4)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -279,7 +280,7 @@ def test_dlm_help_lists_every_subcommand_with_one_line(capsys):
         main(["fitt", "--config", "x.yaml"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: unknown subcommand 'fitt': choose one of fit, validate, test, "
-                                               "predict, sample, demo, export, eval, lm-eval, sweep, compare (dlm --help)")
+                                               "predict, sample, demo, export, eval, lm-eval, sweep, compare, sft, chat (dlm --help)")
 
 
 @pytest.mark.parametrize("name", ["fit", "validate", "test", "sample", "demo", "export", "eval", "lm-eval", "sweep", "compare"])

@@ -66,6 +66,7 @@ def sample(
     block_size: Optional[int] = _SAMPLER["block_size"],
     cache: str = _SAMPLER["cache"],
     refresh_every: Optional[int] = _SAMPLER["refresh_every"],
+    cfg_scale: float = _SAMPLER["cfg_scale"],
     num_samples: int = 1,
     batch_size: int = 8,
     format: Literal["text", "jsonl"] = "text",
@@ -96,6 +97,7 @@ def sample(
         block_size: decode left to right in blocks of this many tokens (semi-autoregressive).
         cache: approximate KV cache for block decoding: none, prefix or dual.
         refresh_every: refresh the cache every this many steps too (default: once per block).
+        cfg_scale: classifier-free guidance weight (0 = none; the unconditional pass sees the prompt masked).
         num_samples: samples per prompt.
         batch_size: samples decoded together.
         format: text, or jsonl (one JSON object per sample, with its statistics).
@@ -120,11 +122,12 @@ def sample(
                if v is not None}
     gen_kwargs = dict(length=None if max_length is not None else length, max_length=max_length, steps=steps,
                       temperature=temperature, top_k=top_k, top_p=top_p, strategy=strategy, block_size=block_size,
-                      cache=cache, refresh_every=refresh_every, capture_trajectory=trajectory)
+                      cache=cache, refresh_every=refresh_every, capture_trajectory=trajectory, cfg_scale=cfg_scale)
     if (max_length if max_length is not None else length) < 1:
         raise DLMError(f"the target length must be >= 1, got {max_length if max_length is not None else length}")
     SamplerConfig(steps=steps, temperature=temperature, top_k=top_k, top_p=top_p, strategy=strategy,
-                  strategy_options=options, block_size=block_size, cache=cache, refresh_every=refresh_every).check()
+                  strategy_options=options, block_size=block_size, cache=cache, refresh_every=refresh_every,
+                  cfg_scale=cfg_scale).check()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if output:

@@ -23,6 +23,8 @@ HEADLINE = {
     "short_answer": ("em", "f1"),
     "infilling": ("rouge1", "rouge2", "rougeL"),
     "gen_ppl": ("gen_ppl", "distinct_2", "entropy"),
+    "gsm8k": ("em",),
+    "humaneval_infill": ("pass_at_1",),
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 
 @dataclass
@@ -20,6 +20,23 @@ class MaskTokenConfig:
     token: str = "<|mask|>"
     id: Optional[int] = None
     init_noise_std: float = 0.0
+
+
+@dataclass
+class LoraOptions:
+    """LoRA adapters through ``peft`` (``model.backbone.lora``): only the adapters and the mask-token
+    embedding row train; ``dlm export`` merges them into the weights.
+
+    Args:
+        r: adapter rank. alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the adapter input.
+        target_modules: names (suffixes) of the linear modules that get adapters.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 @dataclass
@@ -43,6 +60,7 @@ class BackboneConfig:
         mask_token: see :class:`MaskTokenConfig`.
         gradient_checkpointing: recompute activations in the backward pass.
         trust_remote_code: passed to transformers for models with custom code.
+        lora: train LoRA adapters (and the mask-token row) instead of every weight (see :class:`LoraOptions`).
     """
 
     pretrained: Optional[str] = None
@@ -54,6 +72,7 @@ class BackboneConfig:
     mask_token: MaskTokenConfig = field(default_factory=MaskTokenConfig)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    lora: Optional[LoraOptions] = None
 
     @property
     def tokenizer_source(self) -> Optional[str]:

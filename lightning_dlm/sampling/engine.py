@@ -30,6 +30,7 @@ from lightning_dlm.errors import DLMError
 from lightning_dlm.sampling.canvas import Canvas, slot_logit_positions
 from lightning_dlm.sampling.denoisers import CACHE_MODES, FunctionDenoiser
 from lightning_dlm.sampling.filtering import check_sampling_args
+from lightning_dlm.sampling.guidance import GuidedDenoiser, check_cfg_scale
 from lightning_dlm.sampling.strategies import StepContext, Strategy, get_strategy
 
 
@@ -52,6 +53,8 @@ class SamplerConfig:
         stop_at_eos: a row stops once it has committed an EOS and every slot left of it is
             decided; the slots right of the EOS are set to the pad token.
         capture_trajectory: keep the canvas after every step (on the CPU).
+        cfg_scale: classifier-free guidance weight w >= 0 (0 = none): logits ``u + (1 + w)(c - u)`` where the
+            unconditional pass ``u`` sees the prompt masked (:mod:`lightning_dlm.sampling.guidance`).
 
     These are the sampler's defaults, written here and nowhere else: ``generate()``, ``dlm
     sample`` and the evaluation tasks take theirs from this class. ``None`` for an option whose
@@ -69,6 +72,7 @@ class SamplerConfig:
     refresh_every: Optional[int] = None
     stop_at_eos: bool = False
     capture_trajectory: bool = False
+    cfg_scale: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -86,6 +90,9 @@ class SamplerConfig:
             raise DLMError(f"unknown cache mode '{self.cache}': choose one of {list(CACHE_MODES)}")
         if self.refresh_every is not None and self.refresh_every < 1:
             raise DLMError(f"refresh_every must be >= 1 (or None for once per block), got {self.refresh_every}")
+        check_cfg_scale(self.cfg_scale)
+        if self.cfg_scale > 0 and self.cache != "none":
+            raise DLMError("cfg_scale needs cache='none' (the unconditional pass has no KV cache): drop --cache")
         return get_strategy(self.strategy, **dict(self.strategy_options or {}))
 
 
@@ -229,8 +236,10 @@ def decode(
     eos_id: Optional[int] = None,
     pad_id: int = 0,
     suppress_ids: Sequence[int] = (),
+    mask_id: Optional[int] = None,
 ) -> Decoded:
-    """Decode the masked target region of ``canvas`` (see the module docstring)."""
+    """Decode the masked target region of ``canvas`` (see the module docstring); ``mask_id`` is
+    needed for classifier-free guidance (``config.cfg_scale > 0``)."""
     strategy = config.check()
     denoiser = _as_denoiser(denoiser)
     if config.cache != "none" and not getattr(denoiser, "supports_cache", False):
@@ -241,6 +250,10 @@ def decode(
     if len(seeds) != batch:
         raise DLMError(f"got {len(seeds)} seeds for {batch} rows: give one seed per row")
     t0, t1 = canvas.target_span()
+    if config.cfg_scale > 0:  # scale 0 leaves the denoiser as it is: unguided decoding, exactly
+        if mask_id is None:
+            raise DLMError("cfg_scale > 0 needs the mask token id: pass mask_id to decode()")
+        denoiser = GuidedDenoiser(denoiser, config.cfg_scale, mask_id, t0, t1)
     device = canvas.ids.device
     ids, masked = canvas.ids.clone(), canvas.masked.clone()
     attention = canvas.attention_mask
