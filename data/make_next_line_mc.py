@@ -7,9 +7,16 @@ generic ``choice`` format that ``dlm eval --task multiple_choice`` reads::
 
     {"context": "...\\n", "choices": ["...", "...", "...", "..."], "label": 2}
 
+With ``--kind infill`` it writes line infilling instead (as ROCStories infills its third
+sentence): ``--context`` lines before and after a held-out line, the line to generate between
+them, in the generic ``answer`` format that ``dlm eval --task infilling`` reads::
+
+    {"prompt": "...\\n", "suffix": "\\n...", "answers": ["..."]}
+
 Usage::
 
     python data/make_next_line_mc.py --text assets/shakespeare/val --out runs/next_line_mc.jsonl --items 100
+    python data/make_next_line_mc.py --kind infill --context 2 --text assets/shakespeare/val --out runs/infill.jsonl
 """
 
 from __future__ import annotations
@@ -53,6 +60,22 @@ def build(works: List[List[str]], items: int, context: int, choices: int, seed: 
     return out
 
 
+def build_infill(works: List[List[str]], items: int, context: int, seed: int, min_chars: int = 20,
+                 max_chars: int = 80):
+    """``items`` held-out lines (``min_chars`` to ``max_chars`` long) with ``context`` lines either side."""
+    rng = random.Random(seed)
+    candidates = [(w, i) for w, lines in enumerate(works) for i in range(context, len(lines) - context)
+                  if min_chars <= len(lines[i]) <= max_chars]
+    if len(candidates) < items:
+        raise SystemExit(f"error: only {len(candidates)} usable lines for {items} items: give more text or fewer items")
+    out = []
+    for w, i in sorted(rng.sample(candidates, items)):
+        lines = works[w]
+        out.append(dict(prompt="\n".join(lines[i - context: i]) + "\n", answers=[lines[i]],
+                        suffix="\n" + "\n".join(lines[i + 1: i + 1 + context])))
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--text", required=True, help="a .txt file or a folder of them (held-out text)")
@@ -61,8 +84,14 @@ def main(argv=None) -> None:
     p.add_argument("--context", type=int, default=4, help="lines of context before the line to choose")
     p.add_argument("--choices", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", choices=("choice", "infill"), default="choice",
+                   help="choice: the true next line among --choices; infill: generate a line between its neighbours")
     args = p.parse_args(argv)
-    rows = build(read_lines(args.text), args.items, args.context, args.choices, args.seed)
+    works = read_lines(args.text)
+    if args.kind == "infill":
+        rows = build_infill(works, args.items, args.context, args.seed)
+    else:
+        rows = build(works, args.items, args.context, args.choices, args.seed)
     with open(args.out, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -93,12 +93,20 @@ def build_hf_model(backbone: Dict[str, Any], state: Dict[str, torch.Tensor], dty
     # parameters on the meta device; buffers computed from the config (rotary inv_freq is not stored)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora is not None:  # a LoRA run: its adapters are in the state; merged into the weights below
+        from lightning_dlm.model.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora, cfg.mask_token.id)
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise DLMError(
             f"the checkpoint has weights its {config.model_type} model does not ({', '.join(result.unexpected_keys[:5])}): "
             f"was it written by `dlm fit` with this lightning_dlm?"
         )
+    if cfg.lora is not None:
+        from lightning_dlm.model.lora import merge_in_place
+
+        model = merge_in_place(model)
     model.tie_weights()
     left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if left:
@@ -140,6 +148,7 @@ def export_config(mask_token_id: int, tokenizer, mask_token_added: bool, diffusi
         **asdict(diffusion),  # schedule, shift, normalization, ...
         "seed": int(info.get("seed", 0)),  # with val_t_levels: DiffusionLM.nelbo_per_token's fixed draws
         "val_t_levels": int(info.get("val_t_levels", 8)),
+        "objective": info.get("objective", "diffusion"),  # "ar": trained as a causal LM (loads as one)
         "dtype": str(dtype).replace("torch.", ""),
         "source_checkpoint": info.get("source_checkpoint"),
         "global_step": info.get("global_step"),
@@ -153,6 +162,7 @@ def checkpoint_info(checkpoint: Dict[str, Any], source: str) -> Dict[str, Any]:
 
     hparams = checkpoint.get("hyper_parameters") or {}
     return {"seed": int(hparams.get("seed", 0)), "val_t_levels": int(hparams.get("val_t_levels", 8)),
+            "objective": hparams.get("objective", "diffusion"),
             "tokens_seen": int(checkpoint[CHECKPOINT_KEY].get("tokens_seen", 0)),
             "global_step": checkpoint.get("global_step"), "source_checkpoint": os.path.abspath(source)}
 

@@ -24,6 +24,7 @@ from lightning_dlm.configs import coerce_config
 from lightning_dlm.diffusion import (
     anneal_ratio,
     annealing_mask,
+    causal_allowed,
     corrupt,
     get_schedule,
     loss_terms_from_rows,
@@ -32,10 +33,12 @@ from lightning_dlm.diffusion import (
     scored_rows,
     t_grid,
 )
+from lightning_dlm.diffusion.blocks import block_size_at, block_times, check_block_seq_len
 from lightning_dlm.diffusion.config import DiffusionConfig
 from lightning_dlm.distributed import clip_grad_norm_sharded
 from lightning_dlm.errors import DLMError
 from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig, load_tokenizer
+from lightning_dlm.model.block_forward import block_loss_terms
 from lightning_dlm.model.loading import max_positions, resolve_hf_config
 from lightning_dlm.model.sharded_loading import broadcast_into_sharded, loads_pretrained_weights, materialize_meta
 from lightning_dlm.model.tokenizer_files import tokenizer_from_files, tokenizer_to_files
@@ -44,6 +47,9 @@ from lightning_dlm.resume import apply_optim_changes, compare_hparams
 from lightning_dlm.seeding import derive_seed, make_generator
 
 CHECKPOINT_KEY = "lightning_dlm"
+#: What a run trains: the diffusion objective (the method) or the plain causal LM objective through
+#: the same model, data and trainer (the ablation's AR baseline, ``model.objective: ar``).
+OBJECTIVES = ("diffusion", "ar")
 
 
 class DiffusionLM(L.LightningModule):
@@ -55,6 +61,12 @@ class DiffusionLM(L.LightningModule):
         optim: AdamW and learning-rate schedule.
         seed: seeds every noise draw together with the batch counter and the rank.
         val_t_levels: validation estimates E_t on this many fixed, equally spaced levels of t.
+        objective: ``diffusion`` (the method) or ``ar``: next-token cross-entropy under causal
+            attention, no mask token in the input, through the same model, data and trainer, so an
+            AR baseline is compared on the same footing. Its val/nelbo is the exact NLL per token
+            (an AR model's likelihood is exact, not a bound), over the same targets as the
+            diffusion runs' (every token after the first of a block); the diffusion options
+            (schedule, shift, annealing) are unused.
     """
 
     def __init__(
@@ -64,6 +76,7 @@ class DiffusionLM(L.LightningModule):
         optim: OptimConfig = OptimConfig(),
         seed: int = 0,
         val_t_levels: int = 8,
+        objective: str = "diffusion",
     ):
         super().__init__()
         self.backbone_cfg = coerce_config(BackboneConfig, backbone)
@@ -71,6 +84,8 @@ class DiffusionLM(L.LightningModule):
         self.optim_cfg = coerce_config(OptimConfig, optim).check()
         if val_t_levels < 1:
             raise DLMError(f"val_t_levels must be >= 1, got {val_t_levels}")
+        if objective not in OBJECTIVES:
+            raise DLMError(f"unknown model.objective '{objective}': choose one of {', '.join(OBJECTIVES)}")
         self.save_hyperparameters(
             {
                 "backbone": asdict(self.backbone_cfg),
@@ -78,8 +93,15 @@ class DiffusionLM(L.LightningModule):
                 "optim": asdict(self.optim_cfg),
                 "seed": seed,
                 "val_t_levels": val_t_levels,
+                "objective": objective,
             }
         )
+        self.objective = objective
+        # the training terms and the evaluation NLL of the objective, by name (no branching below)
+        self._train_terms = {"diffusion": self._diffusion_train_terms, "ar": self._causal_train_terms}[objective]
+        self._eval_nll = {"diffusion": self.nelbo_per_token, "ar": self.causal_nll_per_token}[objective]
+        if objective == "diffusion" and self.diffusion_cfg.is_block:  # block diffusion: its own terms
+            self._train_terms = self._block_train_terms
         self.seed = seed
         self.val_t_levels = val_t_levels
         self.schedule = get_schedule(self.diffusion_cfg.schedule, **self.diffusion_cfg.schedule_kwargs)
@@ -185,6 +207,8 @@ class DiffusionLM(L.LightningModule):
             raise DLMError(
                 f"data.seq_len {seq_len} is above the model's position limit {limit}: set data.seq_len <= {limit}"
             )
+        if seq_len is not None and self.diffusion_cfg.is_block:
+            check_block_seq_len(self.diffusion_cfg, int(seq_len))
 
     # --- the objective --------------------------------------------------------------------------
     def _batch_counter(self, batch: Dict[str, Any], batch_idx: int) -> int:
@@ -193,15 +217,16 @@ class DiffusionLM(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         return self.global_step * accumulate + batch_idx % accumulate
 
-    def diffusion_terms(self, x0, attention_mask, t, allowed, generator, document_ids=None):
+    def diffusion_terms(self, x0, attention_mask, t, allowed, generator, document_ids=None, protected=None):
         """Corrupt ``x0`` at times ``t``, run the model, return (LossTerms, masked, maskable).
 
         The model gives the logits of the scored rows only (about half of them on average; its
         LM head runs on those rows alone when that is exact), which is all the loss needs.
+        ``protected`` (B, L) True = never noised nor scored (an SFT prompt: ``batch["prompt_mask"]``).
         """
         cfg = self.diffusion_cfg
         net = self._require_net()
-        maskable = maskable_positions(x0.shape, cfg.shift, attention_mask, device=x0.device)
+        maskable = maskable_positions(x0.shape, cfg.shift, attention_mask, protected=protected, device=x0.device)
         xt, masked = corrupt(x0, t, net.mask_token_id, self.schedule, maskable, generator)
         num_targets = maskable.sum()  # real target positions (no padding), a tensor: no host sync
         sources, targets = scored_rows(x0, masked, cfg.shift)
@@ -214,20 +239,66 @@ class DiffusionLM(L.LightningModule):
         # Dropout draws from torch's global generator: reseed it per batch so resume is exact.
         torch.manual_seed(derive_seed(self.seed, self._batch_counter(batch, batch_idx), self.global_rank, 1))
 
-    def training_step(self, batch, batch_idx):
+    def _diffusion_train_terms(self, batch, counter: int):
+        """The diffusion objective's terms for one batch: t, masks and annealing mask drawn from
+        (seed, batch counter, rank). Returns (LossTerms, masked, maskable, anneal ratio)."""
         cfg = self.diffusion_cfg
         x0 = batch["input_ids"]
-        attention_mask = batch.get("attention_mask")
-        counter = self._batch_counter(batch, batch_idx)
         generator = make_generator(self.seed, counter, self.global_rank, device=x0.device)
         t = sample_t(x0.shape[0], cfg.eps, cfg.t_sampling, generator, x0.device)
         ratio = anneal_ratio(self.global_step, cfg.anneal_steps)
         # The annealing mask is a hash of its own seed (tag 2): evaluated densely or inside the kernel.
         allowed = annealing_mask(cfg.anneal_mask, ratio, derive_seed(self.seed, counter, self.global_rank, 2))
         terms, masked, maskable = self.diffusion_terms(
-            x0, attention_mask, t, allowed, generator, document_ids=batch.get("document_ids")
+            x0, batch.get("attention_mask"), t, allowed, generator, document_ids=batch.get("document_ids"),
+            protected=batch.get("prompt_mask"),
         )
-        loss = terms.normalized(cfg.normalization)
+        return terms, masked, maskable, ratio
+
+    def block_terms(self, x0, attention_mask, t_pos, generator, block_size: int, document_ids=None, protected=None,
+                    complementary: bool = False):
+        """The block objective (``diffusion.attention: block``): one pass over the noised and the
+        clean copy (see lightning_dlm.diffusion.blocks). Returns (LossTerms, masked, maskable)."""
+        return block_loss_terms(self._require_net(), x0, t_pos, self.schedule, block_size, self.diffusion_cfg.shift,
+                                generator, attention_mask, document_ids, complementary, protected)
+
+    def _block_train_terms(self, batch, counter: int):
+        """Block-mode terms: the block size of the schedule at this step, t per sequence or per
+        block and the masks drawn from (seed, batch counter, rank), so resume stays exact."""
+        cfg = self.diffusion_cfg
+        x0 = batch["input_ids"]
+        size = block_size_at(self.global_step, cfg.block_size, cfg.block_size_schedule)
+        generator = make_generator(self.seed, counter, self.global_rank, device=x0.device)
+        draw = lambda n: sample_t(n, cfg.eps, cfg.t_sampling, generator, x0.device)  # noqa: E731
+        t_pos = block_times(x0.shape[0], x0.shape[1], size, cfg.block_t == "block", draw)
+        terms, masked, maskable = self.block_terms(x0, batch.get("attention_mask"), t_pos, generator, size,
+                                                   batch.get("document_ids"), batch.get("prompt_mask"),
+                                                   complementary=cfg.complementary_masks)
+        if self._logging_step():
+            self.log("train/block_size", float(size), on_step=True, on_epoch=False, batch_size=x0.shape[0])
+        return terms, masked, maskable, 1.0
+
+    def causal_terms(self, x0, attention_mask=None, document_ids=None, protected=None):
+        """The plain causal LM objective: every real token after the first predicted from the
+        tokens before it (causal attention, clean input). Returns (LossTerms, targets)."""
+        net = self._require_net()
+        targets = maskable_positions(x0.shape, True, attention_mask, protected=protected, device=x0.device)
+        sources, labels = scored_rows(x0, targets, shift=True)
+        logits = net.scored_logits(x0, sources, attention_mask=attention_mask,
+                                   allowed=causal_allowed(x0.shape[1], x0.device), document_ids=document_ids)
+        ones = torch.ones(labels.shape, device=logits.device)
+        return loss_terms_from_rows(logits, labels, ones, targets.sum()), targets
+
+    def _causal_train_terms(self, batch, counter: int):
+        terms, targets = self.causal_terms(batch["input_ids"], batch.get("attention_mask"), batch.get("document_ids"),
+                                           protected=batch.get("prompt_mask"))
+        return terms, targets, targets, 0.0
+
+    def training_step(self, batch, batch_idx):
+        cfg = self.diffusion_cfg
+        x0 = batch["input_ids"]
+        terms, masked, maskable, ratio = self._train_terms(batch, self._batch_counter(batch, batch_idx))
+        loss = terms.normalized(cfg.normalization)  # the AR terms score every target: both normalizations agree
         self._note_nonfinite(loss)
         world = self.trainer.world_size if self._trainer is not None else 1
         self.tokens_seen += x0.numel() * world
@@ -276,7 +347,7 @@ class DiffusionLM(L.LightningModule):
     @torch.no_grad()
     def nelbo_per_token(
         self, x0: torch.Tensor, attention_mask=None, batch_key: int = 0, levels: Optional[int] = None, document_ids=None,
-        row_keys: Optional[torch.Tensor] = None,
+        row_keys: Optional[torch.Tensor] = None, protected: Optional[torch.Tensor] = None,
     ):
         """Negative ELBO per target token of a batch, on a fixed grid of t with fixed masks.
 
@@ -295,15 +366,29 @@ class DiffusionLM(L.LightningModule):
             else:
                 generator = [make_generator(self.seed, int(key), k, 8, device=x0.device) for key in row_keys.tolist()]
             t = torch.full((x0.shape[0],), level, device=x0.device)
-            terms, _, _ = self.diffusion_terms(x0, attention_mask, t, None, generator, document_ids=document_ids)
+            if self.diffusion_cfg.is_block:  # the sum over blocks of block NELBOs (block_forward's docstring)
+                terms, _, _ = self.block_terms(x0, attention_mask, t[:, None].expand(x0.shape), generator,
+                                               self.diffusion_cfg.block_size, document_ids, protected)
+            else:
+                terms, _, _ = self.diffusion_terms(x0, attention_mask, t, None, generator, document_ids=document_ids,
+                                                   protected=protected)
             total = total + terms.weighted_sum
             num_targets = terms.num_targets
         return total / (levels * num_targets), int(num_targets)  # one host sync per batch: an int weight
 
+    @torch.no_grad()
+    def causal_nll_per_token(self, x0: torch.Tensor, attention_mask=None, batch_key: int = 0, document_ids=None,
+                             row_keys: Optional[torch.Tensor] = None, protected: Optional[torch.Tensor] = None, **_):
+        """The exact NLL per target token of a batch under the causal objective (``objective: ar``),
+        with the signature of :meth:`nelbo_per_token` (the keys do not matter: nothing is drawn)."""
+        terms, _ = self.causal_terms(x0, attention_mask, document_ids, protected=protected)
+        num_targets = int(terms.num_targets)
+        return terms.weighted_sum / max(1, num_targets), num_targets
+
     def _eval_step(self, batch, batch_idx, prefix: str) -> None:
-        nelbo, num_targets = self.nelbo_per_token(
+        nelbo, num_targets = self._eval_nll(
             batch["input_ids"], batch.get("attention_mask"), batch_idx, document_ids=batch.get("document_ids"),
-            row_keys=batch.get("block_index"),
+            row_keys=batch.get("block_index"), protected=batch.get("prompt_mask"),
         )
         getattr(self, f"{prefix}_nelbo").update(nelbo, weight=num_targets)
         getattr(self, f"{prefix}_nelbo_sq").update(nelbo.double() ** 2, weight=num_targets)
@@ -398,7 +483,7 @@ class DiffusionLM(L.LightningModule):
                                   attn_implementation=model.attn_implementation,
                                   mask_token=MaskTokenConfig(mode="reuse", id=model.mask_token_id))
         module = cls(backbone=backbone, diffusion=model.diffusion, seed=int(model.info.get("seed", 0)),
-                     val_t_levels=int(model.info.get("val_t_levels", 8)))
+                     val_t_levels=int(model.info.get("val_t_levels", 8)), objective=model.objective)
         module.net, module.tokenizer = model, model.tokenizer
         module.tokens_seen = int(model.info.get("tokens_seen", 0))
         return module

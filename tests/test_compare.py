@@ -41,9 +41,13 @@ def test_compare_table_holds_the_values_the_logs_hold(runs, tmp_path, capsys):
         assert os.path.getsize(tmp_path / "cmp" / name) > 1000 or name == "compare.json"
 
 
-def test_markdown_and_csv(runs, capsys):
-    main(["compare", str(runs / "linear"), str(runs / "cosine")])
-    table = capsys.readouterr().out.splitlines()
+def test_markdown_and_csv(runs, tmp_path, capsys):
+    stray = tmp_path / "eval.json"  # what a shell glob over a sweep folder also passes
+    stray.write_text("{}")
+    main(["compare", str(runs / "linear"), str(stray), str(runs / "cosine")])
+    captured = capsys.readouterr()
+    table = captured.out.splitlines()
+    assert f"skipping '{stray}': a file, not a run folder" in captured.err
     assert table[0] == "| arm | val/nelbo | se | ppl bound | tokens seen | steps | wall s |"
     assert [line.split("|")[1].strip() for line in table[2:]] == ["linear", "cosine"]
     main(["compare", str(runs / "linear"), "--format", "csv"])
@@ -62,3 +66,33 @@ def test_folders_without_logs_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert summarize  # the library entry point is importable without the CLI
+
+
+def test_eval_results_join_the_table_by_arm_with_standard_errors(runs, tmp_path, capsys):
+    results = dict(
+        tasks={"mc": dict(kind="multiple_choice"), "fill": dict(kind="infilling")},
+        models={"linear": dict(path="a.ckpt", results={"mc": dict(acc=0.5, acc_se=0.05), "fill": dict(rougeL=0.2)}),
+                "base": dict(path="base", results={"mc": dict(acc=0.75, acc_se=0.04),
+                                                   "fill": dict(rougeL=0.25, rougeL_se=0.01)})})
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(results))
+    main(["compare", str(runs / "linear"), str(runs / "cosine"), "--eval", str(path), "--out", str(tmp_path / "cmp")])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].endswith("| wall s | mc acc | fill rougeL |")
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[2:]}
+    assert list(cells) == ["linear", "cosine", "base"]  # a model that is no run gets a row of its own
+    assert cells["linear"][-2:] == ["0.5000 ± 0.0500", "0.2000"]  # no se given: the value alone
+    assert cells["cosine"][-2:] == ["-", "-"] and cells["base"][0] == "-"
+    assert cells["base"][-2:] == ["0.7500 ± 0.0400", "0.2500 ± 0.0100"]
+    assert os.path.getsize(tmp_path / "cmp" / "eval.png") > 1000
+    main(["compare", str(runs / "linear"), "--eval", str(path), "--format", "csv"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(",folder,mc_acc,mc_acc_se,fill_rougeL,fill_rougeL_se")
+    assert lines[1].endswith(",0.5,0.05,0.2,")
+    (tmp_path / "bad.json").write_text("{nope")
+    for bad, message in [(tmp_path / "missing.json", "do not exist"), (tmp_path / "bad.json", "is not dlm eval's JSON")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compare", str(runs / "linear"), "--eval", str(bad)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

@@ -12,11 +12,12 @@ from torch import nn
 from lightning_dlm.cli import main
 from lightning_dlm.data import CorpusSource, TextDataModule
 from lightning_dlm.diffusion.config import DiffusionConfig
+from lightning_dlm.errors import DLMError
 from lightning_dlm.evaluation import CausalEvaluator, DiffusionEvaluator, build_task, table
 from lightning_dlm.evaluation.choice import diffusion_choice_scores, encode_pair
 from lightning_dlm.evaluation.formats import convert_records
 from lightning_dlm.evaluation.likelihood import causal_perplexity, diffusion_nelbo
-from lightning_dlm.evaluation.metrics import distinct_n, exact_match, token_f1, unigram_entropy
+from lightning_dlm.evaluation.metrics import distinct_n, exact_match, proportion_se, token_f1, unigram_entropy
 from lightning_dlm.model import BackboneConfig, MaskTokenConfig
 from lightning_dlm.model.loading import load_tokenizer
 from lightning_dlm.module import DiffusionLM
@@ -246,6 +247,9 @@ def test_rouge_of_infilling_matches_torchmetrics_and_rouge_score(tmp_path, token
         assert result[k] == pytest.approx(sum(refs[k]) / 2, abs=1e-6)
     # by hand: 5 of 6 unigrams shared (F 5/6); 3 shared of 5 predicted and 6 reference (F 6/11)
     assert result["rouge1"] == pytest.approx((5 / 6 + 6 / 11) / 2, abs=1e-6)
+    # the standard error of the mean over the items: |a - b| / 2 for two items
+    assert result["rouge1_se"] == pytest.approx(abs(5 / 6 - 6 / 11) / 2, abs=1e-6)
+    assert proportion_se(0.5, 100) == pytest.approx(0.05) and proportion_se(1.0, 7) == 0.0
 
 
 def test_exact_match_f1_and_diversity_metrics():
@@ -386,7 +390,8 @@ def test_dlm_eval_flags_override_the_config_and_help_lists_every_option(tmp_path
                  "--name", "--set", "--out", "--device", "--dtype", "--threads", "--progress, --no-progress",
                  "--trust_checkpoint", "--print_config"):
         assert f"  {flag} " in text or f"  {flag}," in text or f"  {flag}\n" in text, flag
-    assert "tasks: gen_ppl, infilling, lambada, likelihood, multiple_choice, short_answer" in text
+    assert ("tasks: gen_ppl, gsm8k, humaneval_infill, infilling, lambada, likelihood, multiple_choice, short_answer"
+            in " ".join(text.split()))
 
 
 def test_dlm_eval_command_line_errors_are_one_line(tmp_path, capsys):
@@ -458,6 +463,30 @@ def word_level_tokenizer(folder):
     return fast
 
 
+def test_gen_ppl_with_a_prompt_per_sample_pools_the_per_prompt_scores(tmp_path, ar_folder):
+    from lightning_dlm.evaluation.evaluators import load_evaluator
+    from lightning_dlm.evaluation.genppl import score_samples
+
+    judge = load_evaluator(ar_folder, kind="ar")
+    prompts = ["Once upon a time", "The dog"]
+    texts = [" there was a cat that sat", " ran to the park and back home"]
+    pooled = score_samples(judge, prompts, texts, batch_size=2)
+    alone = [score_samples(judge, p, [t]) for p, t in zip(prompts, texts)]
+    # perplexity pools token NLLs: exp(sum_i n_i log ppl_i / sum_i n_i)
+    nll = sum(a["tokens"] * math.log(a["gen_ppl"]) for a in alone) / sum(a["tokens"] for a in alone)
+    assert pooled["tokens"] == sum(a["tokens"] for a in alone)
+    assert pooled["gen_ppl"] == pytest.approx(math.exp(nll), rel=1e-5)
+    with pytest.raises(ValueError, match="2 prompts for 1 samples"):
+        score_samples(judge, prompts, texts[:1])
+    # the task reads the prompts from a file: num_samples of each
+    path = write_jsonl(tmp_path / "prompts.jsonl", [dict(prompt=p) for p in prompts])
+    task = build_task(dict(task="gen_ppl", evaluator=ar_folder, data=path, num_samples=2))
+    assert task.prompts() == [prompts[0], prompts[0], prompts[1], prompts[1]]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [dict(text="x")])
+    with pytest.raises(DLMError, match="record 0 of .* has no text field 'prompt'"):
+        build_task(dict(task="gen_ppl", evaluator=ar_folder, data=bad)).prompts()
+
+
 def test_gen_ppl_with_another_tokenizer_retokenizes_and_says_so(tmp_path, module, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -501,8 +530,9 @@ def test_lm_eval_adapter_answers_lm_evals_own_requests(module):
     assert gen[0] == raw.split("\n\n")[0]
 
 
-@pytest.mark.parametrize("path", sorted(__import__("glob").glob(os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "eval", "*.yaml"))))
+@pytest.mark.parametrize("path", sorted(
+    __import__("glob").glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "eval", "*.yaml"))
+    + __import__("glob").glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "*", "eval.yaml"))))
 def test_shipped_eval_configs_parse_into_tasks(path):
     from lightning_dlm.commands.eval import build_parser, config_from_args
 

@@ -1,6 +1,7 @@
 """`dlm sweep`: arms as isolated run folders, skipped when done, resumed when interrupted; SLURM
 job arrays through submitit (checked without a cluster); one-line errors for bad grids."""
 
+import glob
 import os
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from lightning_dlm.cli import main
-from lightning_dlm.research.sweep import load_grid
+from lightning_dlm.research.sweep import load_grid, resolve_arm
 from tests.conftest import REPO
 
 DEBUG = os.path.join(REPO, "experiments", "debug.yaml")
@@ -91,12 +92,21 @@ def test_grid_forms_and_names(tmp_path):
     assert [a.name for a in arms] == ["schedule=linear,lr=0.0001", "schedule=linear,lr=0.0003",
                                       "schedule=cosine,lr=0.0001", "schedule=cosine,lr=0.0003"]
     assert arms[3].overrides == {"model.diffusion.schedule": "cosine", "model.optim.lr": 3.0e-4}
+    # common overrides reach every arm; an arm's own value wins
+    grid.write_text("common: {trainer.max_steps: 48, model.diffusion.anneal_steps: 16}\n"
+                    "arms:\n  - name: full\n  - name: no_anneal\n    model.diffusion.anneal_steps: 0\n")
+    arms = load_grid(str(grid))
+    assert [(a.name, a.overrides) for a in arms] == [
+        ("full", {"trainer.max_steps": 48, "model.diffusion.anneal_steps": 16}),
+        ("no_anneal", {"trainer.max_steps": 48, "model.diffusion.anneal_steps": 0}),
+    ]
 
 
 @pytest.mark.parametrize("grid, message", [
     ("", "is empty"),
     ("- name: a\n- name: a\n", "names the arm 'a' twice"),
     ("- {model.seed: 1}\n", "arm 1 needs a name"),
+    ("common: {model.seed: 1}\narms: []\n", "has no arms"),
     ("model.diffusion.schedul: [linear]\n", "does not parse against"),
 ])
 def test_bad_grids_are_one_line(tmp_path, capsys, grid, message):
@@ -120,3 +130,15 @@ def test_a_folder_of_another_sweep_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {out / 'a'} holds arm 'a' of another sweep") and "another --out" in err
     assert (out / "a" / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("grid", sorted(glob.glob(os.path.join(REPO, "experiments", "*", "arms.yaml"))
+                                        + [os.path.join(REPO, "experiments", "sweeps", "schedules.yaml")]))
+def test_shipped_grids_resolve_against_the_demo_config(tmp_path, grid):
+    """Every shipped grid's arms parse against the config its header names (nothing is trained)."""
+    arms = load_grid(grid)
+    assert arms and len({a.name for a in arms}) == len(arms)
+    base = os.path.join(REPO, "experiments", "smollm2_shakespeare.yaml")
+    text = resolve_arm(base, arms[-1], str(tmp_path / arms[-1].name))
+    for key, value in arms[-1].overrides.items():
+        assert key.split(".")[-1] in text, key

@@ -2,6 +2,7 @@
 
     dlm compare runs/schedules/*                                   # a markdown table on stdout
     dlm compare runs/schedules/* --format csv --out runs/schedules/compare   # + val_nelbo.png, train_loss.png
+    dlm compare runs/ablation/* --eval runs/ablation/eval.json --out experiments/ablation   # + eval columns, eval.png
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from lightning_dlm.commands import parse_or_one_line
 
 
 def compare(runs: List[str], format: Literal["markdown", "csv", "json"] = "markdown", out: Optional[str] = None,
-            plots: bool = True) -> str:
+            plots: bool = True, eval: Optional[str] = None) -> str:
     """Print one table of the runs (arm, final val/nelbo and its standard error, perplexity bound,
     tokens seen, steps, wall time) and, with ``out``, write it there with PNG plots.
 
@@ -27,17 +28,23 @@ def compare(runs: List[str], format: Literal["markdown", "csv", "json"] = "markd
         out: also write the table (compare.md / .csv / .json) and the plots (val_nelbo.png:
             val/nelbo against tokens seen; train_loss.png: train/loss against the step) into this folder.
         plots: write the PNG plots when out is given.
+        eval: the JSON of ``dlm eval --out`` on the runs' checkpoints (models named as the arms):
+            each task's headline metric and its standard error become columns (and eval.png).
     """
-    from lightning_dlm.research.compare import plot_runs, render, summarize
+    from lightning_dlm.research.compare import add_eval, plot_eval, plot_runs, render, summarize
 
     folders = []
     for pattern in runs:
         if any(ch in pattern for ch in "*?["):  # a glob: its folders, less a sweep's own outputs
             folders += [path for path in sorted(glob.glob(pattern)) if os.path.isdir(path)
                         and os.path.basename(os.path.normpath(path)) not in ("compare", "slurm")]
+        elif os.path.isfile(pattern):  # a shell glob over a sweep folder also names its files (eval.json, ...)
+            print(f"skipping '{pattern}': a file, not a run folder", file=sys.stderr)
         else:
             folders.append(pattern)
     rows = summarize(folders)
+    if eval:
+        rows = add_eval(rows, eval)
     table = render(rows, format)
     print(table)
     if out:
@@ -46,7 +53,9 @@ def compare(runs: List[str], format: Literal["markdown", "csv", "json"] = "markd
         with open(os.path.join(out, f"compare.{suffix}"), "w", encoding="utf-8") as fh:
             fh.write(table + ("\n" if not table.endswith("\n") else ""))
         if plots:
-            for path in plot_runs(folders, out, arms=[r.arm for r in rows]).values():
+            paths = list(plot_runs(folders, out, arms=[r.arm for r in rows][: len(folders)]).values())
+            paths += [plot_eval(rows, out)] if eval else []
+            for path in paths:
                 print(f"wrote {path}", file=sys.stderr)
     return table
 
@@ -58,5 +67,7 @@ def compare_command(args: List[str]) -> None:
     parser.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown", help="table format")
     parser.add_argument("--out", default=None, help="also write the table and val_nelbo.png / train_loss.png here")
     parser.add_argument("--plots", type=bool, default=True, help="write the PNG plots when --out is given")
+    parser.add_argument("--eval", default=None, help="dlm eval's JSON on the runs' checkpoints (models named as the arms): "
+                                                     "its headline metrics with standard errors join the table")
     cfg = parse_or_one_line(parser, args)
-    compare(list(cfg.runs), format=cfg.format, out=cfg.out, plots=cfg.plots)
+    compare(list(cfg.runs), format=cfg.format, out=cfg.out, plots=cfg.plots, eval=cfg.eval)

@@ -73,8 +73,18 @@ class DiffusionEvaluator(Evaluator):
         self.net = model
         super().__init__(model, model.tokenizer, name)
 
+    @property
+    def is_block(self) -> bool:
+        """Whether the model is a block diffusion model (``diffusion.attention: block``)."""
+        return bool(getattr(getattr(self.net, "diffusion", None), "is_block", False))
+
     def likelihood(self, blocks: torch.Tensor, levels: int = 8, draws: int = 4, batch_size: int = 8, seed: int = 0,
                    progress: Progress = _nothing) -> Dict[str, float]:
+        if self.is_block:  # the sum over blocks of block NELBOs (see model.block_forward)
+            from lightning_dlm.model.block_forward import block_nelbo
+
+            return block_nelbo(self.net, blocks, self.net.diffusion.block_size, shift=self.net.shift, levels=levels,
+                               draws=draws, batch_size=batch_size, seed=seed, progress=progress)
         return diffusion_nelbo(self.net, blocks, shift=self.net.shift, levels=levels, draws=draws,
                                batch_size=batch_size, seed=seed, progress=progress)
 
@@ -86,9 +96,16 @@ class DiffusionEvaluator(Evaluator):
         """Per continuation: ``loglik`` = -n * score (the ELBO bound of log p), ``per_token`` =
         -score (the paper's criterion), ``greedy``."""
         rows, starts = choice_rows(self.encode, self.start_id, contexts, continuations)
-        scores, greedy = diffusion_choice_scores(self.net, rows, starts, self.pad_id, levels=levels,
-                                                 shift=self.net.shift, batch_size=batch_size,
+        if self.is_block:  # masked tokens scored given the clean blocks before them
+            from lightning_dlm.model.block_forward import block_choice_scores
+
+            scores, greedy = block_choice_scores(self.net, rows, starts, self.pad_id, self.net.diffusion.block_size,
+                                                 levels=levels, shift=self.net.shift, batch_size=batch_size,
                                                  seed=seed, progress=progress)
+        else:
+            scores, greedy = diffusion_choice_scores(self.net, rows, starts, self.pad_id, levels=levels,
+                                                     shift=self.net.shift, batch_size=batch_size,
+                                                     seed=seed, progress=progress)
         counts = [len(r) - s for r, s in zip(rows, starts)]
         return dict(loglik=[-s * n for s, n in zip(scores, counts)], per_token=[-s for s in scores], greedy=greedy,
                     tokens=counts)
@@ -187,6 +204,9 @@ def load_evaluator(path: str, kind: str = "auto", device: str = "cpu", dtype: st
     # names what is wrong with it, and refuses what would run code
     if kind == "diffusion" or (kind == "auto" and (os.path.isfile(path) or is_diffusion_checkpoint(path))):
         model = DiffusionModel.from_pretrained(path, map_location=device, trust_checkpoint=trust_checkpoint)
+        if model.objective == "ar":  # a run of the causal objective (model.objective: ar) is a causal LM
+            model.model.config.is_causal = True
+            return CausalEvaluator(model.model, model.tokenizer, name=label)
         return DiffusionEvaluator(model, name=label)
     if os.path.isfile(path):
         raise DLMError(f"'{path}' is a file, and a causal LM is a folder or hub name: pass a model folder, "

@@ -63,3 +63,17 @@ def unigram_entropy(tokens: Iterable[int]) -> float:
 
 def mean(values: List[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of ``values`` (sample standard deviation / sqrt(n)); nan below 2."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mu = sum(values) / n
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1) / n)
+
+
+def proportion_se(p: float, n: int) -> float:
+    """Standard error of an accuracy ``p`` measured on ``n`` independent items: sqrt(p (1 - p) / n)."""
+    return math.sqrt(max(0.0, p * (1 - p)) / n) if n > 0 else float("nan")

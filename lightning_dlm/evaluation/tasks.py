@@ -124,8 +124,10 @@ class MultipleChoiceTask(Task):
         target = torch.tensor([item.label for item in items])
         acc = multiclass_accuracy(torch.stack(preds), target, num_classes=width, average="micro")
         acc_norm = multiclass_accuracy(torch.stack(preds_norm), target, num_classes=width, average="micro")
-        return dict(acc=float(acc), acc_norm=float(acc_norm), items=len(items), chance=M.mean(
-            [1 / len(item.continuations) for item in items]))
+        n = len(items)
+        return dict(acc=float(acc), acc_se=M.proportion_se(float(acc), n), acc_norm=float(acc_norm),
+                    acc_norm_se=M.proportion_se(float(acc_norm), n), items=n,
+                    chance=M.mean([1 / len(item.continuations) for item in items]))
 
 
 # --- generation ------------------------------------------------------------------------------
@@ -234,16 +236,22 @@ class InfillingTask(GenerationTask):
         lengths = [len(evaluator.encode(" " + item.answers[0])) for item in items]
         predictions = [p.strip() for p in self.generate_grouped(evaluator, items, lengths, bar)]
         rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
-        scores = rouge(predictions, [item.answers for item in items])
-        out = {k: float(scores[f"{k}_fmeasure"]) for k in ("rouge1", "rouge2", "rougeL")}
+        keys = ("rouge1", "rouge2", "rougeL")
+        # per item, so the mean (torchmetrics' own: an average over items) comes with its standard error
+        per_item = [rouge([p], [item.answers]) for p, item in zip(predictions, items)]
+        out = {}
+        for k in keys:
+            values = [float(s[f"{k}_fmeasure"]) for s in per_item]
+            out[k], out[f"{k}_se"] = M.mean(values), M.standard_error(values)
         return dict(out, items=len(items), uses_suffix=evaluator.kind == "diffusion",
                     examples=self.examples(items, predictions))
 
 
 @dataclass
 class GenerativePerplexityTask(GenerationTask):
-    """Samples (unconditional, or after ``prompt``) scored by an AR ``evaluator`` model; the
-    sampler's options as in the other generation tasks, drawing from the model by default."""
+    """Samples (unconditional, after ``prompt``, or after each prompt of the ``data`` file: JSON
+    lines with a ``prompt`` field) scored by an AR ``evaluator`` model; ``num_samples`` per prompt;
+    the sampler's options as in the other generation tasks, drawing from the model by default."""
 
     evaluator: str = ""
     evaluator_kind: str = "ar"
@@ -266,19 +274,30 @@ class GenerativePerplexityTask(GenerationTask):
             cached = self._judge = load_evaluator(self.evaluator, kind=self.evaluator_kind, device=device)
         return cached
 
+    def prompts(self) -> List[str]:
+        """Every sample's prompt: ``num_samples`` of each prompt of ``data``, or of ``prompt``."""
+        if not self.data:
+            return [self.prompt] * self.num_samples
+        records = read_records(self.data, limit=self.limit)
+        for n, record in enumerate(records):
+            if not isinstance(record.get("prompt"), str):
+                raise DLMError(f"record {n} of '{self.data}' has no text field 'prompt': give JSON lines like "
+                               f'{{"prompt": "ROMEO."}}')
+        return [record["prompt"] for record in records for _ in range(self.num_samples)]
+
     def run(self, evaluator, bar: Bar) -> Dict[str, Any]:
         from lightning_dlm.evaluation.genppl import score_samples
 
         if not self.evaluator:
             raise DLMError(f"task '{self.name}' needs an evaluator: set evaluator to an AR model name or folder")
-        prompts = [self.prompt] * self.num_samples
+        prompts = self.prompts()
         texts = evaluator.generate(prompts, self.length, batch_size=self.batch_size,
-                                   progress=bar(self.num_samples, f"{self.name} (sampling)"),
+                                   progress=bar(len(prompts), f"{self.name} (sampling)"),
                                    **self.decoding(evaluator, self.length))
         judge = self.judge(str(evaluator.device))
         if judge.kind != "ar":
             raise DLMError(f"the evaluator '{self.evaluator}' is a diffusion model: use an AR model to score samples")
-        result = score_samples(judge, self.prompt, texts, batch_size=self.batch_size,
+        result = score_samples(judge, prompts, texts, batch_size=self.batch_size,
                                progress=bar(len(texts), f"{self.name} (scoring)"))
         # the samples are scored as text: say when the evaluator's tokens differ from the model's
         result["retokenized"] = any(judge.encode(t) != evaluator.encode(t) for t in texts)
@@ -286,7 +305,8 @@ class GenerativePerplexityTask(GenerationTask):
             print(f"[eval] {self.name}: the evaluator '{self.evaluator}' tokenizes differently from the model; "
                   f"its samples were re-tokenized from their text", file=sys.stderr)
         result["evaluator"] = self.evaluator
-        result["examples"] = [t[:300] for t in texts[: self.show]]
+        step = max(1, len(texts) // max(1, self.show))  # examples from different prompts
+        result["examples"] = [(prompts[i] + texts[i])[:300] for i in range(0, len(texts), step)][: self.show]
         return result
 
 
@@ -295,6 +315,16 @@ TASKS: Dict[str, type] = {
     for cls in (LikelihoodTask, MultipleChoiceTask, LambadaTask, ShortAnswerTask, InfillingTask,
                 GenerativePerplexityTask)
 }
+
+
+def _register_sft_tasks() -> None:
+    # gsm8k and humaneval_infill live in sft_tasks (which builds on the classes above)
+    from lightning_dlm.evaluation.sft_tasks import SFT_TASKS
+
+    TASKS.update(SFT_TASKS)
+
+
+_register_sft_tasks()
 
 
 def build_task(spec: Dict[str, Any], defaults: Optional[Dict[str, Any]] = None) -> Task:

@@ -102,6 +102,10 @@ class DiffusionModel(nn.Module):
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         mask_id, added = provide_mask_token(model, tokenizer, cfg.mask_token, seed)
+        if cfg.lora is not None:  # adapters (and the mask row) train; merged into the weights on export
+            from lightning_dlm.model.lora import apply_lora
+
+            model = apply_lora(model, cfg.lora, mask_id)
         return cls(model, mask_id, added, diffusion=diffusion, tokenizer=tokenizer)
 
     @classmethod
@@ -147,6 +151,12 @@ class DiffusionModel(nn.Module):
         if torch.is_autocast_enabled():
             return torch.get_autocast_gpu_dtype() if self.model.device.type == "cuda" else torch.get_autocast_cpu_dtype()
         return self.model.dtype
+
+    @property
+    def objective(self) -> str:
+        """What the weights were trained with: ``diffusion``, or ``ar`` for a run of the plain causal
+        objective (``model.objective: ar``, the AR baseline), which is a causal LM, not a sampler's model."""
+        return str(self.info.get("objective", "diffusion"))
 
     @property
     def schedule(self) -> NoiseSchedule:

@@ -92,7 +92,7 @@ def _load_exported(path: str):
                        f"{mask_id}: export the checkpoint again with `dlm export`")
     fields = DiffusionConfig.__dataclass_fields__
     diffusion = DiffusionConfig(**{key: cfg[key] for key in fields if key in cfg})
-    info = {key: cfg[key] for key in ("seed", "val_t_levels", "tokens_seen", "global_step", "source_checkpoint")
+    info = {key: cfg[key] for key in ("seed", "val_t_levels", "objective", "tokens_seen", "global_step", "source_checkpoint")
             if key in cfg}
     return DiffusionModel(model, mask_id, bool(cfg.get("mask_token_added", False)), diffusion=diffusion,
                           tokenizer=tokenizer, info=info)
@@ -106,7 +106,9 @@ def save_model(model, folder: str, dtype: str = "keep", progress: Optional[Calla
         raise DLMError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPE_CHOICES)}")
     if model.tokenizer is None:
         raise DLMError("this model has no tokenizer to save: build it with a tokenizer (backbone.tokenizer)")
-    hf_model = model.model
+    from lightning_dlm.model.lora import merged
+
+    hf_model = merged(model.model)  # LoRA adapters merged into the weights (a copy; the model keeps them)
     target = DTYPE_CHOICES[dtype] or next(hf_model.parameters()).dtype
     if target != next(hf_model.parameters()).dtype:
         hf_model = copy.deepcopy(hf_model).to(target)

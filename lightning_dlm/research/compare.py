@@ -5,6 +5,10 @@ error (``val/nelbo_se``, over the validation batches), the perplexity bound exp(
 seen, optimiser steps and wall time; ``plot_runs`` draws ``val/nelbo`` against tokens seen and
 ``train/loss`` against the step, one line per arm. Logs are read with ``tbparse`` (every event
 file under a run folder, all TensorBoard versions of a resumed run merged by step).
+
+``add_eval(rows, results.json)`` joins the results of ``dlm eval`` (models named as the arms):
+each task's headline metric with its standard error becomes a column, a model of the results
+that is no run becomes a row of its own, and ``plot_eval`` draws them as bars with error bars.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import io
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from lightning_dlm.errors import DLMError
 
@@ -32,6 +36,8 @@ class RunSummary:
     steps: Optional[int]
     wall_s: Optional[float]
     folder: str
+    # "<task> <metric>" -> (value, standard error or None), from dlm eval's results
+    evals: Dict[str, Tuple[float, Optional[float]]] = field(default_factory=dict)
 
 
 def read_scalars(run_dir: str):
@@ -82,6 +88,68 @@ def summarize(run_dirs: Sequence[str]) -> List[RunSummary]:
     return [summarize_run(d, name) for d, name in zip(run_dirs, names)]
 
 
+#: The metric a task kind contributes to the table where it is not the first of the evaluation's
+#: headline metrics (:data:`lightning_dlm.evaluation.runner.HEADLINE`): infilling is compared by
+#: ROUGE-L (the longest common subsequence: order matters, as it does for a filled-in line).
+PRIMARY = {"infilling": "rougeL"}
+
+
+def eval_metrics(results: Dict) -> Dict[str, Dict[str, Tuple[float, Optional[float]]]]:
+    """model name -> {"<task> <metric>": (value, se)}: each task's primary metric (:data:`PRIMARY`,
+    else the first of the evaluation's headline metrics) and its standard error where the task gives one."""
+    from lightning_dlm.evaluation.runner import HEADLINE
+
+    out: Dict[str, Dict[str, Tuple[float, Optional[float]]]] = {}
+    for model, entry in results.get("models", {}).items():
+        cells = out.setdefault(model, {})
+        for task, metrics in entry.get("results", {}).items():
+            kind = results.get("tasks", {}).get(task, {}).get("kind")
+            metric = PRIMARY.get(kind) or (HEADLINE[kind][0] if kind in HEADLINE else None)
+            if metric not in metrics:
+                continue
+            se = metrics.get(f"{metric}_se", metrics.get("se") if kind == "likelihood" else None)
+            cells[f"{task} {metric}"] = (float(metrics[metric]), float(se) if se is not None else None)
+    return out
+
+
+def add_eval(rows: List[RunSummary], path: str) -> List[RunSummary]:
+    """``rows`` with the results of ``dlm eval`` (``path``) joined by name (arm = model name);
+    models of the results that are no run are appended as rows without training figures."""
+    if not os.path.isfile(path):
+        raise DLMError(f"eval results '{path}' do not exist: give the JSON written by dlm eval --out")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            results = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise DLMError(f"'{path}' is not dlm eval's JSON ({err}): give the file written by dlm eval --out") from None
+    metrics = eval_metrics(results)
+    if not metrics:
+        raise DLMError(f"'{path}' holds no model results: give the JSON written by dlm eval --out")
+    by_arm = {r.arm: r for r in rows}
+    out = list(rows)
+    for model, cells in metrics.items():
+        row = by_arm.get(model)
+        if row is None:
+            row = RunSummary(model, None, None, None, None, None, None, results["models"][model].get("path", ""))
+            out.append(row)
+        row.evals.update(cells)
+    return out
+
+
+def eval_columns(rows: Sequence[RunSummary]) -> List[str]:
+    columns: List[str] = []
+    for r in rows:
+        columns += [c for c in r.evals if c not in columns]
+    return columns
+
+
+def _fmt_se(cell: Optional[Tuple[float, Optional[float]]]) -> str:
+    if cell is None:
+        return "-"
+    value, se = cell
+    return _fmt(value) if se is None or math.isnan(se) else f"{_fmt(value)} ± {_fmt(se)}"
+
+
 def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -98,16 +166,20 @@ def render(rows: Sequence[RunSummary], fmt: str = "markdown") -> str:
         raise DLMError(f"unknown format '{fmt}': choose one of {', '.join(FORMATS)}")
     if fmt == "json":
         return json.dumps([asdict(r) for r in rows], indent=2)
-    header = ["arm", "val/nelbo", "se", "ppl bound", "tokens seen", "steps", "wall s"]
+    extra = eval_columns(rows)
+    header = ["arm", "val/nelbo", "se", "ppl bound", "tokens seen", "steps", "wall s", *extra]
     cells = [[r.arm, _fmt(r.val_nelbo), _fmt(r.val_nelbo_se), _fmt(r.ppl_bound, 2), _fmt(r.tokens_seen),
-              _fmt(r.steps), _fmt(r.wall_s, 1)] for r in rows]
+              _fmt(r.steps), _fmt(r.wall_s, 1), *[_fmt_se(r.evals.get(c)) for c in extra]] for r in rows]
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["arm", "val_nelbo", "val_nelbo_se", "ppl_bound", "tokens_seen", "steps", "wall_s", "folder"])
+        flat = [name for c in extra for name in (c.replace(" ", "_"), c.replace(" ", "_") + "_se")]
+        writer.writerow(["arm", "val_nelbo", "val_nelbo_se", "ppl_bound", "tokens_seen", "steps", "wall_s", "folder",
+                         *flat])
         for r in rows:
+            values = [v for c in extra for v in (r.evals.get(c) or (None, None))]
             writer.writerow([r.arm, r.val_nelbo, r.val_nelbo_se, r.ppl_bound, r.tokens_seen, r.steps, r.wall_s,
-                             r.folder])
+                             r.folder, *values])
         return buffer.getvalue().rstrip("\n")
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
@@ -148,3 +220,36 @@ def plot_runs(run_dirs: Sequence[str], out_dir: str, arms: Optional[Sequence[str
         fig.savefig(paths[name], dpi=110)
         plt.close(fig)
     return paths
+
+
+def plot_eval(rows: Sequence[RunSummary], out_dir: str) -> Optional[str]:
+    """``eval.png`` in ``out_dir``: one panel per measure (val/nelbo and each eval column), a bar
+    per arm with its standard error; None when the rows hold no measure to draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: List[Tuple[str, List[Optional[Tuple[float, Optional[float]]]]]] = []
+    if any(r.val_nelbo is not None for r in rows):
+        panels.append(("val/nelbo (lower is better)", [(r.val_nelbo, r.val_nelbo_se) if r.val_nelbo is not None else None
+                                                       for r in rows]))
+    panels += [(column, [r.evals.get(column) for r in rows]) for column in eval_columns(rows)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 3.8), squeeze=False)
+    names = [r.arm for r in rows]
+    for ax, (title, cells) in zip(axes[0], panels):
+        values = [c[0] if c else float("nan") for c in cells]
+        errors = [c[1] if c and c[1] is not None and not math.isnan(c[1]) else 0.0 for c in cells]
+        ax.bar(range(len(rows)), values, yerr=errors, capsize=3, color=[f"C{i}" for i in range(len(rows))])
+        ax.set_xticks(range(len(rows)))
+        ax.set_xticklabels(names, rotation=40, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "eval.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -11,6 +11,15 @@ or a list of named arms, each a map of overrides::
     - name: no_shift
       model.diffusion.shift: false
 
+or a map with ``arms`` (either form above) and ``common``: overrides every arm shares (an arm's
+own overrides win)::
+
+    common: {trainer.max_steps: 48}
+    arms:
+      - name: full
+      - name: no_shift
+        model.diffusion.shift: false
+
 Each arm becomes ``<out>/<arm>/`` holding ``config.yaml`` (the resolved config, written by the
 CLI's own ``--print_config``, so a key that is not a config key is refused before anything runs),
 ``arm.json`` (its overrides and the base config's hash) and, once its fit has ended, ``DONE``.
@@ -58,8 +67,14 @@ def load_grid(path: str) -> List[Arm]:
         grid = yaml.safe_load(fh)
     if not grid:
         raise DLMError(f"grid '{path}' is empty: give at least one key with values, or one named arm")
-    if isinstance(grid, dict) and set(grid) == {"arms"}:
+    common: Dict[str, Any] = {}
+    if isinstance(grid, dict) and "arms" in grid and set(grid) <= {"arms", "common"}:
+        common = grid.get("common") or {}
+        if not isinstance(common, dict):
+            raise DLMError(f"grid '{path}': common must be a map of config key -> value")
         grid = grid["arms"]
+        if not grid:
+            raise DLMError(f"grid '{path}' has no arms: give at least one named arm under arms")
     if isinstance(grid, list):
         arms = []
         for i, entry in enumerate(grid):
@@ -82,6 +97,7 @@ def load_grid(path: str) -> List[Arm]:
             arms.append(Arm(name, overrides))
     else:
         raise DLMError(f"grid '{path}' must be a map of key -> list of values, or a list of named arms")
+    arms = [Arm(arm.name, {**common, **arm.overrides}) for arm in arms]
     names = [arm.name for arm in arms]
     for arm in arms:
         if not re.fullmatch(r"[A-Za-z0-9._,=+-]+", arm.name):

@@ -101,6 +101,9 @@ def resolve_model(model, tokenizer=None, schedule=None, shift=None) -> Tuple[Dif
         raise DLMError(
             f"a {type(model).__name__} is not a diffusion model: load one with DiffusionModel.from_pretrained(path)"
         )
+    if model.objective != "diffusion":
+        raise DLMError(f"this model was trained with the {model.objective} objective, not diffusion: it is a causal LM; "
+                       f"evaluate it with `dlm eval` (it loads as one)")
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     schedule = get_schedule(schedule if schedule is not None else model.schedule)
     return model, tokenizer, schedule, model.shift if shift is None else bool(shift)
@@ -127,6 +130,7 @@ def generate(
     tokenizer=None,
     schedule=None,
     shift: Optional[bool] = None,
+    cfg_scale: Optional[float] = None,
     **strategy_options,
 ) -> Generation:
     """Decode ``length`` tokens after each prompt (and before each suffix, for infilling).
@@ -143,6 +147,17 @@ def generate(
     net, tokenizer, schedule, shift = resolve_model(model, tokenizer, schedule, shift)
     if tokenizer is None:
         raise DLMError("this model has no tokenizer: set backbone.tokenizer, or load a lightning_dlm checkpoint")
+    if net.diffusion.is_block:  # block diffusion: block by block with an exact KV cache (sampling.block_decode)
+        from lightning_dlm.sampling.block_decode import generate_blocks
+
+        if cfg_scale:
+            raise DLMError("cfg_scale is not available for block diffusion models (their decoder has no guidance): drop it")
+
+        return generate_blocks(net, tokenizer, prompts, length=length, max_length=max_length, suffixes=suffixes,
+                               steps=steps, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                               strategy=strategy, block_size=block_size, cache=cache, refresh_every=refresh_every,
+                               capture_trajectory=capture_trajectory, seeds=seeds, schedule=schedule, shift=shift,
+                               **strategy_options)
     if length is not None and max_length is not None:
         raise DLMError("give either length (exactly that many tokens) or max_length (stop at EOS), not both")
     stop_at_eos = max_length is not None
@@ -155,7 +170,7 @@ def generate(
     config = SamplerConfig(steps=steps, temperature=temperature, top_k=top_k, top_p=top_p, strategy=strategy,
                            strategy_options=strategy_options, block_size=block_size, cache=cache,
                            refresh_every=refresh_every, stop_at_eos=stop_at_eos,
-                           capture_trajectory=capture_trajectory)
+                           capture_trajectory=capture_trajectory, cfg_scale=cfg_scale)
     config.check()
     device = next(net.parameters()).device
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -172,7 +187,8 @@ def generate(
     net.eval()
     try:
         out = decode(ModelDenoiser(net), canvas, config, schedule=schedule, seeds=seeds, shift=shift,
-                     eos_id=tokenizer.eos_token_id, pad_id=pad, suppress_ids=suppressed_ids(net, tokenizer))
+                     eos_id=tokenizer.eos_token_id, pad_id=pad, suppress_ids=suppressed_ids(net, tokenizer),
+                     mask_id=net.mask_token_id)
     finally:
         net.train(was_training)
     texts = [tokenizer.decode(row) for row in out.tokens]
