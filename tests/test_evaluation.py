@@ -362,7 +362,7 @@ def test_dlm_eval_flags_override_the_config_and_help_lists_every_option(tmp_path
     assert all(t["levels"] == 3 for t in config.tasks) and config.tasks[0]["draws"] == base.tasks[0]["draws"]
     assert (config.out, config.device, config.threads, config.trust_checkpoint) == (out, "cuda:1", 2, True)
     assert config.defaults == base.defaults == {"seed": 0} and cfg.progress is False
-    assert [m.name for m in base.models] == ["adapted (diffusion)", "SmolLM2-135M (AR)"] and base.out.endswith(".json")
+    assert [m.name for m in base.models] == ["adapted (diffusion)", "SmolLM2-135M-Instruct (AR)"] and base.out.endswith(".json")
     # --task (with --data, --format, --name, --set) replaces the config's tasks, and keeps its models
     one = config_from_args(parse_args(["--config", SHIPPED_EVAL, "--task", "lambada", "--data", "l.jsonl", "--name",
                                        "lam", "--format", "lambada", "--set", "steps=4"]))

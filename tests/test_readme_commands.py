@@ -52,12 +52,15 @@ SUBSTITUTIONS: List[Tuple[str, str, str]] = [
      "1 step instead of 160 (~11 min), into a folder of its own (the sandbox's demo folder holds the stand-in checkpoint)"),
 ]
 
-#: README commands (by their start) kept out of the default run (make test-slow): SmolLM2-135M training, and
-#: the eval config that runs SmolLM2-135M on 40 x 4 choices (~40 s each on 2 cores).
+#: README commands (by their start) kept out of the default run (make test-slow): SmolLM2-135M training
+#: (bidirectional, block and SFT), and the eval configs that run SmolLM2-135M (~40 s and more each on 2 cores).
 SLOW = (
     "dlm fit --config experiments/smollm2_shakespeare.yaml",
     "dlm eval --model runs/smollm2_shakespeare/checkpoints/last.ckpt --model assets/smollm2-135m",
     "dlm eval --config experiments/eval/shakespeare.yaml --out",
+    "dlm fit --config experiments/smollm2_block.yaml",
+    "dlm sft fit --config experiments/sft/smollm2_arith.yaml",
+    "dlm eval --config experiments/sft/eval_arith.yaml",
 )
 
 

@@ -21,8 +21,10 @@ from omegaconf import OmegaConf
 from lightning_dlm.errors import DLMError
 from lightning_dlm.runs import checkpoint_dir
 
-DEFAULT_PROMPT = "ROMEO:\nO gentle Juliet,"
-DEFAULT_INFILL = ("First Citizen:\nBefore we proceed any further,", "\n\nAll:\nSpeak, speak.")
+# In the corpus's own layout (the Gutenberg plays: "NAME." on a line of its own, a blank line
+# between speeches), so the prompt reads like the text the model was adapted on.
+DEFAULT_PROMPT = "ROMEO.\nO gentle Juliet,"
+DEFAULT_INFILL = ("FIRST CITIZEN.\nBefore we proceed any further,", "\n\nALL.\nSpeak, speak.")
 
 
 def _run_cli(args: List[str]):
@@ -92,6 +94,8 @@ def demo(
     steps: int = 48,
     temperature: float = 0.8,
     top_p: float = 0.9,
+    strategy: str = "confidence",
+    block_size: Optional[int] = 8,
     max_steps: Optional[int] = None,
     run_dir: Optional[str] = None,
 ) -> None:
@@ -106,6 +110,10 @@ def demo(
         steps: denoising steps.
         temperature: sampling temperature.
         top_p: nucleus mass.
+        strategy: the sampler's strategy (random, confidence, threshold).
+        block_size: decode left to right in blocks of this many tokens (None: the whole span at once).
+            Confidence order in blocks of 8 is what read most like language at the demo's budget
+            (experiments/demo_quality/RESULTS.md).
         max_steps: override trainer.max_steps of the config.
         run_dir: write logs and checkpoints here instead of the config's folders.
     """
@@ -143,13 +151,15 @@ def demo(
     t3 = time.time()
     print(f"[demo] 4/4 sampling from {ckpt}")
     module = DiffusionModel.from_pretrained(ckpt)
-    cont = generate(module, [prompt], length=length, steps=steps, temperature=temperature, top_p=top_p, seed=0)
+    decoding = dict(temperature=temperature, top_p=top_p, strategy=strategy, seed=0)
+    cont = generate(module, [prompt], length=length, steps=steps, block_size=block_size, **decoding)
     fill = generate(module, [infill_prefix], suffixes=[infill_suffix], length=length // 2, steps=steps // 2,
-                    temperature=temperature, top_p=top_p, seed=0)
+                    block_size=block_size if block_size and block_size <= length // 2 else None, **decoding)
     t4 = time.time()
     bar = "=" * 72
     mark = span_marker(sys.stdout)
-    print(f"\n{bar}\nContinuation ({length} tokens, {steps} steps, generated text {mark.legend}):\n{bar}")
+    how = f"{strategy} order" + (f" in blocks of {block_size}" if block_size else "")
+    print(f"\n{bar}\nContinuation ({length} tokens, {steps} steps, {how}, generated text {mark.legend}):\n{bar}")
     print(f"{prompt}{mark(cont.texts[0])}")
     print(f"\n{bar}\nInfilling ({length // 2} tokens between a fixed prefix and suffix):\n{bar}")
     print(f"{infill_prefix}{mark(fill.texts[0])}{infill_suffix}")
