@@ -13,12 +13,13 @@ AR baseline: the log-likelihood of the continuation, as lm-evaluation-harness co
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from lightning_dlm.errors import DLMError
 from lightning_dlm.evaluation.scoring import diffusion_row_nll, length_batches, pad_rows
+from lightning_dlm.model.block_forward import block_row_nll
 from lightning_dlm.seeding import derive_seed, make_generator
 
 
@@ -37,21 +38,23 @@ def encode_pair(encode: Callable[[str], List[int]], context: str, continuation: 
     return whole[: len(ctx)], cont
 
 
-def _masked_slots(row: Sequence[int], start: int, level: int, levels: int, seed: int) -> torch.Tensor:
+def _masked_slots(row: Sequence[int], start: int, level: int, levels: int, seed: int, *tags: int) -> torch.Tensor:
     n = len(row) - start
     count = max(1, round(level / levels * n))
-    generator = make_generator(seed, level, derive_seed(*row), start)
+    generator = make_generator(seed, level, derive_seed(*row), start, *tags)
     return start + torch.randperm(n, generator=generator)[:count]
 
 
 @torch.no_grad()
 def diffusion_choice_scores(net, rows: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int,
                             levels: int = 32, shift: bool = True, batch_size: int = 32, seed: int = 0,
-                            progress: Callable[[int], None] = lambda n: None):
+                            progress: Callable[[int], None] = lambda n: None, block_size: Optional[int] = None):
     """(scores, greedy): per row, the mean masked CE of ``row[start:]`` over ``levels`` levels.
 
     The masks of a row depend on its tokens and the seed only, so a row scores the same in any
-    batch and in any order.
+    batch and in any order. ``block_size``: a block model's (the rows are right-padded to whole
+    blocks, and the masked tokens are scored in one 2L pass, each block given the clean blocks
+    before it; its masks are drawn from their own seeds).
     """
     if levels < 1:
         raise DLMError(f"levels must be >= 1 (got {levels}): the paper uses 32")
@@ -59,14 +62,23 @@ def diffusion_choice_scores(net, rows: Sequence[Sequence[int]], starts: Sequence
     jobs = [(i, k) for i in range(len(rows)) for k in range(1, levels + 1)]
     scores = [0.0] * len(rows)
     greedy = [False] * len(rows)
+    tags = (13,) if block_size else ()
     for batch in length_batches([len(rows[i]) for i, _ in jobs], batch_size):
         x0, attention = pad_rows([rows[jobs[b][0]] for b in batch], pad_id, device)
+        if block_size:  # whole blocks: right-pad to a multiple of the block size
+            extra = -x0.shape[1] % block_size
+            x0 = torch.cat([x0, x0.new_full((x0.shape[0], extra), pad_id)], 1)
+            attention = torch.cat([attention, attention.new_zeros((x0.shape[0], extra))], 1)
         masked = torch.zeros_like(x0, dtype=torch.bool)
         for j, b in enumerate(batch):
             i, k = jobs[b]
-            masked[j, _masked_slots(rows[i], starts[i], k, levels, seed).to(device)] = True
+            masked[j, _masked_slots(rows[i], starts[i], k, levels, seed, *tags).to(device)] = True
         xt = torch.where(masked, torch.full_like(x0, net.mask_token_id), x0)
-        sums, counts, right = diffusion_row_nll(net, x0, xt, masked, attention, shift=shift, want_greedy=True)
+        if block_size:
+            sums, counts, right = block_row_nll(net, x0, xt, masked, block_size, attention, shift=shift,
+                                                want_greedy=True)
+        else:
+            sums, counts, right = diffusion_row_nll(net, x0, xt, masked, attention, shift=shift, want_greedy=True)
         for j, b in enumerate(batch):
             i, k = jobs[b]
             scores[i] += float(sums[j] / counts[j]) / levels

@@ -96,16 +96,11 @@ class DiffusionEvaluator(Evaluator):
         """Per continuation: ``loglik`` = -n * score (the ELBO bound of log p), ``per_token`` =
         -score (the paper's criterion), ``greedy``."""
         rows, starts = choice_rows(self.encode, self.start_id, contexts, continuations)
-        if self.is_block:  # masked tokens scored given the clean blocks before them
-            from lightning_dlm.model.block_forward import block_choice_scores
-
-            scores, greedy = block_choice_scores(self.net, rows, starts, self.pad_id, self.net.diffusion.block_size,
-                                                 levels=levels, shift=self.net.shift, batch_size=batch_size,
-                                                 seed=seed, progress=progress)
-        else:
-            scores, greedy = diffusion_choice_scores(self.net, rows, starts, self.pad_id, levels=levels,
-                                                     shift=self.net.shift, batch_size=batch_size,
-                                                     seed=seed, progress=progress)
+        # a block model's masked tokens are scored given the clean blocks before them
+        scores, greedy = diffusion_choice_scores(self.net, rows, starts, self.pad_id, levels=levels,
+                                                 shift=self.net.shift, batch_size=batch_size, seed=seed,
+                                                 progress=progress,
+                                                 block_size=self.net.diffusion.block_size if self.is_block else None)
         counts = [len(r) - s for r, s in zip(rows, starts)]
         return dict(loglik=[-s * n for s, n in zip(scores, counts)], per_token=[-s for s in scores], greedy=greedy,
                     tokens=counts)

@@ -59,13 +59,19 @@ def diffusion_row_nll(net, x0: torch.Tensor, xt: torch.Tensor, masked: torch.Ten
     """
     sources, targets = scored_rows(x0, masked, shift)
     logits = net.scored_logits(xt, sources, attention_mask=attention_mask)
+    return per_row_nll(logits, targets, sources, want_greedy)
+
+
+def per_row_nll(logits: torch.Tensor, targets: torch.Tensor, sources: torch.Tensor, want_greedy: bool = False):
+    """The scored rows' logits (N, V) and targets (N,), in the row-major order of ``sources`` (B, L),
+    reduced per row: (CE sum (float64), count[, every argmax right])."""
     ce = F.cross_entropy(logits.float(), targets, reduction="none")
     row = sources.nonzero()[:, 0]
-    sums = torch.zeros(x0.shape[0], dtype=torch.float64, device=ce.device).index_add_(0, row, ce.double())
+    sums = torch.zeros(sources.shape[0], dtype=torch.float64, device=ce.device).index_add_(0, row, ce.double())
     counts = sources.sum(dim=1)
     if not want_greedy:
         return sums, counts
-    wrong = torch.zeros(x0.shape[0], dtype=torch.long, device=ce.device)
+    wrong = torch.zeros(sources.shape[0], dtype=torch.long, device=ce.device)
     wrong.index_add_(0, row, (logits.argmax(-1) != targets).long())
     return sums, counts, wrong == 0
 

@@ -131,17 +131,10 @@ def block_row_nll(net, x0: torch.Tensor, xt: torch.Tensor, masked: torch.Tensor,
     """:func:`~lightning_dlm.evaluation.scoring.diffusion_row_nll` for a block model: per row, the
     CE sum of the masked tokens (each block given the clean blocks before it) and their count."""
     sources, slots = block_sources(masked, block_size, shift)
+    from lightning_dlm.evaluation.scoring import per_row_nll
+
     logits = block_scored_logits(net, x0, xt, sources, block_size, attention_mask)
-    row = sources.nonzero()[:, 0]
-    targets = x0[row, slots]
-    ce = F.cross_entropy(logits.float(), targets, reduction="none")
-    sums = torch.zeros(x0.shape[0], dtype=torch.float64, device=ce.device).index_add_(0, row, ce.double())
-    counts = sources.sum(dim=1)
-    if not want_greedy:
-        return sums, counts
-    wrong = torch.zeros(x0.shape[0], dtype=torch.long, device=ce.device)
-    wrong.index_add_(0, row, (logits.argmax(-1) != targets).long())
-    return sums, counts, wrong == 0
+    return per_row_nll(logits, x0[sources.nonzero()[:, 0], slots], sources, want_greedy)
 
 
 @torch.no_grad()
@@ -193,44 +186,3 @@ def block_nelbo(net, blocks: torch.Tensor, block_size: int, shift: bool = True, 
     spread = 2 * se if se == se else 0.0
     return dict(nll_per_token=nll, se=se, ppl=math.exp(nll), ppl_low=math.exp(nll - spread),
                 ppl_high=math.exp(nll + spread), tokens=n_rows * n, bound=True)
-
-
-
-@torch.no_grad()
-def block_choice_scores(net, rows, starts, pad_id: int, block_size: int, levels: int = 32, shift: bool = True,
-                        batch_size: int = 32, seed: int = 0, progress: Callable[[int], None] = lambda n: None):
-    """:func:`~lightning_dlm.evaluation.choice.diffusion_choice_scores` for a block model: at level
-    k of ``levels``, ``max(1, round(k / levels * n))`` of the continuation's n tokens are masked (a
-    seeded function of the row), the context stays clean, and the masked tokens are scored in one
-    2L pass (each block given the clean blocks before it). Returns (scores, greedy)."""
-    from lightning_dlm.evaluation.scoring import length_batches, pad_rows
-    from lightning_dlm.seeding import derive_seed
-
-    if levels < 1:
-        raise DLMError(f"levels must be >= 1 (got {levels}): the paper uses 32")
-    device = next(net.parameters()).device
-    jobs = [(i, k) for i in range(len(rows)) for k in range(1, levels + 1)]
-    scores = [0.0] * len(rows)
-    greedy = [False] * len(rows)
-    for batch in length_batches([len(rows[i]) for i, _ in jobs], batch_size):
-        x0, attention = pad_rows([rows[jobs[b][0]] for b in batch], pad_id, device)
-        width = -(-x0.shape[1] // block_size) * block_size  # whole blocks: right-pad to a multiple
-        if width > x0.shape[1]:
-            extra = width - x0.shape[1]
-            x0 = torch.cat([x0, x0.new_full((x0.shape[0], extra), pad_id)], 1)
-            attention = torch.cat([attention, attention.new_zeros((x0.shape[0], extra))], 1)
-        masked = torch.zeros_like(x0, dtype=torch.bool)
-        for j, b in enumerate(batch):
-            i, k = jobs[b]
-            n = len(rows[i]) - starts[i]
-            gen = make_generator(seed, k, derive_seed(*rows[i]), starts[i], 13)
-            masked[j, (starts[i] + torch.randperm(n, generator=gen)[: max(1, round(k / levels * n))]).to(device)] = True
-        xt = torch.where(masked, torch.full_like(x0, net.mask_token_id), x0)
-        sums, counts, right = block_row_nll(net, x0, xt, masked, block_size, attention, shift=shift, want_greedy=True)
-        for j, b in enumerate(batch):
-            i, k = jobs[b]
-            scores[i] += float(sums[j] / counts[j]) / levels
-            if k == levels:
-                greedy[i] = bool(right[j])
-        progress(len(batch))
-    return scores, greedy
