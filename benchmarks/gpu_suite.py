@@ -7,18 +7,22 @@ still runs:
 
 1. ``tests``: the CUDA tests (``pytest -m cuda``): FlexAttention forward and backward against the
    dense-mask SDPA path, ratios 0 / 0.5 / 1, both annealing-mask kinds, padding and documents,
-   fp32 and bf16. A failure here is a parity failure: the suite exits 1.
+   fp32 and bf16; the block mode's 2L pass on FlexAttention against its dense three-part mask.
+   A failure here is a parity failure: the suite exits 1.
 2. ``train``: one optimiser step, bf16 autocast, for the SmolLM2-135M shape and a ~1.1B LLaMA
    shape (built from config, no weights), batch sized to fill the GPU: the plain causal-LM step,
    the diffusion step with the dense annealing mask, with FlexAttention annealing, after
-   annealing (SDPA, bidirectional) and after annealing on FlexAttention. Tokens/s, the ratio to
+   annealing (SDPA, bidirectional), after annealing on FlexAttention, and the block-diffusion
+   step (2L positions, blocks of 32) on the dense mask and on FlexAttention. Tokens/s, the ratio to
    the AR step, MFU (FLOPs counted by the throughput callback's counter, peak from its table:
    FlexAttention steps take the FLOPs of their SDPA twin, the same arithmetic), peak memory.
    Targets: after annealing >= 0.97x the AR step's tokens/s, FlexAttention annealing >= 0.90x,
    MFU >= 40 % for the 1B shape.
 3. ``sample``: the SmolLM2 shape in bf16, length 256, batch 1 and 16: the one-pass-per-token
    random-order baseline, the fastest fixed-cost cached configuration (blocks of 32, dual
-   cache, random order, T = L/2), and transformers' AR ``generate`` with a KV cache.
+   cache, random order, T = L/2), the same weights as a block model (blocks of 32, exact KV
+   cache) at 32 and 8 steps a block (1 and up to 4 tokens a pass), and transformers' AR
+   ``generate`` with a KV cache.
 4. ``fit``: a few steps of ``dlm fit`` through the CLI (the path a user takes), SmolLM2 shape,
    ``bf16-mixed``, FlexAttention, annealing then bidirectional, with validation and a checkpoint.
 
@@ -190,8 +194,9 @@ def part_tests(args, device, part: Part) -> None:
 
 # --- part 2: the training step --------------------------------------------------------------------
 
-VARIANT_KEYS = ["causal", "anneal-dense", "anneal-flex", "after", "after-flex"]
-FLOP_TWIN = {"anneal-flex": "anneal-dense", "after-flex": "after"}  # flex steps: the SDPA twin's count
+VARIANT_KEYS = ["causal", "anneal-dense", "anneal-flex", "after", "after-flex", "block-dense", "block-flex"]
+# flex steps: the SDPA twin's count
+FLOP_TWIN = {"anneal-flex": "anneal-dense", "after-flex": "after", "block-flex": "block-dense"}
 
 
 def step_args(shape: str, batch: int, seq_len: int, keys: List[str], device, steps: int, warmup: int):
@@ -222,17 +227,17 @@ def peak_memory(step: Callable[[], torch.Tensor], device) -> Optional[float]:
 
 def fit_batch(shape: str, seq_len: int, device, candidates: List[int]) -> int:
     """The largest batch whose hungriest steps (the AR step's full logits, the dense annealing
-    mask) run within 85 % of the GPU's memory."""
+    mask, the block step's 2L positions) run within 85 % of the GPU's memory."""
     if device.type != "cuda":
         return candidates[-1]
     total = torch.cuda.get_device_properties(device).total_memory
     for batch in candidates:
         free_memory()
         try:
-            keys = ["causal", "anneal-dense"]
+            keys = ["causal", "anneal-dense", "block-dense"]
             variants = train_step.make_variants(step_args(shape, batch, seq_len, keys, device, 1, 0), device)
             peaks = []
-            for name in (train_step.CAUSAL, train_step.ANNEALING):
+            for name in (train_step.CAUSAL, train_step.ANNEALING, train_step.BLOCK):
                 if name in variants:
                     variants[name]()
                     peaks.append(peak_memory(variants[name], device))
@@ -250,7 +255,7 @@ def part_train(args, device, part: Part) -> None:
     from lightning_dlm.callbacks.throughput import device_peak_flops
 
     gpu = device.type == "cuda"
-    keys = VARIANT_KEYS if gpu else ["causal", "anneal-dense", "after"]
+    keys = VARIANT_KEYS if gpu else ["causal", "anneal-dense", "after", "block-dense"]
     if not gpu:
         part.notes.append("dry run: FlexAttention has no backward on the CPU, so its step variants run on the GPU only")
     plan = ([("smollm2-135m", 2048, [16, 8, 4]), ("llama-1b", 2048, [8, 4, 2, 1])] if gpu
@@ -331,6 +336,7 @@ def diffusion_backbone(shape: str, device, dtype):
 def part_sample(args, device, part: Part) -> None:
     from transformers import AutoTokenizer
 
+    from lightning_dlm.diffusion.config import DiffusionConfig
     from lightning_dlm.sampling import generate
 
     gpu = device.type == "cuda"
@@ -348,13 +354,26 @@ def part_sample(args, device, part: Part) -> None:
         ("diffusion: blocks 32 + dual cache + random, T=L/2", dict(strategy="random", steps=length // 2,
                                                                    block_size=min(32, length), cache="dual")),
     ]
+    # The same weights as a block model (diffusion.attention: block, blocks of 32: decoded block by
+    # block with the exact KV cache). Random weights never commit slots in parallel by confidence,
+    # so the steps a block fix the pace: 32 (one token a pass: the cost of a pass) and 8 (up to four
+    # tokens a pass, as a trained model commits them; a block holding the prompt's end has fewer slots).
+    block = copy.copy(net)
+    block.diffusion = DiffusionConfig(attention="block", block_size=32).check()
+    configs += [
+        ("block model: blocks 32, exact cache, 32 steps a block", dict(strategy="confidence", steps=length, model=block)),
+        ("block model: blocks 32, exact cache, 8 steps a block", dict(strategy="confidence", steps=length // 4,
+                                                                     model=block)),
+    ]
     rows = []
     for batch in batches:
         for label, options in configs:
-            generate(net, [prompt] * batch, length=length, tokenizer=tokenizer, seed=1, **options)  # warm-up
+            options = dict(options)
+            model = options.pop("model", net)
+            generate(model, [prompt] * batch, length=length, tokenizer=tokenizer, seed=1, **options)  # warm-up
             sync(device)
             start = time.perf_counter()
-            out = generate(net, [prompt] * batch, length=length, tokenizer=tokenizer, seed=2, **options)
+            out = generate(model, [prompt] * batch, length=length, tokenizer=tokenizer, seed=2, **options)
             sync(device)
             seconds = time.perf_counter() - start
             tokens = sum(len(t) for t in out.token_ids)

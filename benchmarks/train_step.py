@@ -19,6 +19,11 @@ Variants of one optimiser step, on the same weights, batch, sequence length and 
   evaluated inside the kernel (no L x L mask).
 * ``diffusion (after annealing, flex_attention)`` (``after-flex``): that copy at ratio 1 (a full
   ``BlockMask``).
+* ``block diffusion (2L pass, dense mask)`` (``block-dense``): a block-mode step (blocks of 32,
+  one t per block): the noised and the clean copy side by side, 2L positions, under the dense
+  three-part mask; ``block-flex``: the same on the flex copy (a BlockMask from ``block_mask_mod``).
+  About twice the positions of a bidirectional step: its ratio to the AR step is reported, with
+  no target.
 
 PyTorch's FlexAttention has no backward pass on the CPU: there the flex variants run only with
 ``--forward-only`` (every variant then times forward + loss under ``torch.no_grad()``), and
@@ -65,12 +70,16 @@ sys.path.insert(0, str(REPO))
 import transformers  # noqa: E402
 
 from lightning_dlm.diffusion import annealing_mask, sample_t  # noqa: E402
+from lightning_dlm.diffusion.blocks import block_times  # noqa: E402
 from lightning_dlm.model import BackboneConfig, MaskTokenConfig, resolve_hf_config  # noqa: E402
+from lightning_dlm.model.block_forward import block_loss_terms  # noqa: E402
 from lightning_dlm.module import DiffusionLM  # noqa: E402
 
 DEFAULT_MODEL = REPO / "assets" / "smollm2-135m"
 CAUSAL, ANNEALING, AFTER = "causal LM", "diffusion (annealing, dense mask)", "diffusion (after annealing)"
 ANNEALING_FLEX, AFTER_FLEX = "diffusion (annealing, flex_attention)", "diffusion (after annealing, flex_attention)"
+BLOCK, BLOCK_FLEX = "block diffusion (2L pass, dense mask)", "block diffusion (2L pass, flex_attention)"
+BLOCK_SIZE = 32
 # --variants keys -> table names
 VARIANTS = {
     "causal": CAUSAL,
@@ -78,6 +87,8 @@ VARIANTS = {
     "after": AFTER,
     "anneal-flex": ANNEALING_FLEX,
     "after-flex": AFTER_FLEX,
+    "block-dense": BLOCK,
+    "block-flex": BLOCK_FLEX,
 }
 DEFAULT_VARIANTS = "causal,anneal-dense,after"
 TARGETS = {ANNEALING: 1.15, AFTER: 1.05, ANNEALING_FLEX: 1.15, AFTER_FLEX: 1.05}
@@ -258,6 +269,20 @@ def diffusion_step(module, optimizer, x0, ratio, generator, autocast, mask_kind=
     return loss
 
 
+def block_step(module, optimizer, x0, generator, autocast) -> torch.Tensor:
+    """One block-mode step (``diffusion.attention: block``, blocks of BLOCK_SIZE, one t per block):
+    the noised and the clean copy side by side, 2L positions, the three-part mask (dense for
+    sdpa, a BlockMask from ``block_mask_mod`` for flex_attention)."""
+    batch, length = x0.shape
+    with autocast():
+        t_pos = block_times(batch, length, BLOCK_SIZE, True,
+                            lambda n: sample_t(n, EPS, "uniform", generator, x0.device))
+        terms, _, _ = block_loss_terms(module.net, x0, t_pos, module.schedule, BLOCK_SIZE, True, generator)
+        loss = terms.normalized("elbo")
+    _update(loss, optimizer)
+    return loss
+
+
 def make_variants(args, device) -> Dict[str, Callable[[], torch.Tensor]]:
     keys = pick_variants(args.variants)
     flex = any(k.endswith("flex") for k in keys)
@@ -284,6 +309,8 @@ def make_variants(args, device) -> Dict[str, Callable[[], torch.Tensor]]:
         "after": lambda: diffusion_step(module, opt_diff, x0, 1.0, gen, autocast, kind),
         "anneal-flex": lambda: diffusion_step(flexed, opt_flex, x0, ANNEAL_RATIO, gen, autocast, kind),
         "after-flex": lambda: diffusion_step(flexed, opt_flex, x0, 1.0, gen, autocast, kind),
+        "block-dense": lambda: block_step(module, opt_diff, x0, gen, autocast),
+        "block-flex": lambda: block_step(flexed, opt_flex, x0, gen, autocast),
     }
     return {VARIANTS[k]: in_context(steps[k], args) for k in keys}
 

@@ -249,6 +249,28 @@ def test_choice_scores_of_a_block_model_at_block_size_one_are_the_ar_loglikeliho
     assert all(v < 0 for v in four.choice(contexts, continuations, levels=3)["loglik"])
 
 
+def test_lm_eval_rolling_loglikelihood_of_a_block_model_scores_block_by_block(tokenizer):
+    """At block size 1 with the shift, lm-eval's rolling log-likelihood of a block model is the
+    causal LM's exact log-likelihood of the text (a bidirectional pass over the masked window
+    would give another number)."""
+    from lm_eval.api.instance import Instance
+
+    import lightning_dlm.evaluation.harness as harness
+
+    net = tiny_net(1, impl="sdpa", vocab=len(tokenizer) + 1, tokenizer=tokenizer)
+    lm = harness.DiffusionHarnessLM(evaluator=DiffusionEvaluator(net), levels=1, max_length=64)
+    text = "the cat sat on the mat and a dog ran away"
+    (total,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    ev = lm.evaluator
+    ids = torch.tensor([[ev.start_id] + ev.encode(text)])
+    plain = copy.deepcopy(net.model)
+    plain.config.is_causal = True
+    with torch.no_grad():
+        logp = torch.log_softmax(plain(input_ids=ids).logits[0, :-1].double(), -1)
+    exact = logp.gather(-1, ids[0, 1:, None]).sum().item()
+    assert total == pytest.approx(exact, rel=1e-5)
+
+
 # --- training: exact resume across a block-size change ---------------------------------------------
 def block_module(schedule=((0, 1), (2, 2), (4, 4))):
     return DiffusionLM(

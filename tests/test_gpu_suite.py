@@ -30,15 +30,22 @@ def test_dry_run_runs_every_part_and_writes_its_tables(tmp_path):
     assert parts["tests"]["status"] == "skipped"
     assert parts["tests"]["figures"]["skipped"] >= 13 and parts["tests"]["figures"]["failed"] == 0
     train = parts["train"]["figures"]["tiny"]
-    assert set(train) == {"causal", "anneal-dense", "after"}
+    assert set(train) == {"causal", "anneal-dense", "after", "block-dense"}
     for row in train.values():
         assert row["tokens_per_s"] > 0 and row["batch"] == 2 and row["seq_len"] == 64
         assert row["flops_per_step"] > 0  # counted by the throughput callback's counter
     # the dense annealing mask adds work, never removes matmuls: its count is at least the AR step's
     assert train["anneal-dense"]["flops_per_step"] >= 0.5 * train["causal"]["flops_per_step"]
     assert train["causal"]["speed_vs_ar"] == 1.0
+    # the block step runs 2L positions: more than 1.5x the bidirectional step's FLOPs
+    assert train["block-dense"]["flops_per_step"] > 1.5 * train["after"]["flops_per_step"]
     rows = parts["sample"]["figures"]["rows"]
-    assert {r["decoder"].split(":")[0] for r in rows} == {"diffusion", "AR generate (transformers, KV cache)"}
+    assert {r["decoder"].split(":")[0] for r in rows} == {"diffusion", "block model",
+                                                           "AR generate (transformers, KV cache)"}
+    for batch in (1, 2):  # 8 steps a block commit up to 4 slots a pass: fewer passes than 32 steps a block
+        paced = {r["decoder"].split(", ")[-1]: r["forward_passes"] for r in rows
+                 if r["batch"] == batch and r["decoder"].startswith("block")}
+        assert paced["8 steps a block"] < paced["32 steps a block"]
     assert {r["batch"] for r in rows} == {1, 2}
     cached = [r for r in rows if "dual cache" in r["decoder"]]
     baseline = [r for r in rows if "baseline" in r["decoder"]]

@@ -66,6 +66,23 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.isfinite(p1).tolist() == [[True, False, False, False]]
 
 
+@pytest.mark.parametrize("scale", [0.05, 1.0, 8.0])  # near-uniform (the candidates widen), typical, peaked
+@pytest.mark.parametrize("top_p", [0.1, 0.9, 0.999])
+def test_nucleus_from_topk_candidates_keeps_the_full_sorts_set(scale, top_p):
+    """filter_logits finds the nucleus among the top-k candidates (widened until they hold top_p):
+    the kept tokens and their logits are those of the plain full-vocabulary sort."""
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * scale
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits.double(), dim=-1)
+    drop = probs.cumsum(dim=-1) - probs >= top_p
+    reference = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    ours = filter_logits(logits, top_p=top_p)
+    assert torch.equal(torch.isfinite(ours), torch.isfinite(reference))
+    assert torch.equal(ours[torch.isfinite(ours)], logits[torch.isfinite(ours)])
+    if scale == 0.05 and top_p > 0.5:
+        assert int(torch.isfinite(ours).sum(-1).min()) > 256  # the nucleus lies beyond the first candidates
+
+
 @pytest.mark.parametrize("steps", [1, 4, 64])
 def test_prefix_and_suffix_are_preserved_and_all_slots_decoded(net, steps):
     canvas = build_canvas([[3, 4, 5], [6]], 6, MASK, pad_id=0, start_id=1, suffixes=[[7, 8], [9]], align_targets=True)

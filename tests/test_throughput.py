@@ -20,14 +20,15 @@ HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 32, 64, 2, 4, 2, 513  # 512 + th
 BATCH, SEQ_LEN = 4, 32
 
 
-def make_module(gradient_checkpointing=False, attn_implementation="sdpa"):
+def make_module(gradient_checkpointing=False, attn_implementation="sdpa", diffusion=None):
     config = dict(model_type="llama", vocab_size=512, hidden_size=HIDDEN, intermediate_size=INTER,
                   num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
                   max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
     return DiffusionLM(
         backbone=BackboneConfig(config=config, tokenizer=TINY_TOKENIZER, mask_token=MaskTokenConfig(mode="add"),
                                 gradient_checkpointing=gradient_checkpointing, attn_implementation=attn_implementation),
-        diffusion=DiffusionConfig(anneal_steps=4),  # the measured first step runs the dense annealing mask
+        # the measured first step runs the dense annealing mask
+        diffusion=diffusion if diffusion is not None else DiffusionConfig(anneal_steps=4),
         optim=OptimConfig(lr=1e-3, warmup_steps=1),
     )
 
@@ -68,6 +69,25 @@ def test_counted_flops_match_the_analytic_count():
     assert abs(flops.model_flops - analytic) / analytic < 0.05
     assert flops.backward >= 2 * (flops.forward - attention) and flops.recompute == 0
     assert callback.flops_per_micro_batch == flops.model_flops
+
+
+def test_block_mode_counts_the_2l_pass_and_tokens_per_s_counts_the_data():
+    """A block-mode step runs the noised and the clean copy side by side (2L positions): the
+    counted FLOPs are the 2L pass's, while tokens/s counts the L data tokens of each row."""
+    callback = TrainingThroughput(window=2)
+    trainer, rows = fit(callback, steps=3, diffusion=DiffusionConfig(attention="block", block_size=8))
+    flops = callback.step_flops
+    tokens = BATCH * SEQ_LEN
+    head_dim = HIDDEN // HEADS
+    linear = HIDDEN * HIDDEN * 2 + HIDDEN * head_dim * KV_HEADS * 2 + 3 * HIDDEN * INTER
+    attention = LAYERS * 2 * (2 * BATCH * HEADS * (2 * SEQ_LEN) ** 2 * head_dim)  # dense mask over 2L keys
+    head = 2 * rows[0] * HIDDEN * VOCAB
+    assert 0 < rows[0] < tokens  # the head scores masked slots of the noised copy only
+    assert flops.forward == 2 * (2 * tokens) * LAYERS * linear + head + attention
+    metrics = trainer.callback_metrics
+    per_token = flops.model_flops / tokens
+    assert metrics["perf/flops_per_s_per_device"].item() / metrics["perf/tokens_per_s"].item() == pytest.approx(
+        per_token, rel=1e-5)
 
 
 def test_activation_checkpointing_recomputation_is_not_model_flops():

@@ -22,6 +22,11 @@ out of the window):
   ``peak_flops`` option, or Lightning's table of GPUs); on a device with no known peak (a CPU)
   MFU is not logged, which one info line says.
 
+Block mode (``diffusion.attention: block``) runs the noised and the clean copy of each row side
+by side, 2L positions per row: the counted FLOPs are those of the 2L pass (about twice a
+bidirectional step's), while tokens/s counts the L data tokens of each row, the rate the corpus
+is consumed at; FLOPs per token is therefore about twice a bidirectional run's.
+
 The LM head runs on the scored rows only, so a step's FLOPs move slightly with the noise draw
 (the masked fraction); the measured micro-batch stands for all of them. With
 ``attn_implementation: flex_attention`` nothing can be counted (transformers compiles

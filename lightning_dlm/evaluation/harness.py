@@ -12,7 +12,9 @@ lm-eval's own CLI.
   :mod:`lightning_dlm.evaluation.choice`); "greedy" = every continuation token is the argmax
   when all of them are masked.
 * ``loglikelihood_rolling``: the same bound over lm-eval's rolling windows (each token
-  scored once, with the most context that fits).
+  scored once, with the most context that fits). A block model's windows are scored block by
+  block (each block given the clean blocks before it, blocks aligned on the window's start): a
+  sum of per-block bounds, exact at block size 1.
 * ``generate_until``: the sampler library (``strategy``, ``steps``, ``block_size``, ``cache``...)
   with EOS stopping, then cut at the first ``until`` string.
 """
@@ -106,7 +108,8 @@ class DiffusionHarnessLM(LM):
         bar = tqdm(total=len(rows) * self.levels, desc="loglikelihood_rolling", disable=disable_tqdm)
         scores, _ = diffusion_choice_scores(ev.net, rows, starts, ev.pad_id, levels=self.levels,
                                             shift=ev.net.shift, batch_size=self.batch_size,
-                                            seed=self.seed, progress=bar.update)
+                                            seed=self.seed, progress=bar.update,
+                                            block_size=ev.net.diffusion.block_size if ev.is_block else None)
         bar.close()
         totals = [0.0] * len(requests)
         for score, row, start, n in zip(scores, rows, starts, owner):
