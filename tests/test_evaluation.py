@@ -530,10 +530,13 @@ def test_lm_eval_adapter_answers_lm_evals_own_requests(module):
     assert gen[0] == raw.split("\n\n")[0]
 
 
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+
+
 @pytest.mark.parametrize("path", sorted(
-    __import__("glob").glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "eval", "*.yaml"))
-    + __import__("glob").glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "*", "eval.yaml"))
-    + __import__("glob").glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "*", "eval_*.yaml"))))
+    __import__("glob").glob(os.path.join(EXPERIMENTS, "eval", "*.yaml"))
+    + __import__("glob").glob(os.path.join(EXPERIMENTS, "*", "eval.yaml"))
+    + __import__("glob").glob(os.path.join(EXPERIMENTS, "*", "eval_*.yaml"))))
 def test_shipped_eval_configs_parse_into_tasks(path):
     from lightning_dlm.commands.eval import build_parser, config_from_args
 
