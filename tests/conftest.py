@@ -28,3 +28,12 @@ TINY_CORPUS = os.path.join(REPO, "data", "fixtures", "tiny_corpus.txt")
 @pytest.fixture(params=sorted(FAMILIES))
 def family_config(request):
     return dict(FAMILIES[request.param])
+
+
+@pytest.fixture
+def exact_fp32():
+    """fp32 means fp32: no TF32 in the reference matmuls (the CUDA parity tests use it)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

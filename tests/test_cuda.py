@@ -23,6 +23,7 @@ from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConf
 
 pytestmark = [
     pytest.mark.cuda,
+    pytest.mark.usefixtures("exact_fp32"),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_suite.py)"),
 ]
 
@@ -34,15 +35,6 @@ CUDA_LLAMA = dict(
     model_type="llama", vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
 )
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    """fp32 means fp32: no TF32 in the reference matmuls."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def _backbone(impl):

@@ -22,20 +22,13 @@ from lightning_dlm.model.block_forward import block_loss_terms
 
 pytestmark = [
     pytest.mark.cuda,
+    pytest.mark.usefixtures("exact_fp32"),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by benchmarks/gpu_suite.py)"),
 ]
 
 LENGTH, VOCAB = 256, 97
 CUDA_LLAMA = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def block_pair(block_size: int, device: str):

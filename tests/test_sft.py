@@ -17,6 +17,7 @@ from lightning_dlm.model import BackboneConfig, MaskTokenConfig
 from lightning_dlm.module import DiffusionLM
 from lightning_dlm.optim import OptimConfig
 from tests.conftest import TINY_TOKENIZER
+from tests.test_training import LossRecorder, StopAfter
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -172,23 +173,6 @@ def test_stream_batches_are_a_function_of_the_counter():
     assert not torch.equal(ranks[0], ranks[1])
 
 
-class Losses(L.Callback):
-    def __init__(self):
-        self.losses = {}
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.losses[trainer.global_step - 1] = outputs["loss"].item()
-
-
-class StopAfter(L.Callback):
-    def __init__(self, steps):
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.steps:
-            trainer.should_stop = True
-
-
 def test_sft_fit_resume_is_exact(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", RECORDS)
 
@@ -201,13 +185,13 @@ def test_sft_fit_resume_is_exact(tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          callbacks=callbacks, deterministic=True)
 
-    full = Losses()
+    full = LossRecorder()
     L.seed_everything(0)
     trainer(tmp_path / "full", [full]).fit(make_module(), data())
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=-1)
     L.seed_everything(0)
     trainer(tmp_path / "a", [ckpt, StopAfter(2)]).fit(make_module(), data())
-    resumed = Losses()
+    resumed = LossRecorder()
     ck = os.path.join(tmp_path / "ck", os.listdir(tmp_path / "ck")[0])
     trainer(tmp_path / "b", [resumed]).fit(make_module(), data(), ckpt_path=ck)
     assert sorted(resumed.losses) == [2, 3, 4]

@@ -105,17 +105,10 @@ def flex_block_mask(
 
     Its batch dimension is 1 (broadcast) when nothing in it depends on the row.
     """
-    global _compiled_create_block_mask
-    flex = _flex()
     device = torch.device(device) if device is not None else torch.device("cpu")
     mask_mod = flex_mask_mod(length, allowed, padding_mask, document_ids, device)
     rows = batch_size if _per_row(allowed, padding_mask, document_ids) else 1
-    create = flex.create_block_mask
-    if device.type == "cuda":
-        if _compiled_create_block_mask is None:
-            _compiled_create_block_mask = torch.compile(flex.create_block_mask)
-        create = _compiled_create_block_mask
-    return create(mask_mod, rows, None, length, length, device=device, BLOCK_SIZE=block_size)
+    return block_mask_from_mod(mask_mod, rows, length, length, device, block_size)
 
 
 def block_mask_from_mod(mask_mod: MaskMod, rows: int, q_len: int, kv_len: int, device=None, block_size: int = 128):
