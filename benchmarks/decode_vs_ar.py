@@ -77,7 +77,7 @@ def tiny_models():
     random LLaMA on the fixture tokenizer: the same weights in all three (no assets needed)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lightning_dlm.diffusion.config import DiffusionConfig
+    from lightning_dlm.core.config import DiffusionConfig
     from lightning_dlm.model import DiffusionModel
 
     tok = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))

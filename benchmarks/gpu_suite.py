@@ -208,7 +208,7 @@ def step_args(shape: str, batch: int, seq_len: int, keys: List[str], device, ste
 
 def count_flops(step: Callable[[], torch.Tensor]) -> int:
     """FLOPs of one step (forward + backward), counted by the throughput callback's counter."""
-    from lightning_dlm.callbacks.throughput import FlopCounter
+    from lightning_dlm.training.callbacks.throughput import FlopCounter
 
     with FlopCounter() as counter:
         step()
@@ -252,7 +252,7 @@ def fit_batch(shape: str, seq_len: int, device, candidates: List[int]) -> int:
 
 
 def part_train(args, device, part: Part) -> None:
-    from lightning_dlm.callbacks.throughput import device_peak_flops
+    from lightning_dlm.training.callbacks.throughput import device_peak_flops
 
     gpu = device.type == "cuda"
     keys = VARIANT_KEYS if gpu else ["causal", "anneal-dense", "after", "block-dense"]
@@ -324,19 +324,19 @@ def part_train(args, device, part: Part) -> None:
 # --- part 3: sampling -----------------------------------------------------------------------------
 
 def diffusion_backbone(shape: str, device, dtype):
-    from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig
+    from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig
 
     config = dict(train_step.SHAPES[shape])
     cfg = BackboneConfig(config=config, mask_token=MaskTokenConfig(mode="reuse", id=config["vocab_size"] - 1))
     torch.manual_seed(0)
-    net = DiffusionBackbone.from_config(cfg, None).to(device=device, dtype=dtype).eval()
+    net = DiffusionModel.from_config(cfg, None).to(device=device, dtype=dtype).eval()
     return net
 
 
 def part_sample(args, device, part: Part) -> None:
     from transformers import AutoTokenizer
 
-    from lightning_dlm.diffusion.config import DiffusionConfig
+    from lightning_dlm.core.config import DiffusionConfig
     from lightning_dlm.sampling import generate
 
     gpu = device.type == "cuda"
@@ -416,7 +416,7 @@ def fit_config(args, device, root: Path) -> dict:
             "max_steps": steps, "val_check_interval": steps // 2, "check_val_every_n_epoch": None,
             "limit_val_batches": 2, "log_every_n_steps": 2, "gradient_clip_val": 1.0,
             "default_root_dir": str(root), "enable_model_summary": False,
-            "callbacks": [{"class_path": "lightning_dlm.callbacks.TrainingThroughput", "init_args": {"window": 4}}],
+            "callbacks": [{"class_path": "lightning_dlm.training.callbacks.TrainingThroughput", "init_args": {"window": 4}}],
         },
         "checkpoint": {"dirpath": str(root / "checkpoints"), "every_n_train_steps": steps},
         "model": {

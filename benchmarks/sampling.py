@@ -82,7 +82,7 @@ def default_ckpt() -> str:
 def tiny_module():
     """A tiny random LLaMA-shaped DiffusionLM on the fixture tokenizer (built from config)."""
     from lightning_dlm.model import BackboneConfig, MaskTokenConfig
-    from lightning_dlm.module import DiffusionConfig, DiffusionLM
+    from lightning_dlm.training.module import DiffusionConfig, DiffusionLM
 
     torch.manual_seed(0)
     config = dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -177,7 +177,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     else:
         if not os.path.isfile(args.ckpt):
             sys.exit(f"checkpoint '{args.ckpt}' does not exist: train the demo first, or use --model tiny")
-        from lightning_dlm.checkpoints import load_diffusion_lm
+        from lightning_dlm.training.module import load_diffusion_lm
         module, what = load_diffusion_lm(args.ckpt), args.ckpt
     judge = None  # the original causal LM, scoring the samples' text (evaluation.genppl)
     if args.model != "tiny" and args.ar_model and os.path.isdir(args.ar_model):

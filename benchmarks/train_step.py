@@ -69,11 +69,11 @@ sys.path.insert(0, str(REPO))
 
 import transformers  # noqa: E402
 
-from lightning_dlm.diffusion import annealing_mask, sample_t  # noqa: E402
-from lightning_dlm.diffusion.blocks import block_times  # noqa: E402
+from lightning_dlm.core import annealing_mask, sample_t  # noqa: E402
+from lightning_dlm.core.blocks import block_times  # noqa: E402
 from lightning_dlm.model import BackboneConfig, MaskTokenConfig, resolve_hf_config  # noqa: E402
-from lightning_dlm.model.block_forward import block_loss_terms  # noqa: E402
-from lightning_dlm.module import DiffusionLM  # noqa: E402
+from lightning_dlm.objectives.block import block_loss_terms  # noqa: E402
+from lightning_dlm.training.module import DiffusionLM  # noqa: E402
 
 DEFAULT_MODEL = REPO / "assets" / "smollm2-135m"
 CAUSAL, ANNEALING, AFTER = "causal LM", "diffusion (annealing, dense mask)", "diffusion (after annealing)"

@@ -44,10 +44,10 @@ def fsdp_clipping_check(rank: int, world: int, max_norm: float = 0.05) -> dict:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from lightning_dlm.distributed import clip_grad_norm_sharded
+    from lightning_dlm.core.seeding import make_generator
     from lightning_dlm.model import BackboneConfig, MaskTokenConfig
-    from lightning_dlm.module import DiffusionLM
-    from lightning_dlm.seeding import make_generator
+    from lightning_dlm.training.distributed import clip_grad_norm_sharded
+    from lightning_dlm.training.module import DiffusionLM
     from tests.conftest import TINY_LLAMA
 
     class DiffusionLoss(torch.nn.Module):
@@ -118,10 +118,10 @@ def lightning_fsdp_check(out_dir: str, max_norm: float = 0.05) -> dict:
     import lightning as L
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    from lightning_dlm.core.config import DiffusionConfig
     from lightning_dlm.data import CorpusSource, TextDataModule
-    from lightning_dlm.diffusion.config import DiffusionConfig
     from lightning_dlm.model import BackboneConfig, MaskTokenConfig
-    from lightning_dlm.module import DiffusionLM
+    from lightning_dlm.training.module import DiffusionLM
     from tests.conftest import TINY_CORPUS, TINY_TOKENIZER
 
     class Record(L.Callback):
@@ -152,7 +152,7 @@ def lightning_fsdp_check(out_dir: str, max_norm: float = 0.05) -> dict:
                             enable_model_summary=False, limit_val_batches=0, callbacks=callbacks)
         trainer.fit(module, data, ckpt_path=ckpt_path)
 
-    from lightning_dlm.callbacks import TrainingThroughput
+    from lightning_dlm.training.callbacks import TrainingThroughput
 
     straight, resumed = Record(), Record()
     counted = TrainingThroughput(window=2)  # counts FLOPs in the first step of both runs, under FSDP

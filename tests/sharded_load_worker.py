@@ -29,7 +29,7 @@ def main(folder: str, out_dir: str) -> None:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig, load_tokenizer
+    from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig, load_tokenizer
     from lightning_dlm.model.sharded_loading import broadcast_into_sharded, materialize_meta
     from tests.conftest import TINY_TOKENIZER
 
@@ -40,21 +40,21 @@ def main(folder: str, out_dir: str) -> None:
     gc.collect()
     before = peak_rss_bytes()
 
-    net = DiffusionBackbone.from_config(cfg, load_tokenizer(TINY_TOKENIZER), empty=True)
+    net = DiffusionModel.from_config(cfg, load_tokenizer(TINY_TOKENIZER), empty=True)
     meta_after_build = all(p.is_meta for p in net.parameters())
     cpu = torch.device("cpu")
     sharded = FSDP(net, device_id=cpu, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
                    param_init_fn=partial(materialize_meta, device=cpu), use_orig_params=True)
     source = None
     if rank == 0:
-        source = DiffusionBackbone.from_config(cfg, load_tokenizer(TINY_TOKENIZER)).model.state_dict()
+        source = DiffusionModel.from_config(cfg, load_tokenizer(TINY_TOKENIZER)).model.state_dict()
     broadcast_into_sharded(sharded, source, prefix="model.")
     del source
     gc.collect()
     peak = peak_rss_bytes() - before
     shard_bytes = sum(p.numel() * p.element_size() for p in sharded.parameters())
 
-    reference = DiffusionBackbone.from_config(cfg, load_tokenizer(TINY_TOKENIZER))
+    reference = DiffusionModel.from_config(cfg, load_tokenizer(TINY_TOKENIZER))
     full_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
     expected = {name: p for name, p in reference.named_parameters()}
     mismatched = []
@@ -88,7 +88,7 @@ def lightning_check(folder: str, out_dir: str, reference) -> dict:
 
     from lightning_dlm.data import CorpusSource, TextDataModule
     from lightning_dlm.model import BackboneConfig, MaskTokenConfig
-    from lightning_dlm.module import DiffusionLM
+    from lightning_dlm.training.module import DiffusionLM
     from tests.conftest import TINY_CORPUS, TINY_TOKENIZER
     from tests.ddp_worker import cpu_fsdp_strategy
 

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.evaluation.evaluators import CausalEvaluator, load_evaluator
 from lightning_dlm.model import DiffusionModel
 from lightning_dlm.sampling import generate

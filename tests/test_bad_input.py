@@ -5,7 +5,7 @@ import os
 import pytest
 
 from lightning_dlm.cli import main
-from lightning_dlm.optim import OptimConfig
+from lightning_dlm.training.optim import OptimConfig
 from tests.conftest import REPO
 
 DEBUG = os.path.join(REPO, "experiments", "debug.yaml")

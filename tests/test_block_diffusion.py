@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from lightning_dlm.diffusion import causal_allowed, get_schedule
-from lightning_dlm.diffusion.blocks import (
+from lightning_dlm.core import causal_allowed, get_schedule
+from lightning_dlm.core.blocks import (
     allowed_2l,
     block_attention_allowed,
     block_mask_mod,
@@ -20,16 +20,17 @@ from lightning_dlm.diffusion.blocks import (
     block_times,
     check_block_seq_len,
 )
-from lightning_dlm.diffusion.config import DiffusionConfig
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.config import DiffusionConfig
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.evaluation.evaluators import DiffusionEvaluator
+from lightning_dlm.evaluation.likelihood import block_nelbo
 from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig
-from lightning_dlm.model.block_forward import block_loss_terms, block_nelbo, block_scored_logits
-from lightning_dlm.module import DiffusionLM
-from lightning_dlm.optim import OptimConfig
+from lightning_dlm.objectives.block import block_loss_terms
 from lightning_dlm.sampling import generate
 from lightning_dlm.sampling.block_decode import block_decode
 from lightning_dlm.sampling.engine import SamplerConfig
+from lightning_dlm.training.module import DiffusionLM
+from lightning_dlm.training.optim import OptimConfig
 from tests.conftest import TINY_TOKENIZER
 from tests.test_training import MODEL, LossRecorder, StopAfter, make_data, make_trainer
 
@@ -152,8 +153,8 @@ def test_flex_attention_forward_equals_the_dense_mask():
     xt = torch.where(masked, torch.full_like(x0, sdpa.mask_token_id), x0)
     sources, _ = block_sources(masked, 4, True)
     with torch.no_grad(), torch.compiler.set_stance("force_eager"):
-        dense = block_scored_logits(sdpa, x0, xt, sources, 4)
-        kernel = block_scored_logits(flexed, x0, xt, sources, 4)
+        dense = sdpa.block_scored_logits(x0, xt, sources, 4)
+        kernel = flexed.block_scored_logits(x0, xt, sources, 4)
     assert torch.allclose(dense, kernel, atol=1e-5)
 
 
@@ -386,7 +387,7 @@ def test_decode_vs_ar_quick_mode_runs(tmp_path):
 def test_checkpoints_from_before_block_mode_resume_unchanged():
     from dataclasses import asdict
 
-    from lightning_dlm.resume import compare_hparams
+    from lightning_dlm.training.resume import compare_hparams
 
     now = {"diffusion": asdict(DiffusionConfig())}
     old = {"diffusion": {k: v for k, v in now["diffusion"].items()

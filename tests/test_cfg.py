@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lightning_dlm.diffusion import get_schedule
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core import get_schedule
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig, load_tokenizer
 from lightning_dlm.sampling import SamplerConfig, build_canvas, decode, generate
 from lightning_dlm.sampling.guidance import guided, unconditional_ids

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lightning_dlm.commands.chat import MASK_GLYPH, ChatSession, render_reply
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig, load_tokenizer
 from tests.conftest import REPO, TINY_TOKENIZER
 

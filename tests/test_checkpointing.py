@@ -1,4 +1,4 @@
-"""Step checkpoints keep what a resume needs, and nothing twice (lightning_dlm.callbacks.StepCheckpoint).
+"""Step checkpoints keep what a resume needs, and nothing twice (lightning_dlm.training.callbacks.StepCheckpoint).
 
 * ``last.ckpt`` holds the full state (optimizer, lr schedule, callbacks); the step files hold the
   weights only, are about a third of its size, and load for inference like any checkpoint.
@@ -15,13 +15,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_dlm.callbacks import StepCheckpoint
-from lightning_dlm.checkpoints import is_diffusion_checkpoint
 from lightning_dlm.cli import main
-from lightning_dlm.errors import DLMError
-from lightning_dlm.export import export
+from lightning_dlm.commands.export import export
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.io.safe_read import is_diffusion_checkpoint
 from lightning_dlm.model.diffusion_model import DiffusionModel
-from lightning_dlm.runs import existing_checkpoints
+from lightning_dlm.training.callbacks import StepCheckpoint
+from lightning_dlm.training.runs import existing_checkpoints
 from tests.conftest import REPO
 
 DEBUG = os.path.join(REPO, "experiments", "debug.yaml")
@@ -153,7 +153,7 @@ def test_make_clean_keeps_runs_and_clean_runs_deletes_them(tmp_path):
 
 
 def test_a_weights_only_sharded_folder_is_told_apart(tmp_path):
-    from lightning_dlm.resume import check_full_state
+    from lightning_dlm.training.resume import check_full_state
 
     folder = tmp_path / "step0000002.ckpt"  # FSDP sharded: the optimizer lives in the shards, never in meta.pt
     folder.mkdir()

@@ -12,10 +12,11 @@ from jsonargparse import Namespace
 from lightning.pytorch.strategies import FSDPStrategy
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from lightning_dlm.cli import DLMCLI, main
+from lightning_dlm.cli import main
 from lightning_dlm.data import TextDataModule
-from lightning_dlm.model import DiffusionBackbone, resolve_hf_config
-from lightning_dlm.module import DiffusionLM
+from lightning_dlm.model import DiffusionModel, resolve_hf_config
+from lightning_dlm.training.cli import DLMCLI
+from lightning_dlm.training.module import DiffusionLM
 from tests.conftest import REPO
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "experiments", "*.yaml")))
@@ -69,7 +70,7 @@ def test_every_config_parses_and_builds_on_meta(path):
     if n_params is not None:
         assert sum(p.numel() for p in model.parameters()) == n_params
     if backbone.mask_token.mode == "reuse":
-        net = DiffusionBackbone(model, backbone.mask_token.id, False)
+        net = DiffusionModel(model, backbone.mask_token.id, False)
         assert net.mask_token_id < net.vocab_size
     limit = getattr(hf_config, "max_position_embeddings", None) or hf_config.n_positions
     assert cfg.data.seq_len <= limit
@@ -83,11 +84,11 @@ def test_every_config_parses_and_builds_on_meta(path):
         assert len(layers) == hf_config.num_hidden_layers
         assert strategy.init_args.activation_checkpointing_policy == strategy.init_args.auto_wrap_policy
     callbacks = [c.class_path for c in cfg.trainer.callbacks or []]
-    assert callbacks.count("lightning_dlm.callbacks.TrainingThroughput") == 1  # tokens/s and MFU in every run
+    assert callbacks.count("lightning_dlm.training.callbacks.TrainingThroughput") == 1  # tokens/s and MFU in every run
 
 
 def test_7b_config_builds_on_meta_with_the_papers_size_and_mask_token():
-    """The DiffuLLaMA config through our own model path (config -> DiffusionBackbone), on the meta
+    """The DiffuLLaMA config through our own model path (config -> DiffusionModel), on the meta
     device: LLaMA-2-7B's 6.74B parameters, the reused mask id 811 (no new row), 32 FSDP units."""
     from lightning_dlm.model import BackboneConfig, MaskTokenConfig
 
@@ -99,7 +100,7 @@ def test_7b_config_builds_on_meta_with_the_papers_size_and_mask_token():
         attn_implementation=section["attn_implementation"], dtype=section["dtype"],
     )
     with torch.device("meta"):
-        net = DiffusionBackbone.from_config(backbone)
+        net = DiffusionModel.from_config(backbone)
     assert sum(p.numel() for p in net.parameters()) == 6_738_415_616
     assert net.mask_token_id == 811 and not net.mask_token_added and net.vocab_size == 32_000
     assert all(p.device.type == "meta" and p.dtype == torch.float32 for p in net.parameters())
@@ -264,15 +265,17 @@ def test_sample_help_shows_the_sampler_defaults_of_sampler_config(capsys):
 
 
 def test_dlm_help_lists_every_subcommand_with_one_line(capsys):
-    from lightning_dlm.cli import COMMANDS, SUBCOMMANDS
+    from lightning_dlm.cli.main import SUBCOMMANDS, entry_point
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for name in ["fit", "validate", "test", "predict", *COMMANDS]:
-        line = next(line for line in out.splitlines() if line.strip().startswith(name + " "))
-        assert line.strip() == f"{name.ljust(max(map(len, SUBCOMMANDS)))}  {SUBCOMMANDS[name]}"
+    width = max(len(row.name) for row in SUBCOMMANDS)
+    for row in SUBCOMMANDS:
+        line = next(line for line in out.splitlines() if line.strip().startswith(row.name + " "))
+        assert line.strip() == f"{row.name.ljust(width)}  {row.help}"
+        assert callable(entry_point(row))  # every row's entry imports and names a function
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == 2 and "subcommands:" in capsys.readouterr().err

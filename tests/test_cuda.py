@@ -18,8 +18,8 @@ import contextlib
 import pytest
 import torch
 
-from lightning_dlm.diffusion import ANNEAL_MASKS, annealing_mask
-from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig
+from lightning_dlm.core import ANNEAL_MASKS, annealing_mask
+from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig
 
 pytestmark = [
     pytest.mark.cuda,
@@ -41,7 +41,7 @@ def _backbone(impl):
     bc = BackboneConfig(config=dict(CUDA_LLAMA), attn_implementation=impl,
                         mask_token=MaskTokenConfig(mode="reuse", id=5))
     torch.manual_seed(0)
-    return DiffusionBackbone.from_config(bc, None).cuda().train()
+    return DiffusionModel.from_config(bc, None).cuda().train()
 
 
 def _pair():

@@ -1,7 +1,7 @@
 """CUDA checks of block diffusion (``pytest -m cuda``; skipped without a GPU).
 
 On a GPU, transformers runs FlexAttention compiled (Triton kernels); the block mode's 2L layout
-then goes through :func:`~lightning_dlm.diffusion.blocks.block_mask_mod` as a BlockMask instead of
+then goes through :func:`~lightning_dlm.core.blocks.block_mask_mod` as a BlockMask instead of
 the dense three-part additive mask that sdpa gets. These tests run one block-mode loss on both
 paths with the same weights and the same noise (two rows, one left-padded; length 256, so the 2L
 pass is 512 positions: four 128-blocks of the BlockMask per side) and compare, in fp32 with TF32
@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_dlm.diffusion import get_schedule
-from lightning_dlm.diffusion.blocks import block_times
-from lightning_dlm.diffusion.config import DiffusionConfig
+from lightning_dlm.core import get_schedule
+from lightning_dlm.core.blocks import block_times
+from lightning_dlm.core.config import DiffusionConfig
 from lightning_dlm.model import DiffusionModel
-from lightning_dlm.model.block_forward import block_loss_terms
+from lightning_dlm.objectives.block import block_loss_terms
 
 pytestmark = [
     pytest.mark.cuda,

@@ -19,11 +19,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.data import CorpusSource, TextDataModule
 from lightning_dlm.data.packing import DocumentEncoder, load_tokenizer, pack_blocks
 from lightning_dlm.data.sources import open_corpora, open_corpus
 from lightning_dlm.data.stream import PackedBatchStream, build_eval_blocks
-from lightning_dlm.errors import DLMError
 
 EOS = "<|endoftext|>"
 WORDS = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta", "zeta", "iota"]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lightning_dlm.diffusion import (
+from lightning_dlm.core import (
     ANNEAL_MASKS,
     SCHEDULES,
     RandomAnnealMask,
@@ -23,8 +23,8 @@ from lightning_dlm.diffusion import (
     sample_t,
     t_grid,
 )
-from lightning_dlm.diffusion.config import DiffusionConfig
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.config import DiffusionConfig
+from lightning_dlm.core.errors import DLMError
 
 SCHEDULE_CASES = [("linear", {}), ("cosine", {}), ("polynomial", {"power": 2.0}), ("polynomial", {"power": 0.5}),
                   ("loglinear", {"eps": 1e-3})]
@@ -301,7 +301,7 @@ def test_additive_mask_values_and_padding():
 
 @pytest.mark.parametrize("shift", [True, False])
 def test_rows_terms_equal_full_logits_terms(shift):
-    from lightning_dlm.diffusion import loss_terms_from_rows, scored_rows
+    from lightning_dlm.core import loss_terms_from_rows, scored_rows
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 9, 11, generator=g)
@@ -326,7 +326,7 @@ def test_maskable_with_shift_skips_the_first_real_token_of_a_left_padded_row():
 def _tiny_module(shift=True, full_logits=False):
     """A tiny llama DiffusionLM in eval mode; ``full_logits`` forces the full-logits loss path."""
     from lightning_dlm.model import BackboneConfig, MaskTokenConfig
-    from lightning_dlm.module import DiffusionLM
+    from lightning_dlm.training.module import DiffusionLM
     from tests.conftest import TINY_LLAMA
 
     torch.manual_seed(0)

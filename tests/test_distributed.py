@@ -33,7 +33,7 @@ BATCH, SEQ_LEN = 8, 64  # experiments/debug.yaml
 def fit_args(root, out_dir=None, devices=1, ckpt_path=None):
     """`dlm fit` of the debug config; with ``out_dir`` the RankRecorder records every rank there."""
     callbacks = root / "callbacks.yaml"
-    lines = ["trainer:", "  callbacks:", "    - class_path: lightning_dlm.callbacks.TrainingThroughput"]
+    lines = ["trainer:", "  callbacks:", "    - class_path: lightning_dlm.training.callbacks.TrainingThroughput"]
     if out_dir is not None:
         lines += ["    - class_path: tests.ddp_probe.RankRecorder", "      init_args:", f"        out_dir: {out_dir}"]
     root.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from lightning_dlm.cli import main
+from lightning_dlm.core.config import DiffusionConfig
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.data import CorpusSource, TextDataModule
-from lightning_dlm.diffusion.config import DiffusionConfig
-from lightning_dlm.errors import DLMError
 from lightning_dlm.evaluation import CausalEvaluator, DiffusionEvaluator, build_task, table
 from lightning_dlm.evaluation.choice import diffusion_choice_scores, encode_pair
 from lightning_dlm.evaluation.formats import convert_records
@@ -20,7 +20,7 @@ from lightning_dlm.evaluation.likelihood import causal_perplexity, diffusion_nel
 from lightning_dlm.evaluation.metrics import distinct_n, exact_match, proportion_se, token_f1, unigram_entropy
 from lightning_dlm.model import BackboneConfig, MaskTokenConfig
 from lightning_dlm.model.loading import load_tokenizer
-from lightning_dlm.module import DiffusionLM
+from lightning_dlm.training.module import DiffusionLM
 from tests.conftest import TINY_CORPUS, TINY_TOKENIZER
 
 MODEL = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -427,7 +427,8 @@ def test_eval_decoding_defaults_are_the_samplers_or_the_declared_protocol():
 
     from lightning_dlm.commands.eval import config_from_args, parse_args
     from lightning_dlm.evaluation.harness import DiffusionHarnessLM
-    from lightning_dlm.evaluation.tasks import EVAL_DECODING, TASKS
+    from lightning_dlm.evaluation.tasks import TASKS
+    from lightning_dlm.evaluation.tasks.builtin import EVAL_DECODING
     from lightning_dlm.sampling.engine import sampler_defaults
 
     defaults = sampler_defaults()
@@ -592,7 +593,7 @@ metric_list:
 
 
 def test_dlm_eval_takes_an_exported_folder_with_the_checkpoints_numbers(tmp_path, ckpt, capsys):
-    from lightning_dlm.export import export
+    from lightning_dlm.commands.export import export
 
     folder = export(ckpt, str(tmp_path / "exported"))
     mc = write_jsonl(tmp_path / "mc.jsonl", [dict(context="Once upon a time", choices=[" there was", " the dog"],

@@ -16,14 +16,15 @@ import torch.multiprocessing as mp
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lightning_dlm.checkpoints import EXPORT_CONFIG, is_diffusion_checkpoint, load_diffusion_lm
 from lightning_dlm.cli import main
-from lightning_dlm.diffusion.config import DiffusionConfig
-from lightning_dlm.errors import DLMError
-from lightning_dlm.export import export
+from lightning_dlm.commands.export import export
+from lightning_dlm.core.config import DiffusionConfig
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.io.format import EXPORT_CONFIG
+from lightning_dlm.io.safe_read import is_diffusion_checkpoint
 from lightning_dlm.model import BackboneConfig, MaskTokenConfig
-from lightning_dlm.module import CHECKPOINT_KEY, DiffusionLM
-from lightning_dlm.optim import OptimConfig
+from lightning_dlm.training.module import CHECKPOINT_KEY, DiffusionLM, load_diffusion_lm
+from lightning_dlm.training.optim import OptimConfig
 from tests.conftest import REPO, TINY_GPT2, TINY_TOKENIZER
 from tests.test_training import make_data, make_module, make_trainer
 
@@ -288,7 +289,7 @@ def test_non_empty_out_folder_is_refused_and_left_untouched(llama_ckpt, tmp_path
 
 
 def test_a_failed_export_leaves_nothing(llama_ckpt, tmp_path, monkeypatch):
-    import lightning_dlm.export as export_module
+    import lightning_dlm.io.export as export_module
 
     def fail(folder, mask_id):
         assert os.path.isfile(os.path.join(folder, "model.safetensors"))  # failing after the weights were written
@@ -368,7 +369,7 @@ def test_every_entry_point_loads_the_same_diffusion_model(llama_ckpt, llama_expo
     .ckpt, a sharded folder, the exported folder, and a folder written by save_pretrained (and a
     DiffusionLM around it): identical logits, mask token, diffusion config and tokenizer."""
     from lightning_dlm import DiffusionModel
-    from lightning_dlm.module import DiffusionLM
+    from lightning_dlm.training.module import DiffusionLM
 
     sharded = write_sharded(llama_ckpt, tmp_path / "sharded")
     models = {name: DiffusionModel.from_pretrained(str(path))

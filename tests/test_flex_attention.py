@@ -10,10 +10,10 @@ weights are compared with sdpa's autograd gradient on that direction.
 import pytest
 import torch
 
+from lightning_dlm.core import ANNEAL_MASKS, RandomAnnealMask, RightContextAnnealMask, annealing_mask, attention_allowed
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.data.packing import pack_blocks
-from lightning_dlm.diffusion import ANNEAL_MASKS, RandomAnnealMask, RightContextAnnealMask, annealing_mask, attention_allowed
-from lightning_dlm.errors import DLMError
-from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig
+from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig
 from lightning_dlm.model.flex_masks import flex_block_mask, flex_mask_mod
 from tests.conftest import TINY_GPT2, TINY_LLAMA
 
@@ -28,7 +28,7 @@ KINDS = sorted(ANNEAL_MASKS)
 def _backbone(impl, config=TINY_LLAMA, device="cpu"):
     bc = BackboneConfig(config=dict(config), attn_implementation=impl, mask_token=MaskTokenConfig(mode="reuse", id=5))
     torch.manual_seed(0)
-    return DiffusionBackbone.from_config(bc, None).to(device)
+    return DiffusionModel.from_config(bc, None).to(device)
 
 
 def _pair(device="cpu"):

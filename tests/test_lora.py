@@ -4,13 +4,13 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_dlm.diffusion.config import DiffusionConfig
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.config import DiffusionConfig
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig, load_tokenizer
 from lightning_dlm.model.config import LoraOptions
 from lightning_dlm.model.lora import has_lora, trainable_names
-from lightning_dlm.module import DiffusionLM
-from lightning_dlm.optim import OptimConfig, build_optimizer
+from lightning_dlm.training.module import DiffusionLM
+from lightning_dlm.training.optim import OptimConfig, build_optimizer
 from tests.conftest import TINY_TOKENIZER
 
 MODEL = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

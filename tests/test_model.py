@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lightning_dlm.diffusion import annealing_allowed, causal_allowed
-from lightning_dlm.errors import DLMError
-from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig
+from lightning_dlm.core import annealing_allowed, causal_allowed
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig
 
 
 def _pair(config, impl="sdpa", mask_token=None):
@@ -14,7 +14,7 @@ def _pair(config, impl="sdpa", mask_token=None):
     bc = BackboneConfig(config=dict(config), attn_implementation=impl,
                         mask_token=mask_token or MaskTokenConfig(mode="reuse", id=5))
     torch.manual_seed(0)
-    net = DiffusionBackbone.from_config(bc, None).eval()
+    net = DiffusionModel.from_config(bc, None).eval()
     cfg = dict(config)
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg), attn_implementation=impl).eval()
@@ -112,7 +112,7 @@ def test_added_mask_token_initialised_at_mean(tied):
     head_mean = plain.get_output_embeddings().weight.mean(0)
     torch.manual_seed(0)
     tok = _Tok(97)
-    net = DiffusionBackbone.from_config(BackboneConfig(config=cfg, mask_token=MaskTokenConfig(mode="add")), tok)
+    net = DiffusionModel.from_config(BackboneConfig(config=cfg, mask_token=MaskTokenConfig(mode="add")), tok)
     assert net.mask_token_id == 97 and net.mask_token_added and net.vocab_size == 98
     assert tok.mask_token == "<|mask|>"
     torch.testing.assert_close(net.model.get_input_embeddings().weight[97], emb_mean)
@@ -125,7 +125,7 @@ def test_added_mask_token_with_noise_differs_from_mean():
     from tests.conftest import TINY_LLAMA
 
     mt = MaskTokenConfig(mode="add", init_noise_std=0.02)
-    net = DiffusionBackbone.from_config(BackboneConfig(config=dict(TINY_LLAMA), mask_token=mt), _Tok(97))
+    net = DiffusionModel.from_config(BackboneConfig(config=dict(TINY_LLAMA), mask_token=mt), _Tok(97))
     row = net.model.get_input_embeddings().weight
     assert not torch.allclose(row[97], row[:97].mean(0))
 
@@ -133,23 +133,23 @@ def test_added_mask_token_with_noise_differs_from_mean():
 def test_reuse_mask_token_by_id_and_errors():
     from tests.conftest import TINY_GPT2
 
-    net = DiffusionBackbone.from_config(BackboneConfig(config=dict(TINY_GPT2), mask_token=MaskTokenConfig(mode="reuse", id=10)))
+    net = DiffusionModel.from_config(BackboneConfig(config=dict(TINY_GPT2), mask_token=MaskTokenConfig(mode="reuse", id=10)))
     assert net.mask_token_id == 10 and not net.mask_token_added and net.vocab_size == 97
     with pytest.raises(DLMError, match="mask token id 97 is outside the vocabulary"):
-        DiffusionBackbone.from_config(BackboneConfig(config=dict(TINY_GPT2), mask_token=MaskTokenConfig(mode="reuse", id=97)))
+        DiffusionModel.from_config(BackboneConfig(config=dict(TINY_GPT2), mask_token=MaskTokenConfig(mode="reuse", id=97)))
     tok = _Tok(97)
     with pytest.raises(DLMError, match="already in the vocabulary"):
-        DiffusionBackbone.from_config(BackboneConfig(config=dict(TINY_GPT2), mask_token=MaskTokenConfig(mode="add", token="t3")), tok)
+        DiffusionModel.from_config(BackboneConfig(config=dict(TINY_GPT2), mask_token=MaskTokenConfig(mode="add", token="t3")), tok)
 
 
 def test_loading_errors_are_one_line(tmp_path):
     with pytest.raises(DLMError, match="does not exist") as err:
-        DiffusionBackbone.from_config(BackboneConfig(pretrained=str(tmp_path / "missing")))
+        DiffusionModel.from_config(BackboneConfig(pretrained=str(tmp_path / "missing")))
     assert "\n" not in str(err.value)
     with pytest.raises(DLMError, match="model_type"):
-        DiffusionBackbone.from_config(BackboneConfig(config={"hidden_size": 8}))
+        DiffusionModel.from_config(BackboneConfig(config={"hidden_size": 8}))
     with pytest.raises(DLMError, match="flash"):
-        DiffusionBackbone.from_config(BackboneConfig(config={"model_type": "llama"}, attn_implementation="flash_attention_2"))
+        DiffusionModel.from_config(BackboneConfig(config={"model_type": "llama"}, attn_implementation="flash_attention_2"))
 
 
 def test_position_limit_is_enforced():
@@ -166,7 +166,7 @@ def test_pretrained_folder_round_trip(tmp_path):
     _, ref = _pair(TINY_LLAMA)
     ref.save_pretrained(tmp_path / "m")
     cfg = BackboneConfig(pretrained=str(tmp_path / "m"), mask_token=MaskTokenConfig(mode="reuse", id=3))
-    net = DiffusionBackbone.from_config(cfg).eval()
+    net = DiffusionModel.from_config(cfg).eval()
     x = torch.randint(0, 97, (2, 9))
     with torch.no_grad():
         assert torch.equal(net(x, allowed=causal_allowed(9)), ref(x).logits)

@@ -11,8 +11,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from lightning_dlm.callbacks import StepProgress, TrainingThroughput
-from lightning_dlm.callbacks.progress import (
+from lightning_dlm.cli import main
+from lightning_dlm.training.callbacks import StepProgress, TrainingThroughput
+from lightning_dlm.training.callbacks.progress import (
     PlainProgress,
     add_step_progress,
     format_count,
@@ -20,7 +21,6 @@ from lightning_dlm.callbacks.progress import (
     progress_bar,
     progress_line,
 )
-from lightning_dlm.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEP_LINE = re.compile(r"^step (\d+)/6 \| loss (\d+\.\d{3}) \| ([\d,]+(?:\.\d)?) tok/s \| elapsed (\S+) \| eta (\S+)$")

@@ -20,10 +20,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_dlm.checkpoint_io import AtomicCheckpointIO, atomic_write, remove_stale_temp_files, temp_path
 from lightning_dlm.cli import main
-from lightning_dlm.errors import DLMError
-from lightning_dlm.runs import checkpoint_dir, existing_checkpoints
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.training.checkpoint_io import AtomicCheckpointIO, atomic_write, remove_stale_temp_files, temp_path
+from lightning_dlm.training.runs import checkpoint_dir, existing_checkpoints
 from tests.conftest import REPO
 
 DEBUG = os.path.join(REPO, "experiments", "debug.yaml")
@@ -137,7 +137,7 @@ def test_the_trainer_writes_through_the_atomic_io(two_runs):
     # dlm fit installs it: a checkpoint of the debug run was written by it (no temp left, loadable)
     folder = two_runs / "a" / "checkpoints"
     assert not [n for n in os.listdir(folder) if n.startswith(".")]
-    from lightning_dlm.cli import DLMCLI, lightning_kwargs
+    from lightning_dlm.training.cli import DLMCLI, lightning_kwargs
 
     cli = DLMCLI(args=["--config", DEBUG, "--trainer.max_steps", "1"], run=False, **lightning_kwargs())
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
@@ -145,7 +145,7 @@ def test_the_trainer_writes_through_the_atomic_io(two_runs):
 
 KILLED_WRITER = r"""
 import sys, time, torch
-from lightning_dlm.checkpoint_io import atomic_write
+from lightning_dlm.training.checkpoint_io import atomic_write
 def slow(fh, chunk):
     fh.write(chunk); fh.flush(); time.sleep(0.2)
 atomic_write(sys.argv[1], b"y" * (40 << 22), write=slow)

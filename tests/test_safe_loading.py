@@ -17,11 +17,11 @@ import zipfile
 import pytest
 import torch
 
-from lightning_dlm.checkpoints import is_diffusion_checkpoint, load_checkpoint_file, load_diffusion_lm
 from lightning_dlm.cli import main
-from lightning_dlm.errors import DLMError
-from lightning_dlm.model.tokenizer_files import tokenizer_from_files
-from lightning_dlm.module import CHECKPOINT_KEY, DiffusionLM
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.io.safe_read import is_diffusion_checkpoint, load_checkpoint_file
+from lightning_dlm.io.tokenizer_files import tokenizer_from_files
+from lightning_dlm.training.module import CHECKPOINT_KEY, DiffusionLM, load_diffusion_lm
 from tests.conftest import REPO, TINY_CORPUS
 from tests.test_export import write_sharded
 
@@ -113,7 +113,7 @@ def test_weights_only_false_has_one_place():
     for path in glob.glob(os.path.join(REPO, "lightning_dlm", "**", "*.py"), recursive=True):
         with open(path, encoding="utf-8") as fh:
             hits += [(os.path.relpath(path, REPO), n) for n, line in enumerate(fh, 1) if "weights_only=False" in line]
-    assert [name for name, _ in hits] == [os.path.join("lightning_dlm", "checkpoints.py")], hits
+    assert [name for name, _ in hits] == [os.path.join("lightning_dlm", "io", "safe_read.py")], hits
 
 
 @pytest.mark.parametrize("command", ["sample", "eval", "export"])
@@ -142,7 +142,7 @@ def test_crafted_pickle_is_refused_without_running_it(debug_ckpt, tmp_path, caps
 
 
 def test_type_detection_unpickles_nothing(debug_ckpt, tmp_path, monkeypatch):
-    from lightning_dlm import checkpoints
+    from lightning_dlm.io import safe_read as checkpoints
 
     files = crafted_files(debug_ckpt, tmp_path)
     sharded = write_sharded(debug_ckpt, tmp_path / "sharded")

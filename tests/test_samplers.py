@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from lightning_dlm.diffusion import get_schedule
-from lightning_dlm.errors import DLMError
-from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig
+from lightning_dlm.core import get_schedule
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig
 from lightning_dlm.model.loading import load_tokenizer
 from lightning_dlm.sampling import (
     STRATEGIES,
@@ -39,7 +39,7 @@ CASE_IDS = ["random", "conf-prob", "conf-margin-noise-sampled", "conf-entropy", 
 def net():
     torch.manual_seed(0)
     cfg = BackboneConfig(config=dict(TINY_LLAMA), mask_token=MaskTokenConfig(mode="reuse", id=MASK))
-    return DiffusionBackbone.from_config(cfg).eval()
+    return DiffusionModel.from_config(cfg).eval()
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def text_model():
     torch.manual_seed(0)
     tokenizer = load_tokenizer(TINY_TOKENIZER)
     config = dict(TINY_LLAMA, vocab_size=len(tokenizer), max_position_embeddings=48)
-    net = DiffusionBackbone.from_config(BackboneConfig(config=config), tokenizer).eval()
+    net = DiffusionModel.from_config(BackboneConfig(config=config), tokenizer).eval()
     return net, tokenizer
 
 
@@ -264,7 +264,7 @@ def test_cached_window_pass_equals_the_full_pass_on_a_fresh_cache(family_config,
     refreshed on, it gives the full pass's logits (LLaMA: rotary positions; GPT-2: learned)."""
     torch.manual_seed(0)
     cfg = BackboneConfig(config=family_config, mask_token=MaskTokenConfig(mode="reuse", id=MASK))
-    net = DiffusionBackbone.from_config(cfg).eval()
+    net = DiffusionModel.from_config(cfg).eval()
     canvas = _canvas(length=9) if padded else _canvas(prefixes=[[3, 4, 5], [6, 7, 8]], length=9, suffixes=[[7], [9]])
     ids, attn = canvas.ids.clone(), canvas.attention_mask
     assert (attn is None) != padded
@@ -453,7 +453,7 @@ def test_bad_input_gives_one_line_errors(net, text_model, tmp_path):
         _decode(peaked(lambda s: 5), _canvas(), cache="prefix")
     with pytest.raises(DLMError, match="not aligned"):
         build_canvas([[3, 4], [5]], 2, MASK, PAD, 1, suffixes=[[1], [1, 2]]).target_span()
-    from lightning_dlm.checkpoints import load_diffusion_lm
+    from lightning_dlm.training.module import load_diffusion_lm
 
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)
@@ -467,7 +467,7 @@ def tiny_ckpt(tmp_path_factory):
     """A lightning_dlm checkpoint of an untrained tiny model (written without a Trainer)."""
     import lightning
 
-    from lightning_dlm.module import DiffusionLM
+    from lightning_dlm.training.module import DiffusionLM
 
     module = DiffusionLM(backbone=BackboneConfig(config=dict(TINY_LLAMA, vocab_size=512, max_position_embeddings=96),
                                                  tokenizer=TINY_TOKENIZER))

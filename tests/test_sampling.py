@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lightning_dlm.diffusion import get_schedule
-from lightning_dlm.errors import DLMError
-from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig
+from lightning_dlm.core import get_schedule
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig
 from lightning_dlm.sampling import SamplerConfig, build_canvas, decode, filter_logits, slot_logits
 from tests.conftest import TINY_LLAMA
 
@@ -16,7 +16,7 @@ MASK = 96
 def net():
     torch.manual_seed(0)
     cfg = BackboneConfig(config=dict(TINY_LLAMA), mask_token=MaskTokenConfig(mode="reuse", id=MASK))
-    return DiffusionBackbone.from_config(cfg).eval()
+    return DiffusionModel.from_config(cfg).eval()
 
 
 def _denoiser(net):
@@ -158,7 +158,7 @@ def test_sampler_defaults_are_written_once_in_sampler_config(monkeypatch):
     monkeypatch.setattr(SamplerConfig, "check", capture)
     tokenizer = load_tokenizer(TINY_TOKENIZER)
     cfg = BackboneConfig(config=dict(TINY_LLAMA, vocab_size=len(tokenizer), max_position_embeddings=48))
-    net = DiffusionBackbone.from_config(cfg, tokenizer).eval()
+    net = DiffusionModel.from_config(cfg, tokenizer).eval()
     with pytest.raises(RuntimeError, match="captured"):
         generate(net, ["hello"], tokenizer=tokenizer, length=4)
     resolved = dataclasses.asdict(seen[0])

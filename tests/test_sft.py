@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from lightning_dlm.core import corrupt, diffusion_loss_terms, get_schedule, maskable_positions
+from lightning_dlm.core.config import DiffusionConfig
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.data.sft import SFTBatchStream, SFTEncoder, SFTSource, collate_sft, padded_length
 from lightning_dlm.data.sft_datamodule import SFTDataModule
-from lightning_dlm.diffusion import corrupt, diffusion_loss_terms, get_schedule, maskable_positions
-from lightning_dlm.diffusion.config import DiffusionConfig
-from lightning_dlm.errors import DLMError
 from lightning_dlm.model import BackboneConfig, MaskTokenConfig
-from lightning_dlm.module import DiffusionLM
-from lightning_dlm.optim import OptimConfig
+from lightning_dlm.training.module import DiffusionLM
+from lightning_dlm.training.optim import OptimConfig
 from tests.conftest import TINY_TOKENIZER
 from tests.test_training import LossRecorder, StopAfter
 
@@ -240,7 +240,7 @@ def test_dlm_sft_fit_with_lora_then_export(tmp_path, caplog):
 
 
 def test_experiment_configs_parse_with_the_sft_data_module():
-    from lightning_dlm.cli import DLMCLI, lightning_kwargs
+    from lightning_dlm.training.cli import DLMCLI, lightning_kwargs
     from tests.conftest import REPO
 
     base = os.path.join(REPO, "experiments", "sft", "smollm2_arith.yaml")

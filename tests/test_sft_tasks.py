@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.evaluation.formats import convert_records
-from lightning_dlm.evaluation.sft_tasks import (
+from lightning_dlm.evaluation.tasks import TASKS, build_task
+from lightning_dlm.evaluation.tasks.sft import (
     GSM8KTask,
     HumanEvalInfillTask,
     completed_solution,
@@ -15,7 +16,6 @@ from lightning_dlm.evaluation.sft_tasks import (
     read_problems,
     reference_answer,
 )
-from lightning_dlm.evaluation.tasks import TASKS, build_task
 
 
 class Stub:

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from lightning_dlm.model import BackboneConfig, DiffusionBackbone, MaskTokenConfig, load_tokenizer
+from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig, load_tokenizer
 from lightning_dlm.model.sharded_loading import build_empty_causal_lm, materialize_meta
 from tests.conftest import REPO, TINY_TOKENIZER
 
@@ -85,7 +85,7 @@ def test_empty_build_puts_parameters_on_meta_and_keeps_buffers(pretrained):
     real = AutoModelForCausalLM.from_pretrained(pretrained)
     for name, buffer in real.named_buffers():
         torch.testing.assert_close(buffers[name], buffer)
-    net = DiffusionBackbone.from_config(cfg, load_tokenizer(TINY_TOKENIZER), empty=True)
+    net = DiffusionModel.from_config(cfg, load_tokenizer(TINY_TOKENIZER), empty=True)
     assert net.mask_token_id == 512 and net.model.get_input_embeddings().weight.is_meta
     layer = net.model.model.layers[0].self_attn.q_proj
     materialize_meta(layer, torch.device("cpu"))

@@ -6,14 +6,14 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_dlm.callbacks import TrainingThroughput
-from lightning_dlm.callbacks.throughput import uncountable_reason
+from lightning_dlm.core.config import DiffusionConfig
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.data import CorpusSource, TextDataModule
-from lightning_dlm.diffusion.config import DiffusionConfig
-from lightning_dlm.errors import DLMError
 from lightning_dlm.model import BackboneConfig, MaskTokenConfig
-from lightning_dlm.module import DiffusionLM
-from lightning_dlm.optim import OptimConfig
+from lightning_dlm.training.callbacks import TrainingThroughput
+from lightning_dlm.training.callbacks.throughput import uncountable_reason
+from lightning_dlm.training.module import DiffusionLM
+from lightning_dlm.training.optim import OptimConfig
 from tests.conftest import TINY_CORPUS, TINY_TOKENIZER
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 32, 64, 2, 4, 2, 513  # 512 + the added mask token
@@ -152,7 +152,7 @@ def test_bad_options_are_refused():
 def test_grouped_query_attention_flops_count_every_query_head():
     """CUDA's SDPA kernels take GQA key/value heads as they are (enable_gqa): the count broadcasts
     them to the query heads, so torch versions whose formulas need equal heads do not fail."""
-    from lightning_dlm.callbacks.throughput import _FORMULAS, broadcast_kv_heads
+    from lightning_dlm.training.callbacks.throughput import _FORMULAS, broadcast_kv_heads
 
     aten = torch.ops.aten
     q, k, v = torch.empty(2, 8, 16, 4), torch.empty(2, 2, 16, 4), torch.empty(2, 2, 16, 4)

@@ -7,14 +7,13 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_dlm.checkpoints import load_diffusion_lm
+from lightning_dlm.core.config import DiffusionConfig
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.data import CorpusSource, TextDataModule
-from lightning_dlm.diffusion.config import DiffusionConfig
-from lightning_dlm.errors import DLMError
 from lightning_dlm.model import BackboneConfig, MaskTokenConfig
-from lightning_dlm.module import CHECKPOINT_KEY, DiffusionLM
-from lightning_dlm.optim import OptimConfig
 from lightning_dlm.sampling import generate
+from lightning_dlm.training.module import CHECKPOINT_KEY, DiffusionLM, load_diffusion_lm
+from lightning_dlm.training.optim import OptimConfig
 from tests.conftest import TINY_CORPUS, TINY_TOKENIZER
 
 MODEL = dict(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 
 
 def parse_or_one_line(parser, args: List[str]):

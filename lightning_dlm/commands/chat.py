@@ -16,7 +16,7 @@ from typing import List, Optional
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.sampling.engine import sampler_defaults
 
 _SAMPLER = sampler_defaults()

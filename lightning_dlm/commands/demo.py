@@ -18,8 +18,8 @@ from typing import List, Optional
 from jsonargparse import ArgumentParser
 from omegaconf import OmegaConf
 
-from lightning_dlm.errors import DLMError
-from lightning_dlm.runs import checkpoint_dir
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.training.runs import checkpoint_dir
 
 # In the corpus's own layout (the Gutenberg plays: "NAME." on a line of its own, a blank line
 # between speeches), so the prompt reads like the text the model was adapted on.
@@ -28,7 +28,7 @@ DEFAULT_INFILL = ("FIRST CITIZEN.\nBefore we proceed any further,", "\n\nALL.\nS
 
 
 def _run_cli(args: List[str]):
-    from lightning_dlm.cli import DLMCLI, lightning_kwargs
+    from lightning_dlm.training.cli import DLMCLI, lightning_kwargs
 
     with warnings.catch_warnings():
         # the demo drives LightningCLI in-process on purpose, while sys.argv holds `dlm demo ...`

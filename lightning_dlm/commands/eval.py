@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 
 TASK_KEYS = ("data", "format", "name")  # the flags that describe the one --task
 REPEATABLE = ("--model", "--set")  # lists that a repeated flag appends to (jsonargparse's --model+)

@@ -6,12 +6,45 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from typing import List, Literal
+from typing import Callable, List, Literal, Optional
 
 from jsonargparse import ActionYesNo, ArgumentParser
 
 from lightning_dlm.commands.sample import TRUST_HELP
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.io.export import check_out_dir
+from lightning_dlm.io.format import DTYPE_CHOICES
+from lightning_dlm.io.safe_read import is_exported_folder, require_exists
+from lightning_dlm.model.diffusion_model import DiffusionModel
+from lightning_dlm.model.pretrained import load_model
+
+
+def export(ckpt: str, out: str, dtype: str = "keep", progress: Optional[Callable[[str], None]] = None,
+           trust_checkpoint: bool = False) -> str:
+    """Write the model of ``ckpt`` (a ``.ckpt`` or sharded checkpoint folder from ``dlm fit``) as a
+    Hugging Face folder ``out`` (new or empty). ``dtype``: ``keep`` (the checkpoint's), ``float32``
+    or ``bfloat16``. ``progress`` receives one line per stage. ``trust_checkpoint``: unpickle the
+    checkpoint in full (code in it can run); by default only tensors and plain data are read.
+    The model is assembled on the meta device from the checkpoint's own tensors, and the folder
+    written under a temporary name and renamed at the end. Returns ``out``."""
+    say = progress or (lambda line: None)
+    out = os.path.abspath(out)
+    check_out_dir(out)
+    if dtype not in DTYPE_CHOICES:
+        raise DLMError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPE_CHOICES)}")
+    require_exists(ckpt)
+    if is_exported_folder(ckpt):
+        raise DLMError(f"'{ckpt}' is a folder written by `dlm export`, not a training checkpoint: it is exported "
+                       f"already (DiffusionModel.from_pretrained(path).save_pretrained(out, dtype=...) converts it)")
+    say(f"reading {ckpt}" + (" (consolidating the shards on the CPU)" if os.path.isdir(ckpt) else ""))
+    model = load_model(ckpt, DiffusionModel, trust_checkpoint=trust_checkpoint, dtype=DTYPE_CHOICES[dtype])
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"model: {model.config.model_type}, {n_params / 1e6:.2f}M parameters, "
+        f"{str(model.model.dtype).replace('torch.', '')}, mask token {model.mask_token_id} "
+        f"({'added' if model.mask_token_added else 'reused'})")
+    return model.save_pretrained(out, progress=say)
 
 
 def _progress(line: str) -> None:
@@ -30,8 +63,6 @@ def export_checkpoint(ckpt: str, out: str, dtype: Literal["keep", "float32", "bf
         trust_checkpoint: unpickle the checkpoint in full, which runs any code in it: only for a file
             whose author you trust (by default only tensors and plain data are read).
     """
-    from lightning_dlm.export import export
-
     export(ckpt, out, dtype=dtype, progress=_progress, trust_checkpoint=trust_checkpoint)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.sampling.engine import sampler_defaults
 
 #: The sampler's defaults (SamplerConfig's, written nowhere else): the signature below shows them in --help.
@@ -159,8 +159,8 @@ def _rows(prompt, suffix, prompts_file) -> List[Dict[str, Any]]:
 
 
 def _run(module, rows, options, stream, *, num_samples, batch_size, format, progress, seed, gen_kwargs) -> None:
-    from lightning_dlm.callbacks.progress import progress_bar
     from lightning_dlm.sampling import generate, row_seeds
+    from lightning_dlm.training.callbacks.progress import progress_bar
 
     tokenizer = module.tokenizer
     if tokenizer is None:

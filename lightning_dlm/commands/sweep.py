@@ -17,7 +17,7 @@ from typing import List, Literal, Optional
 from jsonargparse import ArgumentParser
 
 from lightning_dlm.commands import parse_or_one_line
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 
 
 def sweep(config: str, grid: str, out: Optional[str] = None, launcher: Literal["local", "slurm"] = "local",

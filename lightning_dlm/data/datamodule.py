@@ -25,6 +25,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from lightning_dlm.core.errors import DLMError, require
 from lightning_dlm.data.packing import DocumentEncoder, load_tokenizer
 from lightning_dlm.data.sources import Corpus, CorpusSource, count_documents, open_corpora
 from lightning_dlm.data.stream import (
@@ -35,7 +36,6 @@ from lightning_dlm.data.stream import (
     build_eval_blocks,
     too_few_documents_error,
 )
-from lightning_dlm.errors import DLMError, require
 
 #: Settings the data order depends on; a resume must keep them.
 _ORDER_KEYS = ("world_size", "num_workers", "seed", "seq_len", "batch_size")

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from lightning_dlm.errors import DLMError, require
+from lightning_dlm.core.errors import DLMError, require
 
 
 def load_tokenizer(tokenizer: object):
@@ -76,7 +76,7 @@ def pack_blocks(
 
     With ``document_ids=True`` it yields ``(block, ids)`` pairs instead: ``ids[i]`` numbers the
     document token ``i`` comes from, 0 for the first document of the block, +1 at each document
-    start (for attention kept within documents: ``DiffusionBackbone(..., document_ids=...)``).
+    start (for attention kept within documents: ``DiffusionModel(..., document_ids=...)``).
     """
     require(seq_len >= 1, f"seq_len must be >= 1 (got {seq_len})")
     buffer = np.empty(0, dtype=np.int64)

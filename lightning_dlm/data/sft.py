@@ -32,8 +32,8 @@ from typing import Any, Iterator, List, Optional, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lightning_dlm.errors import DLMError
-from lightning_dlm.seeding import derive_seed
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.seeding import derive_seed
 
 PADDINGS = ("bucket", "fixed")
 TOO_LONG = ("cut", "refuse")

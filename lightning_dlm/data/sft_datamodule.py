@@ -14,9 +14,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from lightning_dlm.core.errors import DLMError, require
 from lightning_dlm.data.packing import load_tokenizer
 from lightning_dlm.data.sft import PADDINGS, SFTBatchStream, SFTEncoder, SFTSource, eval_batches
-from lightning_dlm.errors import DLMError, require
 
 #: Settings the data order depends on; a resume must keep them.
 ORDER_KEYS = ("world_size", "seed", "seq_len", "batch_size", "padding", "bucket_size", "num_examples")

@@ -18,7 +18,8 @@ from typing import Iterator, Literal, Optional, Sequence
 
 import datasets
 
-from lightning_dlm.errors import DLMError, require
+from lightning_dlm.core.errors import DLMError, require
+from lightning_dlm.core.seeding import epoch_seed
 
 #: File extension -> ``datasets`` packaged builder, for ``format: auto``.
 EXTENSION_FORMATS = {
@@ -395,8 +396,6 @@ class DatasetsReader:
         if file_level and num_slots > 1:
             dataset = dataset.shard(num_shards=num_slots, index=slot)
         if self.shuffle_buffer > 0:
-            from lightning_dlm.data.stream import epoch_seed
-
             dataset = dataset.shuffle(seed=epoch_seed(self.seed, epoch, self.source_index), buffer_size=self.shuffle_buffer)
         return dataset
 

@@ -70,16 +70,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
 
+from lightning_dlm.core.errors import DLMError, require
 from lightning_dlm.data.packing import DocumentEncoder, pack_blocks
 from lightning_dlm.data.sources import Corpus, DatasetsReader, LocalFileReader, is_document
-from lightning_dlm.errors import DLMError, require
 
 log = logging.getLogger(__name__)
-
-
-def epoch_seed(seed: int, epoch: int, source_index: int) -> int:
-    """The shuffle-buffer seed of one epoch of one source (the same on every rank and worker)."""
-    return int(np.random.SeedSequence([seed, epoch, source_index]).generate_state(1)[0])
 
 
 #: Version of the cursor layout in batches and checkpoints.

@@ -17,10 +17,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from lightning_dlm.errors import DLMError
-from lightning_dlm.evaluation.scoring import diffusion_row_nll, length_batches, pad_rows
-from lightning_dlm.model.block_forward import block_row_nll
-from lightning_dlm.seeding import derive_seed, make_generator
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.seeding import derive_seed, make_generator
+from lightning_dlm.evaluation.scoring import block_row_nll, diffusion_row_nll, length_batches, pad_rows
 
 
 def encode_pair(encode: Callable[[str], List[int]], context: str, continuation: str) -> Tuple[List[int], List[int]]:

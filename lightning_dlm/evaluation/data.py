@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 
 HUB_PREFIX = "hf://"
 

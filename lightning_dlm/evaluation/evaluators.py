@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.evaluation.choice import choice_rows, diffusion_choice_scores
 from lightning_dlm.evaluation.likelihood import causal_perplexity, diffusion_nelbo
 from lightning_dlm.evaluation.scoring import causal_row_nll
@@ -80,8 +80,8 @@ class DiffusionEvaluator(Evaluator):
 
     def likelihood(self, blocks: torch.Tensor, levels: int = 8, draws: int = 4, batch_size: int = 8, seed: int = 0,
                    progress: Progress = _nothing) -> Dict[str, float]:
-        if self.is_block:  # the sum over blocks of block NELBOs (see model.block_forward)
-            from lightning_dlm.model.block_forward import block_nelbo
+        if self.is_block:  # the sum over blocks of block NELBOs (see lightning_dlm.objectives.block)
+            from lightning_dlm.evaluation.likelihood import block_nelbo
 
             return block_nelbo(self.net, blocks, self.net.diffusion.block_size, shift=self.net.shift, levels=levels,
                                draws=draws, batch_size=batch_size, seed=seed, progress=progress)
@@ -190,7 +190,7 @@ def load_evaluator(path: str, kind: str = "auto", device: str = "cpu", dtype: st
     """An evaluator for ``path``: a diffusion checkpoint (``.ckpt``, sharded or exported folder)
     or a causal LM (hub name or folder). ``kind``: ``auto``, ``diffusion`` or ``ar``.
     ``trust_checkpoint``: unpickle a diffusion checkpoint in full (code in it can run)."""
-    from lightning_dlm.checkpoints import is_diffusion_checkpoint
+    from lightning_dlm.io.safe_read import is_diffusion_checkpoint
 
     if kind not in ("auto", "diffusion", "ar"):
         raise DLMError(f"unknown model kind '{kind}': use auto, diffusion or ar")

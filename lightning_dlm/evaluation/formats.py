@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Sequence
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 
 
 @dataclass

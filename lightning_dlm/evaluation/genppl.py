@@ -13,7 +13,7 @@ from typing import Callable, Dict, Sequence, Union
 
 import torch
 
-from lightning_dlm.evaluation import metrics as M
+import lightning_dlm.evaluation.metrics as M
 from lightning_dlm.evaluation.scoring import length_batches, pad_rows
 
 IGNORE = -100

@@ -30,7 +30,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.evaluation.choice import diffusion_choice_scores
 from lightning_dlm.evaluation.evaluators import DiffusionEvaluator, load_evaluator
 

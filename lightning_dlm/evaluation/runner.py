@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.evaluation.tasks import Task, build_task
 
 #: The metrics the table shows per task kind (everything is in the JSON).
@@ -73,7 +73,7 @@ def _bar(enabled: bool):
     def make(total: int, label: str):
         if not enabled:
             return lambda n: None
-        from lightning_dlm.callbacks.progress import progress_bar
+        from lightning_dlm.training.callbacks.progress import progress_bar
 
         # a tqdm bar on stderr when it is a terminal, else plain lines ("label 40/200 | elapsed 12s | eta 48s")
         bar = progress_bar(total, label, leave=False, file=sys.stderr)

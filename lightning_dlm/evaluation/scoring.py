@@ -16,7 +16,8 @@ from typing import Callable, Iterator, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from lightning_dlm.diffusion.loss import scored_rows
+from lightning_dlm.core.blocks import block_sources
+from lightning_dlm.core.loss import scored_rows
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = 0) -> Iterator[List[int]]:
@@ -98,3 +99,13 @@ def causal_row_nll(model, rows: Sequence[Sequence[int]], starts: Sequence[int], 
         progress(len(batch))
     counts = [len(r) - s for r, s in zip(rows, starts)]
     return (sums, counts, greedy) if want_greedy else (sums, counts)
+
+
+@torch.no_grad()
+def block_row_nll(net, x0: torch.Tensor, xt: torch.Tensor, masked: torch.Tensor, block_size: int,
+                  attention_mask=None, shift: bool = True, want_greedy: bool = False):
+    """:func:`diffusion_row_nll` for a block model: per row, the
+    CE sum of the masked tokens (each block given the clean blocks before it) and their count."""
+    sources, slots = block_sources(masked, block_size, shift)
+    logits = net.block_scored_logits(x0, xt, sources, block_size, attention_mask)
+    return per_row_nll(logits, x0[sources.nonzero()[:, 0], slots], sources, want_greedy)

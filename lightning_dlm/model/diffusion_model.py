@@ -33,14 +33,16 @@ import torch
 from torch import nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, PreTrainedModel
 
-from lightning_dlm.diffusion.annealing import AnnealMask, additive_attention_mask
-from lightning_dlm.diffusion.config import DiffusionConfig
-from lightning_dlm.diffusion.schedules import NoiseSchedule, get_schedule
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.annealing import AnnealMask, additive_attention_mask, causal_allowed
+from lightning_dlm.core.blocks import block_attention_allowed, block_mask_mod, block_positions
+from lightning_dlm.core.config import DiffusionConfig
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.schedules import NoiseSchedule, get_schedule
 from lightning_dlm.model.config import BackboneConfig
-from lightning_dlm.model.flex_masks import FLEX, check_flex_call, check_flex_support, flex_block_mask
+from lightning_dlm.model.flex_masks import FLEX, block_mask_from_mod, check_flex_call, check_flex_support, flex_block_mask
 from lightning_dlm.model.loading import load_causal_lm, max_positions, resolve_hf_config
 from lightning_dlm.model.mask_token import provide_mask_token
+from lightning_dlm.model.pretrained import load_model, save_model
 from lightning_dlm.model.sharded_loading import build_empty_causal_lm
 
 Allowed = Union[AnnealMask, torch.Tensor, None]
@@ -56,7 +58,7 @@ class DiffusionModel(nn.Module):
 
     ``forward(input_ids, attention_mask=None, allowed=None, document_ids=None)`` returns logits
     (B, L, V): ``allowed`` None = full bidirectional attention (the fast kernel path); an
-    :class:`~lightning_dlm.diffusion.annealing.AnnealMask` = that annealing mask (dense for
+    :class:`~lightning_dlm.core.annealing.AnnealMask` = that annealing mask (dense for
     sdpa / eager, evaluated inside the kernel for flex_attention); an (L, L) or (B, L, L) boolean
     ``allowed[q, k]`` = that dense pattern (e.g. causal). ``attention_mask`` (B, L), 1 for real
     tokens, handles padding in every case; ``document_ids`` (B, L) keeps attention within each
@@ -114,10 +116,8 @@ class DiffusionModel(nn.Module):
         """The model of a folder written by ``dlm export`` / :meth:`save_pretrained`, a ``.ckpt``
         or sharded checkpoint folder written by ``dlm fit``, or a hub name of an exported model;
         in eval mode on ``map_location``. Loading runs no code from the files unless
-        ``trust_checkpoint`` (see :func:`lightning_dlm.checkpoints.load_checkpoint_file`)."""
-        from lightning_dlm.model.pretrained import load_model
-
-        model = load_model(str(path), trust_checkpoint=trust_checkpoint).to(map_location).eval()
+        ``trust_checkpoint`` (see :func:`lightning_dlm.io.safe_read.load_checkpoint_file`)."""
+        model = load_model(str(path), cls, trust_checkpoint=trust_checkpoint).to(map_location).eval()
         model.check_row_logits()
         return model
 
@@ -125,8 +125,6 @@ class DiffusionModel(nn.Module):
         """Write the export format: the transformers model (safetensors, ``is_causal: false``), the
         tokenizer naming the mask token, and ``diffusion_config.json``; atomically (a staging folder
         renamed at the end). ``dtype``: ``keep``, ``float32`` or ``bfloat16``."""
-        from lightning_dlm.model.pretrained import save_model
-
         return save_model(self, folder, dtype=dtype, progress=progress)
 
     # --- properties -------------------------------------------------------------------------
@@ -147,9 +145,12 @@ class DiffusionModel(nn.Module):
         return self.model.config._attn_implementation
 
     # --- forward ----------------------------------------------------------------------------
-    def _mask_dtype(self) -> torch.dtype:
-        if torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype() if self.model.device.type == "cuda" else torch.get_autocast_cpu_dtype()
+    def mask_dtype(self) -> torch.dtype:
+        """The dtype an additive attention mask takes: the autocast dtype of the model's device
+        while autocast is on there, else the model's own dtype."""
+        device = self.model.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
         return self.model.dtype
 
     @property
@@ -222,7 +223,7 @@ class DiffusionModel(nn.Module):
             )
         if isinstance(allowed, AnnealMask):
             allowed = allowed.dense(input_ids.shape[1], input_ids.device)
-        return additive_attention_mask(allowed, attention_mask, dtype=self._mask_dtype(), document_ids=document_ids)
+        return additive_attention_mask(allowed, attention_mask, dtype=self.mask_dtype(), document_ids=document_ids)
 
     def _inputs(self, input_ids, attention_mask, allowed: Allowed, document_ids=None) -> dict:
         length = input_ids.shape[1]
@@ -268,6 +269,52 @@ class DiffusionModel(nn.Module):
                                         document_ids=document_ids)
             return self.lm_head(hidden[rows])
         return self(input_ids, attention_mask=attention_mask, allowed=allowed, document_ids=document_ids)[rows]
+
+    # --- the block diffusion layout (diffusion.attention: block) -------------------------------
+    def two_copy_mask(self, length: int, block_size: int, attention_mask: Optional[torch.Tensor],
+                      document_ids: Optional[torch.Tensor], batch: int, device):
+        """The attention argument of the 2L layout (noised copy + clean copy, the three-part
+        pattern of :mod:`lightning_dlm.core.blocks`) for this model's attention kernel."""
+        if self.attn_implementation == FLEX:
+            check_flex_call(self.model, device)
+            if document_ids is not None:
+                raise DLMError("block diffusion with flex_attention does not separate packed documents yet: "
+                               "use attn_implementation: sdpa, or data without document_ids")
+            mod = block_mask_mod(length, block_size, attention_mask.to(device) if attention_mask is not None else None)
+            rows = batch if attention_mask is not None else 1
+            return block_mask_from_mod(mod, rows, 2 * length, 2 * length, device)
+        if self.attn_implementation == "flash_attention_2":
+            raise DLMError("flash_attention_2 takes no attention mask, so it cannot run block diffusion: "
+                           "use attn_implementation: sdpa or flex_attention")
+        allowed = block_attention_allowed(length, block_size, device)
+        pad = torch.cat([attention_mask, attention_mask], 1) if attention_mask is not None else None
+        docs = torch.cat([document_ids, document_ids], 1) if document_ids is not None else None
+        return additive_attention_mask(allowed, pad, dtype=self.mask_dtype(), document_ids=docs)
+
+    def block_scored_logits(self, x0: torch.Tensor, xt: torch.Tensor, sources: torch.Tensor, block_size: int,
+                            attention_mask: Optional[torch.Tensor] = None,
+                            document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (N, V) of the rows ``sources`` (B, 2L) marks, from one pass over [x_t, x_0].
+
+        At block size 1 with only clean rows scored (the shift), the noised copy is never read: the
+        pass runs the clean copy alone under the causal pattern (the causal LM's own computation).
+        """
+        batch, length = x0.shape
+        if block_size == 1 and not bool(sources[:, :length].any()):
+            return self.scored_logits(x0, sources[:, length:], attention_mask=attention_mask,
+                                      allowed=causal_allowed(length, x0.device), document_ids=document_ids)
+        limit = self.max_positions
+        if limit is not None and length > limit:
+            raise DLMError(f"sequence length {length} is above the model's position limit {limit}: lower seq_len")
+        positions = (position_ids_from_padding(attention_mask) if attention_mask is not None
+                     else torch.arange(length, device=x0.device).expand(batch, length))
+        ids = torch.cat([xt, x0], dim=1)
+        mask = self.two_copy_mask(length, block_size, attention_mask, document_ids, batch, x0.device)
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=block_positions(positions), use_cache=False)
+        if self.row_logits_exact:
+            hidden = self.model.get_decoder()(**inputs).last_hidden_state
+            return self.lm_head(hidden[sources])
+        return self.model(**inputs).logits[sources]
 
     def cached_forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                        position_ids: torch.Tensor, keep: torch.Tensor, past=None,

@@ -8,9 +8,9 @@ unchanged (``masking_utils`` returns prepared 4-D masks as they are). This modul
 
     (annealing mask AND key is not padding AND same document) OR query == key
 
-which is the pattern :func:`lightning_dlm.diffusion.annealing.attention_allowed` gives the dense
+which is the pattern :func:`lightning_dlm.core.annealing.attention_allowed` gives the dense
 (SDPA / eager) paths. The annealing part is the seeded hash of
-:class:`~lightning_dlm.diffusion.annealing.AnnealMask`, evaluated per (q, k) inside the kernel.
+:class:`~lightning_dlm.core.annealing.AnnealMask`, evaluated per (q, k) inside the kernel.
 
 On CUDA the block mask is built by a compiled ``create_block_mask`` (the mask is never
 materialised); the mask_mod closes over tensors and plain functions only, so neither it nor the
@@ -25,8 +25,8 @@ from typing import Optional, Union
 
 import torch
 
-from lightning_dlm.diffusion.annealing import AnnealMask, MaskMod
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.annealing import AnnealMask, MaskMod
+from lightning_dlm.core.errors import DLMError
 
 FLEX = "flex_attention"
 # Attention-dropout keys of model configs; transformers' FlexAttention refuses dropout in training.
@@ -113,7 +113,7 @@ def flex_block_mask(
 
 def block_mask_from_mod(mask_mod: MaskMod, rows: int, q_len: int, kv_len: int, device=None, block_size: int = 128):
     """The ``BlockMask`` of any ``mask_mod`` (e.g. block diffusion's 2L pattern,
-    :func:`lightning_dlm.diffusion.blocks.block_mask_mod`); compiled ``create_block_mask`` on CUDA."""
+    :func:`lightning_dlm.core.blocks.block_mask_mod`); compiled ``create_block_mask`` on CUDA."""
     global _compiled_create_block_mask
     flex = _flex()
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -16,7 +16,7 @@ from typing import Any, Union
 
 from torch import nn
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.model.config import LoraOptions
 
 #: transformers model -> its peft tuner (LoraModel); weak, so a dropped model drops its tuner

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from transformers import PreTrainedModel
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.model.config import MaskTokenConfig
 
 

@@ -1,113 +1,127 @@
-"""Where ``DiffusionModel.from_pretrained`` and ``save_pretrained`` find and write a model.
+"""How ``DiffusionModel.from_pretrained`` assembles a model from what a loader read, and how
+``save_pretrained`` hands one to the export writer.
 
-* a folder written by ``dlm export`` / ``save_pretrained`` (``diffusion_config.json`` beside a
-  transformers model folder);
-* a ``.ckpt`` file or a sharded checkpoint folder written by ``dlm fit`` (the transformers model
-  is assembled on the meta device from the checkpoint's own tensors: no second copy);
-* a hub name of an exported model (downloaded with ``huggingface_hub``; needs the network).
+The files are read by :mod:`lightning_dlm.io.loaders` (an exported folder, a ``.ckpt`` or sharded
+checkpoint folder written by ``dlm fit``, or a hub name of an exported model); a checkpoint's
+transformers model is assembled here on the meta device from the checkpoint's own tensors (no
+random initialisation, no second copy of the weights).
 """
 
 from __future__ import annotations
 
 import copy
-import os
-from typing import Callable, Optional
+from collections import Counter
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from lightning_dlm.checkpoints import (
-    EXPORT_CONFIG,
-    is_exported_folder,
-    read_checkpoint,
-    read_export_config,
-    require_exists,
-)
-from lightning_dlm.configs import coerce_config
-from lightning_dlm.diffusion.config import DiffusionConfig
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.config import DiffusionConfig
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.records import coerce_config
+from lightning_dlm.io.export import write_export_folder
+from lightning_dlm.io.format import DTYPE_CHOICES, export_config
+from lightning_dlm.io.loaders import StoredModel, read_stored
+from lightning_dlm.model.config import BackboneConfig
+from lightning_dlm.model.loading import resolve_hf_config
+from lightning_dlm.model.lora import apply_lora, merge_in_place, merged
 
 
-def _looks_like_hub_name(path: str) -> bool:
-    return not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/", "~"))
+def stored_dtype(state: Dict[str, torch.Tensor]) -> torch.dtype:
+    """The floating dtype that holds most of a state dict's numbers (float32 if none)."""
+    counts = Counter()
+    for value in state.values():
+        if value.is_floating_point():
+            counts[value.dtype] += value.numel()
+    return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-def load_model(path: str, trust_checkpoint: bool = False, dtype: Optional[torch.dtype] = None):
-    """A :class:`DiffusionModel` (CPU) from any of the sources above, in ``dtype`` (default: the
-    stored one; a checkpoint's tensors are cast one at a time, never a second copy of the model)."""
-    if _looks_like_hub_name(path):
-        path = _download(path)
-    if is_exported_folder(path):
-        model = _load_exported(path)
-        return model if dtype is None else model.to(dtype)
-    require_exists(path)
-    return _load_checkpoint(path, trust_checkpoint, dtype)
+def build_hf_model(backbone: Dict[str, Any], state: Dict[str, torch.Tensor], dtype: torch.dtype):
+    """The transformers causal LM of a checkpoint's ``backbone`` record, holding ``state`` (cast to
+    ``dtype`` in place), configured for bidirectional attention. Built on the meta device, then
+    given the tensors themselves (no random initialisation)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    cfg = coerce_config(BackboneConfig, backbone)
+    config = resolve_hf_config(cfg)
+    config.is_causal = False  # a diffusion LM attends both ways; transformers' mask builders read this
+    for key, value in state.items():  # one tensor at a time: a cast copy never doubles the model in memory
+        if value.is_floating_point():
+            state[key] = value.to(dtype)
+    # parameters on the meta device; buffers computed from the config (rotary inv_freq is not stored)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora is not None:  # a LoRA run: its adapters are in the state; merged into the weights below
+        model = apply_lora(model, cfg.lora, cfg.mask_token.id)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise DLMError(
+            f"the checkpoint has weights its {config.model_type} model does not ({', '.join(result.unexpected_keys[:5])}): "
+            f"was it written by `dlm fit` with this lightning_dlm?"
+        )
+    if cfg.lora is not None:
+        model = merge_in_place(model)
+    model.tie_weights()
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if left:
+        raise DLMError(f"the checkpoint lacks weights of its {config.model_type} model ({', '.join(left[:5])}): it is incomplete")
+    model.config.dtype = dtype
+    return model.eval()
 
 
-def _download(name: str) -> str:
+def name_mask_token(tokenizer, mask_id: int):
+    """``tokenizer`` naming ``mask_id`` as its mask token: itself when it does already, else a copy
+    that does (a reused id becomes a special token)."""
+    if tokenizer.mask_token_id == mask_id:
+        return tokenizer
+    token = tokenizer.convert_ids_to_tokens(mask_id) if mask_id < len(tokenizer) else None
+    if token is None:
+        raise DLMError(f"the mask token id {mask_id} has no entry in the tokenizer (size {len(tokenizer)}): "
+                       f"cannot export its mask token")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.mask_token = token
+    return tokenizer
+
+
+def _exported_model(folder: str, dtype: Optional[torch.dtype]):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(repo_id=name)
-    except Exception as err:  # noqa: BLE001 - offline, unknown repo, ...: one line
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise DLMError(f"could not fetch '{name}' from the Hugging Face hub ({first}): give a local .ckpt or exported "
-                       f"folder, or check the name and your network access") from None
-    if not os.path.isfile(os.path.join(folder, EXPORT_CONFIG)):
-        raise DLMError(f"hub model '{name}' has no {EXPORT_CONFIG}: it is not a lightning_dlm export (an AR model "
-                       f"loads with transformers' AutoModelForCausalLM)")
-    return folder
-
-
-def _load_checkpoint(path: str, trust: bool, dtype: Optional[torch.dtype] = None):
-    from lightning_dlm.export import backbone_state_dict, build_hf_model, checkpoint_info, stored_dtype, tokenizer_with_mask
-    from lightning_dlm.model.diffusion_model import DiffusionModel
-    from lightning_dlm.module import CHECKPOINT_KEY
-
-    checkpoint = read_checkpoint(path, trust=trust)
-    meta = checkpoint[CHECKPOINT_KEY]
-    state = backbone_state_dict(checkpoint.pop("state_dict"))
-    hf_model = build_hf_model(meta["backbone"], state, dtype or stored_dtype(state))
-    tokenizer = tokenizer_with_mask(meta)
-    diffusion = coerce_config(DiffusionConfig, (checkpoint.get("hyper_parameters") or {}).get("diffusion"))
-    return DiffusionModel(hf_model, meta["mask_token_id"], meta["mask_token_added"], diffusion=diffusion,
-                          tokenizer=tokenizer, info=checkpoint_info(checkpoint, path))
-
-
-def _load_exported(path: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from lightning_dlm.model.diffusion_model import DiffusionModel
-
-    cfg = read_export_config(path)
-    try:
-        config = AutoConfig.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=config.dtype or torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        config = AutoConfig.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=config.dtype or torch.float32)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise DLMError(f"could not read the model in '{path}' ({first}): export the checkpoint again") from None
-    mask_id = int(cfg["mask_token_id"])
-    if tokenizer.mask_token_id is not None and tokenizer.mask_token_id != mask_id:
-        raise DLMError(f"'{path}': the tokenizer's mask token id {tokenizer.mask_token_id} differs from {EXPORT_CONFIG}'s "
-                       f"{mask_id}: export the checkpoint again with `dlm export`")
+        raise DLMError(f"could not read the model in '{folder}' ({first}): export the checkpoint again") from None
+    return model if dtype is None else model.to(dtype)
+
+
+def assemble(stored: StoredModel, factory: Callable[..., Any], dtype: Optional[torch.dtype] = None):
+    """``factory(hf_model, mask_id, added, diffusion=, tokenizer=, info=)`` (a DiffusionModel) of a
+    loader's record, in ``dtype`` (default: the stored one; a checkpoint's tensors are cast one at a
+    time, never a second copy of the model)."""
+    if stored.folder is not None:
+        hf_model = _exported_model(stored.folder, dtype)
+    else:
+        hf_model = build_hf_model(stored.backbone, stored.state, dtype or stored_dtype(stored.state))
     fields = DiffusionConfig.__dataclass_fields__
-    diffusion = DiffusionConfig(**{key: cfg[key] for key in fields if key in cfg})
-    info = {key: cfg[key] for key in ("seed", "val_t_levels", "objective", "tokens_seen", "global_step", "source_checkpoint")
-            if key in cfg}
-    return DiffusionModel(model, mask_id, bool(cfg.get("mask_token_added", False)), diffusion=diffusion,
-                          tokenizer=tokenizer, info=info)
+    diffusion = coerce_config(DiffusionConfig, {key: value for key, value in stored.diffusion.items() if key in fields})
+    tokenizer = name_mask_token(stored.tokenizer, stored.mask_token_id)
+    return factory(hf_model, stored.mask_token_id, stored.mask_token_added, diffusion=diffusion, tokenizer=tokenizer,
+                   info=stored.info)
+
+
+def load_model(path: str, factory: Callable[..., Any], trust_checkpoint: bool = False,
+               dtype: Optional[torch.dtype] = None):
+    """The model at ``path`` (any source :mod:`lightning_dlm.io.loaders` reads) on the CPU."""
+    return assemble(read_stored(str(path), trust=trust_checkpoint), factory, dtype)
 
 
 def save_model(model, folder: str, dtype: str = "keep", progress: Optional[Callable[[str], None]] = None) -> str:
-    """Write ``model`` (a :class:`DiffusionModel`) in the export format (see ``lightning_dlm.export``)."""
-    from lightning_dlm.export import DTYPE_CHOICES, export_config, name_mask_token, write_export_folder
-
+    """Write ``model`` (a :class:`DiffusionModel`) in the export format (see :mod:`lightning_dlm.io.export`)."""
     if dtype not in DTYPE_CHOICES:
         raise DLMError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPE_CHOICES)}")
     if model.tokenizer is None:
         raise DLMError("this model has no tokenizer to save: build it with a tokenizer (backbone.tokenizer)")
-    from lightning_dlm.model.lora import merged
-
     hf_model = merged(model.model)  # LoRA adapters merged into the weights (a copy; the model keeps them)
     target = DTYPE_CHOICES[dtype] or next(hf_model.parameters()).dtype
     if target != next(hf_model.parameters()).dtype:

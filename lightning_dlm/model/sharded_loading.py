@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.model.config import BackboneConfig
 from lightning_dlm.model.loading import DTYPES, resolve_hf_config
 

@@ -34,9 +34,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from lightning_dlm.diffusion import corrupt, maskable_positions, scored_rows, t_grid
-from lightning_dlm.errors import DLMError
-from lightning_dlm.seeding import make_generator
+from lightning_dlm.core import corrupt, maskable_positions, scored_rows, t_grid
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.seeding import make_generator
 
 
 # --- loading --------------------------------------------------------------------------------------

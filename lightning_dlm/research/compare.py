@@ -21,7 +21,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 
 FORMATS = ("markdown", "csv", "json")
 

@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 
 DONE, RECORD, CONFIG = "DONE", "arm.json", "config.yaml"
 

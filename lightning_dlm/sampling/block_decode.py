@@ -31,7 +31,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.sampling.engine import Decoded, SamplerConfig, SamplingStats
 from lightning_dlm.sampling.strategies import StepContext
 
@@ -40,11 +40,10 @@ KV = List[Tuple[torch.Tensor, torch.Tensor]]
 
 def _block_causal_mask(net, positions: torch.Tensor, real: torch.Tensor, block_size: int) -> torch.Tensor:
     """Additive (B, 1, W, W) mask: key visible when its block <= the query's block and it is real."""
-    from lightning_dlm.diffusion.annealing import additive_attention_mask
-    from lightning_dlm.model.block_forward import mask_dtype
+    from lightning_dlm.core.annealing import additive_attention_mask
 
     allowed = (positions[:, None, :] // block_size) <= (positions[:, :, None] // block_size)
-    return additive_attention_mask(allowed, real, dtype=mask_dtype(net))
+    return additive_attention_mask(allowed, real, dtype=net.mask_dtype())
 
 
 class _Rows:
@@ -310,7 +309,6 @@ def _commit_and_next(net, kv: Optional[KV], kv_real, block_ids, pos, nxt, sel, s
     block's queries see the cache and themselves, the next block's see the cache, the clean block
     and themselves; only the clean block's keys/values are kept. Returns the new cache, its key
     mask, the first-slot logits and the next block's slot-aligned logits."""
-    from lightning_dlm.model.block_forward import mask_dtype
 
     B, device = block_ids.shape[1], block_ids.device
     rows = block_ids.shape[0]
@@ -323,7 +321,7 @@ def _commit_and_next(net, kv: Optional[KV], kv_real, block_ids, pos, nxt, sel, s
     keys = torch.cat([prev, torch.ones((rows, 2 * B), dtype=prev.dtype, device=device)], 1).bool()
     allowed = keys[:, None, :].repeat(1, 2 * B, 1)
     allowed[:, :B, c + B:] = False  # the clean block does not see the next block
-    dtype = mask_dtype(net)
+    dtype = net.mask_dtype()
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     ids = torch.cat([block_ids, nxt], 1)
     positions = torch.cat([pos, pos + B], 1)
@@ -355,71 +353,3 @@ def _uncached(net, rows: _Rows, active: List[int], starts: List[int], block_ids,
     stats.full_passes += 1
     stats.positions_computed += len(active) * width
     return logits
-
-
-def generate_blocks(net, tokenizer, prompts: Sequence[str], *, length: Optional[int], max_length: Optional[int],
-                    suffixes=None, steps: Optional[int] = None, temperature: Optional[float] = None,
-                    top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
-                    strategy=None, block_size: Optional[int] = None, cache: Optional[str] = None,
-                    refresh_every: Optional[int] = None, capture_trajectory: bool = False, seeds=None,
-                    schedule=None, shift: bool = True, **strategy_options):
-    """:func:`~lightning_dlm.sampling.generate` for a block model (it dispatches here).
-
-    ``steps``: denoising steps per block at most (default the block size: one slot per step at
-    least); ``strategy`` defaults to ``threshold`` (parallel decoding). Options beyond the
-    strategy's: ``kv_cache`` (default True: the exact cache; False = the uncached reference),
-    ``sub_block`` and ``sub_block_cache`` (Fast-dLLM v2). Approximate caches (``prefix`` /
-    ``dual``) and suffixes (infilling) are refused: blocks are causal.
-    """
-    from lightning_dlm.model.loading import start_and_pad_ids
-    from lightning_dlm.sampling.generate import Generation, row_seeds, suppressed_ids
-
-    if cache not in (None, "none"):
-        raise DLMError(f"cache='{cache}' is an approximate cache for bidirectional models; a block model caches its "
-                       f"committed blocks exactly by itself: leave cache out (or set it to none)")
-    if refresh_every is not None:
-        raise DLMError("refresh_every applies to approximate caches: a block model's cache is exact, leave it out")
-    if suffixes is not None and any(suffixes):
-        raise DLMError("a block model decodes left to right (causal across blocks) and cannot infill: give no suffixes")
-    if length is not None and max_length is not None:
-        raise DLMError("give either length (exactly that many tokens) or max_length (stop at EOS), not both")
-    kv_cache = bool(strategy_options.pop("kv_cache", True))
-    sub_block = strategy_options.pop("sub_block", None)
-    sub_block_cache = bool(strategy_options.pop("sub_block_cache", False))
-    stop_at_eos = max_length is not None
-    length = max_length if stop_at_eos else (64 if length is None else length)
-    size = int(block_size if block_size is not None else net.diffusion.block_size)
-    if size < 1:
-        raise DLMError(f"block_size must be >= 1, got {size}")
-    prompts = list(prompts)
-    if not prompts:
-        raise DLMError("no prompts given: give at least one prompt (it may be empty)")
-    per_block = size if steps is None else max(1, min(size, math.ceil(steps * size / max(length, 1))))
-    config = SamplerConfig(steps=per_block, temperature=temperature, top_k=top_k, top_p=top_p,
-                           strategy=strategy if strategy is not None else "threshold",
-                           strategy_options=strategy_options, stop_at_eos=stop_at_eos,
-                           capture_trajectory=capture_trajectory)
-    start, pad = start_and_pad_ids(tokenizer)
-    prefixes = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    prefixes = [x if x else ([start] if start is not None else []) for x in prefixes]
-    limit = net.max_positions
-    longest = max(len(x) for x in prefixes) + length + size
-    if limit is not None and longest > limit:
-        raise DLMError(f"prompt + length (+ one block) is {longest} tokens, above the model's limit of {limit}: "
-                       f"shorten the prompt or the length")
-    if seeds is None:
-        seeds = row_seeds(seed, prefixes)
-    elif len(seeds) != len(prompts):
-        raise DLMError(f"got {len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
-    was_training = net.training
-    net.eval()
-    try:
-        out = block_decode(net, prefixes, length, config, block_size=size, schedule=schedule, seeds=seeds,
-                           shift=shift, eos_id=tokenizer.eos_token_id, suppress_ids=suppressed_ids(net, tokenizer),
-                           kv_cache=kv_cache, sub_block=sub_block, sub_block_cache=sub_block_cache)
-    finally:
-        net.train(was_training)
-    return Generation(texts=[tokenizer.decode(row) for row in out.tokens], token_ids=out.tokens,
-                      forward_passes=out.stats.forward_passes, stats=out.stats, stopped_at_eos=out.stopped_at_eos,
-                      seeds=list(seeds), ids=out.ids, trajectory=out.trajectory, mask_id=net.mask_token_id,
-                      target_span=(0, 0))

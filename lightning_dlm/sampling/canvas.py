@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.model.diffusion_model import position_ids_from_padding
 
 CACHE_MODES = ("none", "prefix", "dual")

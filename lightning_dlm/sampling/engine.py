@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from lightning_dlm.diffusion.schedules import NoiseSchedule
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.schedules import NoiseSchedule
 from lightning_dlm.sampling.canvas import Canvas, slot_logit_positions
 from lightning_dlm.sampling.denoisers import CACHE_MODES, FunctionDenoiser
 from lightning_dlm.sampling.filtering import check_sampling_args

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 
 
 def check_sampling_args(temperature: float, top_k: int, top_p: float) -> None:

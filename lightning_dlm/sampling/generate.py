@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from lightning_dlm.diffusion.schedules import get_schedule
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.schedules import get_schedule
+from lightning_dlm.core.seeding import derive_seed
 from lightning_dlm.model import DiffusionModel
 from lightning_dlm.model.loading import start_and_pad_ids
+from lightning_dlm.sampling.block_decode import block_decode
 from lightning_dlm.sampling.canvas import build_canvas
 from lightning_dlm.sampling.denoisers import ModelDenoiser
 from lightning_dlm.sampling.engine import SamplerConfig, SamplingStats, decode
-from lightning_dlm.seeding import derive_seed
 
 
 @dataclass
@@ -148,8 +150,6 @@ def generate(
     if tokenizer is None:
         raise DLMError("this model has no tokenizer: set backbone.tokenizer, or load a lightning_dlm checkpoint")
     if net.diffusion.is_block:  # block diffusion: block by block with an exact KV cache (sampling.block_decode)
-        from lightning_dlm.sampling.block_decode import generate_blocks
-
         if cfg_scale:
             raise DLMError("cfg_scale is not available for block diffusion models (their decoder has no guidance): drop it")
 
@@ -195,3 +195,68 @@ def generate(
     return Generation(texts=texts, token_ids=out.tokens, forward_passes=out.stats.forward_passes, stats=out.stats,
                       stopped_at_eos=out.stopped_at_eos, seeds=list(seeds), ids=out.ids, trajectory=out.trajectory,
                       mask_id=net.mask_token_id, target_span=canvas.target_span())
+
+
+def generate_blocks(net, tokenizer, prompts: Sequence[str], *, length: Optional[int], max_length: Optional[int],
+                    suffixes=None, steps: Optional[int] = None, temperature: Optional[float] = None,
+                    top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+                    strategy=None, block_size: Optional[int] = None, cache: Optional[str] = None,
+                    refresh_every: Optional[int] = None, capture_trajectory: bool = False, seeds=None,
+                    schedule=None, shift: bool = True, **strategy_options):
+    """:func:`~lightning_dlm.sampling.generate` for a block model (it dispatches here).
+
+    ``steps``: denoising steps per block at most (default the block size: one slot per step at
+    least); ``strategy`` defaults to ``threshold`` (parallel decoding). Options beyond the
+    strategy's: ``kv_cache`` (default True: the exact cache; False = the uncached reference),
+    ``sub_block`` and ``sub_block_cache`` (Fast-dLLM v2). Approximate caches (``prefix`` /
+    ``dual``) and suffixes (infilling) are refused: blocks are causal.
+    """
+    if cache not in (None, "none"):
+        raise DLMError(f"cache='{cache}' is an approximate cache for bidirectional models; a block model caches its "
+                       f"committed blocks exactly by itself: leave cache out (or set it to none)")
+    if refresh_every is not None:
+        raise DLMError("refresh_every applies to approximate caches: a block model's cache is exact, leave it out")
+    if suffixes is not None and any(suffixes):
+        raise DLMError("a block model decodes left to right (causal across blocks) and cannot infill: give no suffixes")
+    if length is not None and max_length is not None:
+        raise DLMError("give either length (exactly that many tokens) or max_length (stop at EOS), not both")
+    kv_cache = bool(strategy_options.pop("kv_cache", True))
+    sub_block = strategy_options.pop("sub_block", None)
+    sub_block_cache = bool(strategy_options.pop("sub_block_cache", False))
+    stop_at_eos = max_length is not None
+    length = max_length if stop_at_eos else (64 if length is None else length)
+    size = int(block_size if block_size is not None else net.diffusion.block_size)
+    if size < 1:
+        raise DLMError(f"block_size must be >= 1, got {size}")
+    prompts = list(prompts)
+    if not prompts:
+        raise DLMError("no prompts given: give at least one prompt (it may be empty)")
+    per_block = size if steps is None else max(1, min(size, math.ceil(steps * size / max(length, 1))))
+    config = SamplerConfig(steps=per_block, temperature=temperature, top_k=top_k, top_p=top_p,
+                           strategy=strategy if strategy is not None else "threshold",
+                           strategy_options=strategy_options, stop_at_eos=stop_at_eos,
+                           capture_trajectory=capture_trajectory)
+    start, pad = start_and_pad_ids(tokenizer)
+    prefixes = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prefixes = [x if x else ([start] if start is not None else []) for x in prefixes]
+    limit = net.max_positions
+    longest = max(len(x) for x in prefixes) + length + size
+    if limit is not None and longest > limit:
+        raise DLMError(f"prompt + length (+ one block) is {longest} tokens, above the model's limit of {limit}: "
+                       f"shorten the prompt or the length")
+    if seeds is None:
+        seeds = row_seeds(seed, prefixes)
+    elif len(seeds) != len(prompts):
+        raise DLMError(f"got {len(seeds)} seeds for {len(prompts)} prompts: give one seed per prompt")
+    was_training = net.training
+    net.eval()
+    try:
+        out = block_decode(net, prefixes, length, config, block_size=size, schedule=schedule, seeds=seeds,
+                           shift=shift, eos_id=tokenizer.eos_token_id, suppress_ids=suppressed_ids(net, tokenizer),
+                           kv_cache=kv_cache, sub_block=sub_block, sub_block_cache=sub_block_cache)
+    finally:
+        net.train(was_training)
+    return Generation(texts=[tokenizer.decode(row) for row in out.tokens], token_ids=out.tokens,
+                      forward_passes=out.stats.forward_passes, stats=out.stats, stopped_at_eos=out.stopped_at_eos,
+                      seeds=list(seeds), ids=out.ids, trajectory=out.trajectory, mask_id=net.mask_token_id,
+                      target_span=(0, 0))

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
 from lightning_dlm.sampling.denoisers import Keep
 
 

@@ -34,8 +34,8 @@ from typing import Callable, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 
-from lightning_dlm.diffusion.schedules import NoiseSchedule
-from lightning_dlm.errors import DLMError
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.schedules import NoiseSchedule
 from lightning_dlm.sampling.filtering import filter_logits
 
 Commit = Tuple[torch.Tensor, torch.Tensor]  # (commit mask (B, Lb) bool, tokens (B, Lb) long)

@@ -1,0 +1,53 @@
+"""The block diffusion objective (``model.diffusion.attention: block``): one pass over the noised
+and the clean copy of every sequence (the 2L layout of :mod:`lightning_dlm.core.blocks`, run by
+:meth:`DiffusionModel.block_scored_logits`), each block's masked tokens scored given the clean
+blocks before it.
+
+NELBO of a block model. The model factorises ``log p(x) = sum_b log p(x_b | x_<b)`` and bounds
+every block term by its own masked-diffusion ELBO given the clean blocks before it, so its NELBO
+is the sum over blocks of block NELBOs (per token: divided by the number of target tokens, as
+for a bidirectional model). Both are upper bounds on the NLL; the block bound is the AR NLL at
+block size 1 and the bidirectional bound at block size L, and is typically tighter in between
+(each block is denoised given an exact clean context).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lightning_dlm.core.blocks import block_sources, complement, corrupt_positions
+from lightning_dlm.core.corruption import maskable_positions
+from lightning_dlm.core.loss import loss_terms_from_rows
+
+
+def block_loss_terms(net, x0: torch.Tensor, t_pos: torch.Tensor, schedule, block_size: int, shift: bool = True,
+                     generator=None, attention_mask: Optional[torch.Tensor] = None,
+                     document_ids: Optional[torch.Tensor] = None, complementary: bool = False,
+                     protected: Optional[torch.Tensor] = None):
+    """The block objective: returns ``(LossTerms, masked, maskable)``.
+
+    ``t_pos`` (B, L) is the time of every position (per sequence or per block, see
+    :func:`~lightning_dlm.core.blocks.block_times`); masks are drawn from ``generator``. With
+    ``complementary`` the batch is doubled with the complementary masks at time 1 - t, and the
+    number of targets doubles with it (the loss is the mean of the two estimates).
+    """
+    maskable = maskable_positions(x0.shape, shift, attention_mask, protected=protected, device=x0.device)
+    xt, masked, _ = corrupt_positions(x0, t_pos, net.mask_token_id, schedule, maskable, generator)
+    num_targets = maskable.sum()
+    ids0, times, pad, docs = x0, t_pos, attention_mask, document_ids
+    all_masked = masked
+    if complementary:
+        xt2, masked2, t2 = complement(x0, masked, maskable, t_pos, net.mask_token_id)
+        ids0, xt, all_masked = torch.cat([x0, x0]), torch.cat([xt, xt2]), torch.cat([masked, masked2])
+        times = torch.cat([t_pos, t2])
+        pad = torch.cat([attention_mask, attention_mask]) if attention_mask is not None else None
+        docs = torch.cat([document_ids, document_ids]) if document_ids is not None else None
+        num_targets = 2 * num_targets
+    sources, slots = block_sources(all_masked, block_size, shift)
+    logits = net.block_scored_logits(ids0, xt, sources, block_size, pad, docs)
+    row = sources.nonzero()[:, 0]
+    targets = ids0[row, slots]
+    weights = schedule.weight(times[row, slots].float())
+    return loss_terms_from_rows(logits, targets, weights, num_targets), masked, maskable

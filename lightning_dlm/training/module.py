@@ -1,0 +1,526 @@
+"""``DiffusionLM``: the LightningModule, a thin composition of the backbone and the diffusion math.
+
+Noise (t, masks, annealing masks) and dropout are drawn from generators (or, for the annealing
+mask, a hash) seeded by (seed, batch counter, rank), so a resumed run draws exactly what the
+uninterrupted run drew. Batches may carry ``document_ids`` (B, L) to keep attention within the
+documents of packed rows.
+Checkpoints are self-contained: they carry the model's transformers config and tokenizer, so
+``DiffusionLM.load_from_checkpoint(path)`` works without the original weights or paths.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, replace
+from functools import partial
+from typing import Any, Dict, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torchmetrics.aggregation import MeanMetric, SumMetric
+
+from lightning_dlm.core import (
+    anneal_ratio,
+    annealing_mask,
+    causal_allowed,
+    corrupt,
+    get_schedule,
+    loss_terms_from_rows,
+    maskable_positions,
+    sample_t,
+    scored_rows,
+    t_grid,
+)
+from lightning_dlm.core.blocks import block_size_at, block_times, check_block_seq_len
+from lightning_dlm.core.config import DiffusionConfig
+from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.records import coerce_config
+from lightning_dlm.core.seeding import derive_seed, make_generator
+from lightning_dlm.io.format import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+from lightning_dlm.io.safe_read import read_checkpoint
+from lightning_dlm.io.tokenizer_files import tokenizer_from_files, tokenizer_to_files
+from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig, load_tokenizer
+from lightning_dlm.model.loading import max_positions, resolve_hf_config
+from lightning_dlm.model.sharded_loading import broadcast_into_sharded, loads_pretrained_weights, materialize_meta
+from lightning_dlm.objectives.block import block_loss_terms
+from lightning_dlm.training.distributed import clip_grad_norm_sharded
+from lightning_dlm.training.optim import OptimConfig, build_optimizer, lr_multiplier
+from lightning_dlm.training.resume import apply_optim_changes, compare_hparams
+
+#: What a run trains: the diffusion objective (the method) or the plain causal LM objective through
+#: the same model, data and trainer (the ablation's AR baseline, ``model.objective: ar``).
+OBJECTIVES = ("diffusion", "ar")
+
+
+class DiffusionLM(L.LightningModule):
+    """A pretrained causal LM trained as a masked diffusion LM.
+
+    Args:
+        backbone: which model to adapt (see :class:`BackboneConfig`).
+        diffusion: the objective: schedule, shift, normalisation, annealing.
+        optim: AdamW and learning-rate schedule.
+        seed: seeds every noise draw together with the batch counter and the rank.
+        val_t_levels: validation estimates E_t on this many fixed, equally spaced levels of t.
+        objective: ``diffusion`` (the method) or ``ar``: next-token cross-entropy under causal
+            attention, no mask token in the input, through the same model, data and trainer, so an
+            AR baseline is compared on the same footing. Its val/nelbo is the exact NLL per token
+            (an AR model's likelihood is exact, not a bound), over the same targets as the
+            diffusion runs' (every token after the first of a block); the diffusion options
+            (schedule, shift, annealing) are unused.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneConfig,
+        diffusion: DiffusionConfig = DiffusionConfig(),
+        optim: OptimConfig = OptimConfig(),
+        seed: int = 0,
+        val_t_levels: int = 8,
+        objective: str = "diffusion",
+    ):
+        super().__init__()
+        self.backbone_cfg = coerce_config(BackboneConfig, backbone)
+        self.diffusion_cfg = coerce_config(DiffusionConfig, diffusion).check()
+        self.optim_cfg = coerce_config(OptimConfig, optim).check()
+        if val_t_levels < 1:
+            raise DLMError(f"val_t_levels must be >= 1, got {val_t_levels}")
+        if objective not in OBJECTIVES:
+            raise DLMError(f"unknown model.objective '{objective}': choose one of {', '.join(OBJECTIVES)}")
+        self.save_hyperparameters(
+            {
+                "backbone": asdict(self.backbone_cfg),
+                "diffusion": asdict(self.diffusion_cfg),
+                "optim": asdict(self.optim_cfg),
+                "seed": seed,
+                "val_t_levels": val_t_levels,
+                "objective": objective,
+            }
+        )
+        self.objective = objective
+        # the training terms and the evaluation NLL of the objective, by name (no branching below)
+        self._train_terms = {"diffusion": self._diffusion_train_terms, "ar": self._causal_train_terms}[objective]
+        self._eval_nll = {"diffusion": self.nelbo_per_token, "ar": self.causal_nll_per_token}[objective]
+        if objective == "diffusion" and self.diffusion_cfg.is_block:  # block diffusion: its own terms
+            self._train_terms = self._block_train_terms
+        self.seed = seed
+        self.val_t_levels = val_t_levels
+        self.schedule = get_schedule(self.diffusion_cfg.schedule, **self.diffusion_cfg.schedule_kwargs)
+        self.net: Optional[DiffusionModel] = None
+        self._pending_weights = False  # sharded load: weights still to be broadcast into the shards
+        self._first_nonfinite: Optional[torch.Tensor] = None  # first step with a nan/inf loss (device)
+        self.tokenizer = None
+        self.tokens_seen = 0
+        # NELBO per token (weighted by targets), its square and the number of batches: the mean and
+        # its standard error over the evaluation batches (val/nelbo_se)
+        self.val_nelbo, self.val_nelbo_sq, self.val_batches = MeanMetric(), MeanMetric(), SumMetric()
+        self.test_nelbo, self.test_nelbo_sq, self.test_batches = MeanMetric(), MeanMetric(), SumMetric()
+
+    # --- model construction -------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Build the backbone once (also called by Lightning for sharded strategies).
+
+        Under FSDP with several ranks, pretrained weights are not read by every rank: the
+        backbone is built empty (parameters on the meta device), FSDP materialises each unit
+        sharded, and rank 0 broadcasts the weights into the shards when the run starts
+        (:meth:`_load_pending_weights`), so a node holds about one copy of them in CPU memory.
+        """
+        if self.net is not None:
+            return
+        cfg = self.backbone_cfg
+        if cfg.tokenizer_source is not None:
+            self.tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.trust_remote_code)
+        empty = self._sharded_load()
+        self.net = DiffusionModel.from_config(cfg, self.tokenizer, seed=self.seed, empty=empty,
+                                              diffusion=self.diffusion_cfg)
+        if empty:
+            strategy = self.trainer.strategy
+            strategy.kwargs.setdefault("param_init_fn", partial(materialize_meta, device=strategy.root_device))
+            self._pending_weights = True
+        else:
+            self.net.check_row_logits()  # now, not inside the first (FLOP-counted) training step
+        # from_pretrained returns eval mode, and Lightning keeps the mode it finds: dropout-bearing
+        # models would silently train without dropout.
+        self.net.train()
+
+    def _sharded_load(self) -> bool:
+        """Whether to build empty and broadcast rank 0's weights (FSDP, several ranks, pretrained)."""
+        if self._trainer is None or not loads_pretrained_weights(self.backbone_cfg):
+            return False
+        strategy = self.trainer.strategy
+        return isinstance(strategy, FSDPStrategy) and strategy.world_size > 1
+
+    def _load_pending_weights(self) -> None:
+        """Rank 0 reads the pretrained weights (mask token applied) and broadcasts them into the
+        FSDP shards; skipped when the run resumes (the checkpoint brings every weight)."""
+        if not self._pending_weights:
+            return
+        self._pending_weights = False
+        if self.trainer.ckpt_path:
+            return
+        source = None
+        if self.global_rank == 0:
+            cfg = self.backbone_cfg
+            tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.trust_remote_code) if cfg.tokenizer_source else None
+            full = DiffusionModel.from_config(cfg, tokenizer, seed=self.seed)
+            exact = [full.check_row_logits()]  # decided on the whole model, before it is sharded
+            source = full.model.state_dict()
+        else:
+            exact = [None]
+        broadcast_into_sharded(self.trainer.strategy.model, source, prefix="net.model.")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(exact, src=0)
+        self.net.row_logits_exact = exact[0]
+        del source
+
+    def on_fit_start(self) -> None:
+        self._load_pending_weights()
+
+    def on_validation_start(self) -> None:
+        self._load_pending_weights()
+
+    def on_test_start(self) -> None:
+        self._load_pending_weights()
+
+    def on_predict_start(self) -> None:
+        self._load_pending_weights()
+
+    @property
+    def mask_token_id(self) -> int:
+        return self._require_net().mask_token_id
+
+    def _require_net(self) -> DiffusionModel:
+        if self.net is None:
+            self.configure_model()
+        return self.net
+
+    def forward(self, input_ids, attention_mask=None, allowed=None, document_ids=None) -> torch.Tensor:
+        return self._require_net()(input_ids, attention_mask=attention_mask, allowed=allowed, document_ids=document_ids)
+
+    def setup(self, stage: str) -> None:
+        # The backbone is NOT built here: Lightning calls configure_model after setup, inside the
+        # strategy's init/sharding context (FSDP wraps and shards it layer by layer there). The
+        # position limit comes from the model's config alone.
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        seq_len = getattr(datamodule, "seq_len", None)
+        limit = self.net.max_positions if self.net is not None else max_positions(resolve_hf_config(self.backbone_cfg))
+        if seq_len is not None and limit is not None and seq_len > limit:
+            raise DLMError(
+                f"data.seq_len {seq_len} is above the model's position limit {limit}: set data.seq_len <= {limit}"
+            )
+        if seq_len is not None and self.diffusion_cfg.is_block:
+            check_block_seq_len(self.diffusion_cfg, int(seq_len))
+
+    # --- the objective --------------------------------------------------------------------------
+    def _batch_counter(self, batch: Dict[str, Any], batch_idx: int) -> int:
+        if "index" in batch:
+            return int(batch["index"])
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return self.global_step * accumulate + batch_idx % accumulate
+
+    def diffusion_terms(self, x0, attention_mask, t, allowed, generator, document_ids=None, protected=None):
+        """Corrupt ``x0`` at times ``t``, run the model, return (LossTerms, masked, maskable).
+
+        The model gives the logits of the scored rows only (about half of them on average; its
+        LM head runs on those rows alone when that is exact), which is all the loss needs.
+        ``protected`` (B, L) True = never noised nor scored (an SFT prompt: ``batch["prompt_mask"]``).
+        """
+        cfg = self.diffusion_cfg
+        net = self._require_net()
+        maskable = maskable_positions(x0.shape, cfg.shift, attention_mask, protected=protected, device=x0.device)
+        xt, masked = corrupt(x0, t, net.mask_token_id, self.schedule, maskable, generator)
+        num_targets = maskable.sum()  # real target positions (no padding), a tensor: no host sync
+        sources, targets = scored_rows(x0, masked, cfg.shift)
+        logits = net.scored_logits(xt, sources, attention_mask=attention_mask, allowed=allowed,
+                                   document_ids=document_ids)
+        weights = self.schedule.weight(t.float()).to(x0.device)[:, None].expand_as(sources)[sources]
+        return loss_terms_from_rows(logits, targets, weights, num_targets), masked, maskable
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Dropout draws from torch's global generator: reseed it per batch so resume is exact.
+        torch.manual_seed(derive_seed(self.seed, self._batch_counter(batch, batch_idx), self.global_rank, 1))
+
+    def _diffusion_train_terms(self, batch, counter: int):
+        """The diffusion objective's terms for one batch: t, masks and annealing mask drawn from
+        (seed, batch counter, rank). Returns (LossTerms, masked, maskable, anneal ratio)."""
+        cfg = self.diffusion_cfg
+        x0 = batch["input_ids"]
+        generator = make_generator(self.seed, counter, self.global_rank, device=x0.device)
+        t = sample_t(x0.shape[0], cfg.eps, cfg.t_sampling, generator, x0.device)
+        ratio = anneal_ratio(self.global_step, cfg.anneal_steps)
+        # The annealing mask is a hash of its own seed (tag 2): evaluated densely or inside the kernel.
+        allowed = annealing_mask(cfg.anneal_mask, ratio, derive_seed(self.seed, counter, self.global_rank, 2))
+        terms, masked, maskable = self.diffusion_terms(
+            x0, batch.get("attention_mask"), t, allowed, generator, document_ids=batch.get("document_ids"),
+            protected=batch.get("prompt_mask"),
+        )
+        return terms, masked, maskable, ratio
+
+    def block_terms(self, x0, attention_mask, t_pos, generator, block_size: int, document_ids=None, protected=None,
+                    complementary: bool = False):
+        """The block objective (``diffusion.attention: block``): one pass over the noised and the
+        clean copy (see lightning_dlm.core.blocks). Returns (LossTerms, masked, maskable)."""
+        return block_loss_terms(self._require_net(), x0, t_pos, self.schedule, block_size, self.diffusion_cfg.shift,
+                                generator, attention_mask, document_ids, complementary, protected)
+
+    def _block_train_terms(self, batch, counter: int):
+        """Block-mode terms: the block size of the schedule at this step, t per sequence or per
+        block and the masks drawn from (seed, batch counter, rank), so resume stays exact."""
+        cfg = self.diffusion_cfg
+        x0 = batch["input_ids"]
+        size = block_size_at(self.global_step, cfg.block_size, cfg.block_size_schedule)
+        generator = make_generator(self.seed, counter, self.global_rank, device=x0.device)
+        draw = lambda n: sample_t(n, cfg.eps, cfg.t_sampling, generator, x0.device)  # noqa: E731
+        t_pos = block_times(x0.shape[0], x0.shape[1], size, cfg.block_t == "block", draw)
+        terms, masked, maskable = self.block_terms(x0, batch.get("attention_mask"), t_pos, generator, size,
+                                                   batch.get("document_ids"), batch.get("prompt_mask"),
+                                                   complementary=cfg.complementary_masks)
+        if self._logging_step():
+            self.log("train/block_size", float(size), on_step=True, on_epoch=False, batch_size=x0.shape[0])
+        return terms, masked, maskable, 1.0
+
+    def causal_terms(self, x0, attention_mask=None, document_ids=None, protected=None):
+        """The plain causal LM objective: every real token after the first predicted from the
+        tokens before it (causal attention, clean input). Returns (LossTerms, targets)."""
+        net = self._require_net()
+        targets = maskable_positions(x0.shape, True, attention_mask, protected=protected, device=x0.device)
+        sources, labels = scored_rows(x0, targets, shift=True)
+        logits = net.scored_logits(x0, sources, attention_mask=attention_mask,
+                                   allowed=causal_allowed(x0.shape[1], x0.device), document_ids=document_ids)
+        ones = torch.ones(labels.shape, device=logits.device)
+        return loss_terms_from_rows(logits, labels, ones, targets.sum()), targets
+
+    def _causal_train_terms(self, batch, counter: int):
+        terms, targets = self.causal_terms(batch["input_ids"], batch.get("attention_mask"), batch.get("document_ids"),
+                                           protected=batch.get("prompt_mask"))
+        return terms, targets, targets, 0.0
+
+    def training_step(self, batch, batch_idx):
+        cfg = self.diffusion_cfg
+        x0 = batch["input_ids"]
+        terms, masked, maskable, ratio = self._train_terms(batch, self._batch_counter(batch, batch_idx))
+        loss = terms.normalized(cfg.normalization)  # the AR terms score every target: both normalizations agree
+        self._note_nonfinite(loss)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self.tokens_seen += x0.numel() * world
+        if not self._logging_step():
+            return loss  # no host synchronisation and no cross-rank reduction between logging steps
+        self.check_finite_loss()
+        log = dict(on_step=True, on_epoch=False, batch_size=x0.shape[0])
+        # Every rank draws its own batch and noise: log the mean over ranks (the loss DDP optimises).
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, **log)
+        self.log("train/nelbo", terms.normalized("elbo"), sync_dist=True, **log)
+        self.log("train/anneal_ratio", ratio, **log)
+        self.log("train/masked_fraction", masked.sum() / maskable.sum().clamp_min(1), sync_dist=True, **log)
+        self.log("train/tokens_seen", float(self.tokens_seen), **log)
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], **log)
+        return loss
+
+    def _logging_step(self) -> bool:
+        """Whether the Trainer writes logs after this optimiser step (``log_every_n_steps``)."""
+        if self._trainer is None:
+            return True
+        every = max(1, int(self.trainer.log_every_n_steps or 1))
+        last = self.trainer.max_steps > 0 and self.global_step + 1 >= self.trainer.max_steps
+        return (self.global_step + 1) % every == 0 or last
+
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        """Remember, on the device (no host sync), the first step whose loss was nan or inf."""
+        step = torch.full((), self.global_step, dtype=torch.long, device=loss.device)
+        if self._first_nonfinite is None:
+            self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first_nonfinite < 0)
+        self._first_nonfinite = torch.where(bad, step, self._first_nonfinite)
+
+    def check_finite_loss(self) -> None:
+        """Stop with one line if a loss since the start was nan or inf (checked on logging steps and
+        before every checkpoint, so no checkpoint is written after it)."""
+        if self._first_nonfinite is None:
+            return
+        step = int(self._first_nonfinite.item())
+        if step >= 0:
+            raise DLMError(
+                f"the training loss is nan or inf at step {step}: lower model.optim.lr, set trainer.gradient_clip_val, "
+                f"or use bf16-mixed rather than 16-mixed; no checkpoint was written after it"
+            )
+
+    @torch.no_grad()
+    def nelbo_per_token(
+        self, x0: torch.Tensor, attention_mask=None, batch_key: int = 0, levels: Optional[int] = None, document_ids=None,
+        row_keys: Optional[torch.Tensor] = None, protected: Optional[torch.Tensor] = None,
+    ):
+        """Negative ELBO per target token of a batch, on a fixed grid of t with fixed masks.
+
+        The estimate is a pure function of the weights, the batch and ``batch_key``: two
+        evaluations of the same weights agree exactly. With ``row_keys`` (B,) (e.g. the global
+        index of each evaluation block) every row draws its masks from its own key instead, so
+        the result does not depend on how rows are batched or sharded across ranks.
+        Returns (nelbo_per_token, num_targets).
+        """
+        levels = levels or self.val_t_levels
+        total = torch.zeros((), device=x0.device)
+        num_targets = 0
+        for k, level in enumerate(t_grid(levels, self.diffusion_cfg.eps).tolist()):
+            if row_keys is None:
+                generator = make_generator(self.seed, batch_key, k, 7, device=x0.device)
+            else:
+                generator = [make_generator(self.seed, int(key), k, 8, device=x0.device) for key in row_keys.tolist()]
+            t = torch.full((x0.shape[0],), level, device=x0.device)
+            if self.diffusion_cfg.is_block:  # the sum over blocks of block NELBOs (lightning_dlm.objectives.block)
+                terms, _, _ = self.block_terms(x0, attention_mask, t[:, None].expand(x0.shape), generator,
+                                               self.diffusion_cfg.block_size, document_ids, protected)
+            else:
+                terms, _, _ = self.diffusion_terms(x0, attention_mask, t, None, generator, document_ids=document_ids,
+                                                   protected=protected)
+            total = total + terms.weighted_sum
+            num_targets = terms.num_targets
+        return total / (levels * num_targets), int(num_targets)  # one host sync per batch: an int weight
+
+    @torch.no_grad()
+    def causal_nll_per_token(self, x0: torch.Tensor, attention_mask=None, batch_key: int = 0, document_ids=None,
+                             row_keys: Optional[torch.Tensor] = None, protected: Optional[torch.Tensor] = None, **_):
+        """The exact NLL per target token of a batch under the causal objective (``objective: ar``),
+        with the signature of :meth:`nelbo_per_token` (the keys do not matter: nothing is drawn)."""
+        terms, _ = self.causal_terms(x0, attention_mask, document_ids, protected=protected)
+        num_targets = int(terms.num_targets)
+        return terms.weighted_sum / max(1, num_targets), num_targets
+
+    def _eval_step(self, batch, batch_idx, prefix: str) -> None:
+        nelbo, num_targets = self._eval_nll(
+            batch["input_ids"], batch.get("attention_mask"), batch_idx, document_ids=batch.get("document_ids"),
+            row_keys=batch.get("block_index"), protected=batch.get("prompt_mask"),
+        )
+        getattr(self, f"{prefix}_nelbo").update(nelbo, weight=num_targets)
+        getattr(self, f"{prefix}_nelbo_sq").update(nelbo.double() ** 2, weight=num_targets)
+        getattr(self, f"{prefix}_batches").update(1.0)
+
+    def _eval_epoch_end(self, prefix: str) -> None:
+        metric = getattr(self, f"{prefix}_nelbo")
+        if metric.update_count == 0:
+            return
+        value = metric.compute()
+        square, batches = getattr(self, f"{prefix}_nelbo_sq").compute(), getattr(self, f"{prefix}_batches").compute()
+        spread = (square - value.double() ** 2).clamp_min(0)
+        self.log(f"{prefix}/nelbo", value, prog_bar=True, sync_dist=False)
+        if batches >= 2:  # a standard error needs two batches at least
+            self.log(f"{prefix}/nelbo_se", (spread / (batches - 1)).sqrt().float(), sync_dist=False)
+        self.log(f"{prefix}/ppl_bound", torch.exp(value), sync_dist=False)
+        for name in ("nelbo", "nelbo_sq", "batches"):
+            getattr(self, f"{prefix}_{name}").reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "val")
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end("test")
+
+    # --- optimisation ---------------------------------------------------------------------------
+    def configure_optimizers(self):
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        optimizer, scheduler = build_optimizer(self._require_net(), self.optim_cfg, max_steps if max_steps > 0 else None)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Lightning's FSDP plugin cannot clip by norm; the sharded model clips by the global norm.
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            if clip_grad_norm_sharded(self.trainer.strategy, gradient_clip_val) is not None:
+                return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        self.check_finite_loss()  # never write weights trained through a nan/inf loss
+        net = self._require_net()
+        hf_config = net.config.to_dict()
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "mask_token_id": net.mask_token_id,
+            "mask_token_added": net.mask_token_added,
+            "tokens_seen": self.tokens_seen,
+            "tokenizer_files": tokenizer_to_files(self.tokenizer),
+        }
+        # Rebuilding from the checkpoint needs neither the original weights nor their path: the
+        # backbone is described by its full transformers config and an explicit mask id. The
+        # hyper-parameters stay as the user wrote them (LightningCLI reads them on --ckpt_path).
+        restore = replace(
+            self.backbone_cfg,
+            pretrained=None,
+            config=hf_config,
+            from_scratch=False,
+            tokenizer=None,
+            mask_token=replace(self.backbone_cfg.mask_token, mode="reuse", id=net.mask_token_id),
+        )
+        checkpoint[CHECKPOINT_KEY]["backbone"] = asdict(restore)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, weights_only=None,
+                             **kwargs):
+        """Load a checkpoint anywhere: the backbone is rebuilt from the config stored in it. The file is
+        read with ``torch.load(weights_only=True)`` (no code in it runs); ``weights_only`` set to False, for
+        a file whose author you trust, unpickles it in full (see lightning_dlm.io.safe_read.load_checkpoint_file)."""
+        trust = weights_only is False
+        path = os.fspath(checkpoint_path)
+        if os.path.isdir(path):
+            raise DLMError(f"'{path}' is a folder: load a sharded or exported checkpoint with lightning_dlm.io.safe_read.load_diffusion_lm")
+        checkpoint = read_checkpoint(path, trust=trust)  # one-line errors for missing, damaged, foreign or unsafe files
+        kwargs.setdefault("backbone", checkpoint[CHECKPOINT_KEY]["backbone"])
+        del checkpoint
+        return super().load_from_checkpoint(path, map_location, hparams_file, strict, weights_only=not trust, **kwargs)
+
+    @classmethod
+    def from_model(cls, model: DiffusionModel) -> "DiffusionLM":
+        """A DiffusionLM around a loaded :class:`DiffusionModel` (its weights, config and
+        tokenizer), e.g. to validate or keep training it."""
+        backbone = BackboneConfig(config=model.config.to_dict(), dtype=str(model.model.dtype).replace("torch.", ""),
+                                  attn_implementation=model.attn_implementation,
+                                  mask_token=MaskTokenConfig(mode="reuse", id=model.mask_token_id))
+        module = cls(backbone=backbone, diffusion=model.diffusion, seed=int(model.info.get("seed", 0)),
+                     val_t_levels=int(model.info.get("val_t_levels", 8)), objective=model.objective)
+        module.net, module.tokenizer = model, model.tokenizer
+        module.tokens_seen = int(model.info.get("tokens_seen", 0))
+        return module
+
+    def _follow_new_optim_options(self, checkpoint: Dict[str, Any]) -> None:
+        """A resume with new optimiser options (allowed and printed by the CLI): the restored
+        optimiser and scheduler state take the new peak lr, betas, decay and schedule."""
+        saved = (checkpoint.get("hyper_parameters") or {}).get("optim")
+        if saved is None or compare_hparams(saved, asdict(self.optim_cfg)) == ([], []):
+            return
+        cfg = self.optim_cfg
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        total = cfg.total_steps or (max_steps if max_steps and max_steps > 0 else 1)
+        step = int(checkpoint.get("global_step", 0))
+        apply_optim_changes(checkpoint, cfg.lr, cfg.lr * lr_multiplier(step, cfg, total), cfg.betas,
+                            cfg.weight_decay, cfg.adam_eps)
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        meta = checkpoint.get(CHECKPOINT_KEY)
+        if meta is None:
+            raise DLMError("this checkpoint was not written by lightning_dlm (no diffusion metadata): pass a DiffusionLM checkpoint")
+        self.tokens_seen = int(meta.get("tokens_seen", 0))
+        self._follow_new_optim_options(checkpoint)
+        if self.tokenizer is None and meta.get("tokenizer_files"):
+            self.tokenizer = tokenizer_from_files(meta["tokenizer_files"])
+        net = self._require_net()
+        net.mask_token_added = bool(meta["mask_token_added"])
+        if net.mask_token_id != meta["mask_token_id"]:
+            raise DLMError(
+                f"mask token id mismatch: the checkpoint used {meta['mask_token_id']}, this model "
+                f"{net.mask_token_id}: use the same backbone.mask_token settings as the checkpoint"
+            )
+
+
+def load_diffusion_lm(path: str, map_location: str = "cpu", trust_checkpoint: bool = False) -> DiffusionLM:
+    """A :class:`DiffusionLM` in eval mode around :meth:`DiffusionModel.from_pretrained` of ``path``
+    (a ``.ckpt`` or sharded checkpoint folder written by ``dlm fit``, or a folder written by ``dlm
+    export``): for what the LightningModule adds (``nelbo_per_token``, ``dlm validate``-style
+    evaluation). To sample or evaluate, load the :class:`DiffusionModel` itself."""
+    model = DiffusionModel.from_pretrained(path, map_location=map_location, trust_checkpoint=trust_checkpoint)
+    return DiffusionLM.from_model(model).eval()
