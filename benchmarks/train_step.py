@@ -9,7 +9,7 @@ Variants of one optimiser step, on the same weights, batch, sequence length and 
   (the step the pretrained model was trained with; transformers shifts the labels itself).
 * ``diffusion (annealing, dense mask)``: what ``DiffusionLM.training_step`` does while the
   attention is being annealed (ratio 0.5): ``sample_t`` -> ``annealing_mask`` (a seeded hash
-  mask, here made dense: one L x L boolean) -> ``DiffusionLM.diffusion_terms`` (corruption, the
+  mask, here made dense: one L x L boolean) -> ``DiffusionObjective.diffusion_terms`` (corruption, the
   backbone with the mask as a 4-D additive float mask, the LM head on the scored rows, the ELBO
   terms) -> backward -> AdamW step -> zero_grad.
 * ``diffusion (after annealing)``: the same with ratio 1: no dense mask, the bidirectional kernel
@@ -257,13 +257,13 @@ def causal_step(model, optimizer, x0, autocast) -> torch.Tensor:
 
 def diffusion_step(module, optimizer, x0, ratio, generator, autocast, mask_kind="random") -> torch.Tensor:
     """One step of ``DiffusionLM.training_step`` (uniform t, a freshly seeded annealing mask,
-    shift, ELBO), through the module's own ``diffusion_terms`` (corruption, backbone, loss)."""
+    shift, ELBO), through the objective's own ``diffusion_terms`` (corruption, backbone, loss)."""
     batch = x0.shape[0]
     with autocast():
         t = sample_t(batch, EPS, "uniform", generator, x0.device)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=x0.device).item())
         allowed = annealing_mask(mask_kind, ratio, seed)  # dense for sdpa / eager, a BlockMask for flex
-        terms, _, _ = module.diffusion_terms(x0, None, t, allowed, generator)
+        terms, _, _ = module.objective_impl.diffusion_terms(module.net, x0, None, t, allowed, generator)
         loss = terms.normalized("elbo")
     _update(loss, optimizer)
     return loss

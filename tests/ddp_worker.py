@@ -59,7 +59,8 @@ def fsdp_clipping_check(rank: int, world: int, max_norm: float = 0.05) -> dict:
 
         def forward(self, r):
             x0 = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(100 + r))
-            terms, _, _ = self.lm.diffusion_terms(x0, None, torch.tensor([0.3, 0.8]), None, make_generator(7, r))
+            terms, _, _ = self.lm.objective_impl.diffusion_terms(self.lm.net, x0, None, torch.tensor([0.3, 0.8]), None,
+                                                                 make_generator(7, r))
             return terms.normalized("elbo")
 
     torch.manual_seed(0)  # the same initial weights on every rank

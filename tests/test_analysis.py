@@ -1,4 +1,4 @@
-"""lightning_dlm.research.analysis: the numbers behind the notebooks, checked against the library's own loss."""
+"""lightning_dlm.research.analysis: the numbers behind the notebooks, checked against the hand-computed loss."""
 
 import math
 import os
@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from lightning_dlm.core import diffusion_loss, t_grid
+from lightning_dlm.core import t_grid
 from lightning_dlm.core.config import DiffusionConfig
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.evaluation.likelihood import diffusion_nelbo
@@ -15,6 +15,7 @@ from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig,
 from lightning_dlm.research import analysis
 from lightning_dlm.sampling import generate, slot_logits, suppressed_ids
 from tests.conftest import REPO, TINY_TOKENIZER
+from tests.test_diffusion import hand_nelbo, hand_weight
 
 MODEL = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
@@ -38,7 +39,7 @@ def random_blocks(n=3, length=16, seed=1):
 
 
 @pytest.mark.parametrize("schedule,shift", [("linear", True), ("cosine", True), ("linear", False)])
-def test_by_t_is_the_library_loss_on_the_same_masks(schedule, shift):
+def test_by_t_is_the_hand_computed_loss_on_the_same_masks(schedule, shift):
     net = tiny_model(schedule, shift)
     blocks = random_blocks()
     grid = analysis.noise_grid(net, blocks, levels=4, draws=2, batch_size=2)
@@ -46,20 +47,21 @@ def test_by_t_is_the_library_loss_on_the_same_masks(schedule, shift):
     assert torch.equal(by_t["t"], t_grid(4, eps=net.diffusion.eps).double())
     assert not grid.masked[..., 0].any() if shift else grid.masked[..., 0].any()
     assert not (grid.masked & ~grid.targets).any()
+    targets = blocks.shape[0] * (blocks.shape[1] - shift)  # no padding: every position after the first (or every one)
     for j in range(4):
-        t = by_t["t"][j].float().expand(blocks.shape[0])
-        losses, masked_ce = [], []
+        weight = hand_weight(schedule, float(by_t["t"][j]))
+        assert float(grid.weight[j]) == pytest.approx(weight, rel=1e-5)
+        losses, ce_sum, scored = [], 0.0, 0
         for r in range(2):
             masked = grid.masked[j, r]
             xt = torch.where(masked, torch.full_like(blocks, net.mask_token_id), blocks)
             with torch.no_grad():
-                logits = net(xt)
-            losses.append(float(diffusion_loss(logits, blocks, masked, t, net.schedule, shift, "elbo")))
-            masked_ce.append(float(diffusion_loss(logits, blocks, masked, t, net.schedule, shift, "masked")))
+                logits = net(xt).double().tolist()
+            total, ce, n = hand_nelbo(logits, blocks.tolist(), masked.tolist(), [weight] * blocks.shape[0], shift)
+            losses.append(total / targets)
+            ce_sum, scored = ce_sum + ce, scored + n
         assert float(by_t["nelbo"][j]) == pytest.approx(sum(losses) / 2, rel=1e-5)
-        counts = grid.masked[j].sum(dim=(1, 2)).double()
-        pooled = sum(c * m for c, m in zip(counts.tolist(), masked_ce)) / float(counts.sum()) / float(grid.weight[j])
-        assert float(by_t["masked_ce"][j]) == pytest.approx(pooled, rel=1e-5)
+        assert float(by_t["masked_ce"][j]) == pytest.approx(ce_sum / scored, rel=1e-5)
     # the masked fraction follows the schedule: 1 - alpha(t) (a loose check: 2 x 3 x 15 draws a level)
     expected = net.schedule.mask_prob(by_t["t"])
     assert (by_t["masked_fraction"] - expected).abs().max() < 0.25

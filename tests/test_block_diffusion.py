@@ -25,7 +25,9 @@ from lightning_dlm.core.errors import DLMError
 from lightning_dlm.evaluation.evaluators import DiffusionEvaluator
 from lightning_dlm.evaluation.likelihood import block_nelbo
 from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig
-from lightning_dlm.objectives.block import block_loss_terms
+from lightning_dlm.objectives import build_objective
+from lightning_dlm.objectives.ar import causal_terms
+from lightning_dlm.objectives.block import BlockObjective, block_loss_terms
 from lightning_dlm.sampling import generate
 from lightning_dlm.sampling.block_decode import block_decode
 from lightning_dlm.sampling.engine import SamplerConfig
@@ -44,7 +46,7 @@ def tiny_net(block_size=4, impl="eager", vocab=97, seed=0, tokenizer=None, **dif
                       attn_implementation=impl)
     hf = LlamaForCausalLM(cfg).eval()
     mask_id = vocab - 1
-    net = DiffusionModel(hf, mask_id, False, tokenizer=tokenizer,
+    net = DiffusionModel(hf, mask_id, False, tokenizer=tokenizer, attn_implementation=impl,
                          diffusion=DiffusionConfig(attention="block", block_size=block_size, **diffusion).check())
     return net
 
@@ -72,6 +74,30 @@ def test_block_size_one_is_exactly_the_causal_lm():
     ce = F.cross_entropy(reference[rows[:, 0], rows[:, 1] - L_SEQ], x0[rows[:, 0], slots], reduction="none")
     assert torch.allclose(terms.weighted_sum, 2.0 * ce.sum(), rtol=1e-6, atol=0)
     assert int(terms.num_scored) == int(masked.sum()) > 0
+
+
+def test_block_objective_at_block_size_one_is_the_ar_objective():
+    """Through the registry: ``model.objective: diffusion`` under block attention is the block
+    objective, and at block size 1 with every target masked (linear schedule, t = 1: w = 1) its
+    terms are the AR objective's, padding and prompt included."""
+    net = tiny_net(block_size=1)
+    x0 = sample_batch()
+    pad = torch.ones_like(x0)
+    pad[1, :5] = 0
+    prompt = torch.zeros_like(x0, dtype=torch.bool)
+    prompt[2, :3] = True
+    cfg = DiffusionConfig(attention="block", block_size=1).check()
+    block = build_objective("diffusion", cfg)
+    ar = build_objective("ar", cfg)
+    assert isinstance(block, BlockObjective) and type(ar).__name__ == "CausalObjective"
+    with torch.no_grad():
+        ours = block.level_terms(net, x0, torch.ones(3), pad, torch.Generator().manual_seed(0), None, prompt)
+        theirs, targets = causal_terms(net, x0, pad, protected=prompt)
+        trained = ar.train_terms(net, {"input_ids": x0, "attention_mask": pad, "prompt_mask": prompt}, step=0, counter=0,
+                                 rank=0)
+    assert int(ours.num_scored) == int(theirs.num_scored) == int(targets.sum()) == int(ours.num_targets)
+    torch.testing.assert_close(ours.weighted_sum, theirs.weighted_sum, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.normalized("elbo"), trained.terms.normalized("elbo"), rtol=1e-6, atol=1e-6)
 
 
 # --- the vectorized 2L objective equals a loop over blocks ----------------------------------------

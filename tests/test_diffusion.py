@@ -1,4 +1,6 @@
-"""The pure-torch diffusion math: schedules, t sampling, corruption, loss, annealing masks."""
+"""The pure-torch diffusion math (schedules, t sampling, corruption, loss terms, annealing masks),
+and the training objective checked against a hand-computed NELBO: explicit loops over positions,
+w(t) from the closed-form schedules, compared with what ``DiffusionLM.training_step`` returns."""
 
 import math
 
@@ -16,15 +18,17 @@ from lightning_dlm.core import (
     annealing_mask,
     attention_allowed,
     corrupt,
-    diffusion_loss,
-    diffusion_loss_terms,
     get_schedule,
+    loss_terms_from_rows,
     maskable_positions,
     sample_t,
+    scored_rows,
     t_grid,
 )
 from lightning_dlm.core.config import DiffusionConfig
 from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.loss import LossTerms
+from lightning_dlm.core.seeding import derive_seed, make_generator
 
 SCHEDULE_CASES = [("linear", {}), ("cosine", {}), ("polynomial", {"power": 2.0}), ("polynomial", {"power": 0.5}),
                   ("loglinear", {"eps": 1e-3})]
@@ -142,7 +146,15 @@ def _hand_loss_inputs():
 
 
 def _nll(row, target):
-    return -(row[target] - math.log(sum(math.exp(v) for v in row)))
+    top = max(row)
+    return -(row[target] - top - math.log(sum(math.exp(v - top) for v in row)))
+
+
+def _rows_terms(logits, x0, masked, t, schedule, shift, num_targets):
+    """The loss terms the objectives compute: scored rows, their logits, w(t) of their row."""
+    sources, targets = scored_rows(x0, masked, shift)
+    weights = get_schedule(schedule).weight(t.float())[:, None].expand_as(sources)[sources]
+    return loss_terms_from_rows(logits[sources], targets, weights, num_targets)
 
 
 def test_loss_hand_computed_shift_on():
@@ -150,12 +162,11 @@ def test_loss_hand_computed_shift_on():
     L = logits.tolist()
     # shift: logits[:, i-1] vs x0[:, i] where masked[:, i], i >= 1
     # b=0: i=1 (logits[0][0] vs 1), i=2 (logits[0][1] vs 2), w = 1/0.5 = 2
-    # b=1: i=2 (logits[1][1] vs 1), w = 1/0.25 = 4   (i=0 masked but never a target)
+    # b=1: i=2 (logits[1][1] vs 1), w = 1/0.25 = 4   (i=0 masked but never a target: not maskable)
     total = 2 * (_nll(L[0][0], 1) + _nll(L[0][1], 2)) + 4 * _nll(L[1][1], 1)
-    got_elbo = diffusion_loss(logits, x0, masked, t, "linear", shift=True, normalization="elbo")
-    got_masked = diffusion_loss(logits, x0, masked, t, "linear", shift=True, normalization="masked")
-    assert got_elbo.item() == pytest.approx(total / (2 * 2), rel=1e-6)
-    assert got_masked.item() == pytest.approx(total / 3, rel=1e-6)
+    terms = _rows_terms(logits, x0, masked, t, "linear", True, 2 * 2)
+    assert terms.normalized("elbo").item() == pytest.approx(total / (2 * 2), rel=1e-6)
+    assert terms.normalized("masked").item() == pytest.approx(total / 3, rel=1e-6)
 
 
 def test_loss_hand_computed_shift_off():
@@ -163,42 +174,41 @@ def test_loss_hand_computed_shift_off():
     L = logits.tolist()
     # no shift: logits[:, i] vs x0[:, i] where masked
     total = 2 * (_nll(L[0][1], 1) + _nll(L[0][2], 2)) + 4 * (_nll(L[1][0], 2) + _nll(L[1][2], 1))
-    got_elbo = diffusion_loss(logits, x0, masked, t, "linear", shift=False, normalization="elbo")
-    got_masked = diffusion_loss(logits, x0, masked, t, "linear", shift=False, normalization="masked")
-    assert got_elbo.item() == pytest.approx(total / (2 * 3), rel=1e-6)
-    assert got_masked.item() == pytest.approx(total / 4, rel=1e-6)
+    terms = _rows_terms(logits, x0, masked, t, "linear", False, 2 * 3)
+    assert terms.normalized("elbo").item() == pytest.approx(total / (2 * 3), rel=1e-6)
+    assert terms.normalized("masked").item() == pytest.approx(total / 4, rel=1e-6)
 
 
 def test_reused_mask_id_real_occurrences_are_not_scored():
-    # The mask id 5 also occurs as a real token: what is scored comes from `masked`, not from x_t == 5.
-    x0 = torch.tensor([[1, 5, 5, 2, 5, 3]])
-    t = torch.tensor([0.5])
-    maskable = torch.tensor([[False, False, False, True, False, True]])
-    xt, masked = corrupt(x0, torch.tensor([1.0]), 5, get_schedule("linear"), maskable)  # t=1: all maskable masked
-    assert masked.tolist() == maskable.tolist()
-    assert (xt == 5).sum() == 5  # the three real 5s look like masks in x_t
-    logits = torch.randn(1, 6, 7)
-    by_positions = diffusion_loss(logits, x0, masked, t, "linear")
-    by_id = diffusion_loss(logits, x0, xt == 5, t, "linear")
-    assert by_positions.item() != by_id.item()
-    assert diffusion_loss(logits, x0, torch.zeros_like(masked), t, "linear").item() == 0.0
+    # The mask id 3 also occurs as a real token: what is scored comes from `masked`, not from x_t == 3.
+    module = _tiny_module()
+    x0 = torch.tensor([[1, 3, 3, 20, 3, 30, 40, 3]])
+    protected = torch.tensor([[False, True, False, False, False, False, False, True]])
+    terms, masked, maskable = module.objective_impl.diffusion_terms(module.net, x0, None, torch.ones(1), None,
+                                                                    torch.Generator().manual_seed(0), protected=protected)
+    assert masked.tolist() == maskable.tolist()  # linear schedule, t = 1: every maskable position masked
+    assert int(terms.num_scored) == int(masked.sum()) == 5
+    xt = torch.where(masked, torch.full_like(x0, 3), x0)
+    assert int((xt == 3).sum()) == 7  # the two protected real 3s look like masks in x_t, and are not scored
+    nothing, _, _ = module.objective_impl.diffusion_terms(module.net, x0, None, torch.ones(1), None,
+                                                          torch.Generator().manual_seed(0),
+                                                          protected=torch.ones_like(protected))
+    assert nothing.normalized("elbo").item() == 0.0 and int(nothing.num_scored) == 0
 
 
 def test_loss_is_float32_for_bf16_logits_and_has_gradients():
     logits, x0, masked, t = _hand_loss_inputs()
     lb = logits.bfloat16().requires_grad_()
-    loss = diffusion_loss(lb, x0, masked, t, "cosine")
+    loss = _rows_terms(lb, x0, masked, t, "cosine", True, 4).normalized("elbo")
     assert loss.dtype == torch.float32
     loss.backward()
     assert lb.grad is not None and lb.grad.abs().sum() > 0
 
 
-def test_loss_rejects_bad_normalization_and_shapes():
-    logits, x0, masked, t = _hand_loss_inputs()
+def test_loss_rejects_bad_normalization():
+    terms = LossTerms(torch.ones(()), torch.ones(()), torch.tensor(1), 1)
     with pytest.raises(DLMError, match="normalization"):
-        diffusion_loss(logits, x0, masked, t, "linear", normalization="mean")
-    with pytest.raises(DLMError, match="expects logits"):
-        diffusion_loss(logits[0], x0, masked, t, "linear")
+        terms.normalized("mean")
 
 
 def test_anneal_ratio():
@@ -299,22 +309,129 @@ def test_additive_mask_values_and_padding():
     assert mask.dtype == torch.float32 and additive_attention_mask(allowed, None, torch.bfloat16).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("shift", [True, False])
-def test_rows_terms_equal_full_logits_terms(shift):
-    from lightning_dlm.core import loss_terms_from_rows, scored_rows
+# --- the hand-computed NELBO ------------------------------------------------------------------------
+def hand_weight(schedule: str, t: float) -> float:
+    """w(t) = -alpha'(t) / (1 - alpha(t)) from the closed forms (linear: alpha = 1 - t; cosine: cos(pi t / 2))."""
+    if schedule == "linear":
+        return 1.0 / t
+    if schedule == "cosine":
+        return 0.5 * math.pi * math.sin(0.5 * math.pi * t) / (1.0 - math.cos(0.5 * math.pi * t))
+    raise ValueError(schedule)
 
+
+def hand_mask_prob(schedule: str, t: float) -> float:
+    """1 - alpha(t), the probability that a maskable token is masked at time t."""
+    return {"linear": t, "cosine": 1.0 - math.cos(0.5 * math.pi * t)}[schedule]
+
+
+def hand_maskable(attention_mask, protected, shift):
+    """Position i of row b is a target iff it is a real token, not protected, and (with the shift)
+    it has a real token before it to be predicted from. Nested lists, by explicit loops."""
+    rows, length = len(attention_mask), len(attention_mask[0])
+    out = [[False] * length for _ in range(rows)]
+    for b in range(rows):
+        for i in range(length):
+            real = bool(attention_mask[b][i]) and not bool(protected[b][i])
+            has_source = i >= 1 and bool(attention_mask[b][i - 1]) if shift else True
+            out[b][i] = real and has_source
+    return out
+
+
+def hand_nelbo(logits, x0, masked, weights, shift):
+    """(sum of w(t_b) * CE, sum of CE, number scored) over the masked positions i, each predicted
+    from logits[b][i - 1] with the shift (logits[b][i] without). Nested lists, explicit loops, float64."""
+    total = ce_total = 0.0
+    scored = 0
+    for b in range(len(x0)):
+        for i in range(len(x0[b])):
+            if not masked[b][i]:
+                continue
+            source = i - 1 if shift else i
+            assert source >= 0, "position 0 is never a target with the shift"
+            ce = _nll(logits[b][source], x0[b][i])
+            total += weights[b] * ce
+            ce_total += ce
+            scored += 1
+    return total, ce_total, scored
+
+
+@pytest.mark.parametrize("shift", [True, False])
+def test_rows_terms_equal_the_hand_computed_sum(shift):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 9, 11, generator=g)
     x0 = torch.randint(0, 11, (3, 9), generator=g)
-    masked = torch.rand(3, 9, generator=g) < 0.5
+    masked = (torch.rand(3, 9, generator=g) < 0.5) & torch.tensor(hand_maskable([[1] * 9] * 3, [[0] * 9] * 3, shift))
     t = torch.tensor([0.2, 0.5, 0.9])
-    full = diffusion_loss_terms(logits, x0, masked, t, "cosine", shift)
-    sources, targets = scored_rows(x0, masked, shift)
-    weights = get_schedule("cosine").weight(t)[:, None].expand_as(sources)[sources]
-    rows = loss_terms_from_rows(logits[sources], targets, weights, full.num_targets)
-    torch.testing.assert_close(rows.weighted_sum, full.weighted_sum)
-    torch.testing.assert_close(rows.ce_sum, full.ce_sum)
-    assert int(rows.num_scored) == int(full.num_scored)
+    rows = _rows_terms(logits, x0, masked, t, "cosine", shift, 27)
+    total, ce_total, scored = hand_nelbo(logits.double().tolist(), x0.tolist(), masked.tolist(),
+                                         [hand_weight("cosine", v) for v in t.tolist()], shift)
+    assert rows.weighted_sum.item() == pytest.approx(total, rel=1e-5)
+    assert rows.ce_sum.item() == pytest.approx(ce_total, rel=1e-5)
+    assert int(rows.num_scored) == scored > 0
+
+
+SEED, COUNTER = 5, 11
+
+
+def hand_batch():
+    """Three rows of 12: row 1 left-padded by 3, row 2 with a 4-token prompt; ``index`` is the batch counter."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(4, 97, (3, 12), generator=g)
+    attention_mask = torch.ones_like(x0)
+    attention_mask[1, :3] = 0
+    x0[1, :3] = 0
+    prompt = torch.zeros_like(x0, dtype=torch.bool)
+    prompt[2, :4] = True
+    return {"input_ids": x0, "attention_mask": attention_mask, "prompt_mask": prompt, "index": COUNTER}
+
+
+def hand_training_nelbo(module, batch, schedule, shift, anneal_ratio_=1.0):
+    """The NELBO of ``batch`` by hand: the noise recomputed from the documented generator
+    (``make_generator(seed, counter, rank)``: t first, then one uniform per position; the annealing
+    mask a hash of ``derive_seed(seed, counter, rank, 2)``), the model run on the full sequence,
+    then explicit loops. Returns (elbo, masked-normalised, masked positions, scored, targets)."""
+    x0, pad, prompt = batch["input_ids"], batch.get("attention_mask"), batch.get("prompt_mask")
+    pad = torch.ones_like(x0) if pad is None else pad
+    prompt = torch.zeros_like(x0, dtype=torch.bool) if prompt is None else prompt
+    cfg = module.diffusion_cfg
+    g = make_generator(module.seed, int(batch["index"]), 0)
+    t = sample_t(x0.shape[0], cfg.eps, cfg.t_sampling, g).tolist()
+    u = torch.rand(x0.shape, generator=g).tolist()
+    maskable = hand_maskable(pad.tolist(), prompt.tolist(), shift)
+    masked = [[maskable[b][i] and u[b][i] < hand_mask_prob(schedule, t[b]) for i in range(x0.shape[1])]
+              for b in range(x0.shape[0])]
+    xt = torch.where(torch.tensor(masked), torch.full_like(x0, module.mask_token_id), x0)
+    allowed = None
+    if anneal_ratio_ < 1.0:
+        allowed = RandomAnnealMask(anneal_ratio_, derive_seed(module.seed, int(batch["index"]), 0, 2)).dense(x0.shape[1])
+    with torch.no_grad():
+        logits = module.net(xt, attention_mask=batch.get("attention_mask"), allowed=allowed).double().tolist()
+    total, _, scored = hand_nelbo(logits, x0.tolist(), masked, [hand_weight(schedule, v) for v in t], shift)
+    targets = sum(map(sum, maskable))
+    assert 0 < scored < targets  # some targets masked, some not: the normalizations and selections differ
+    return total / targets, total / scored, torch.tensor(masked), scored, targets
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+@pytest.mark.parametrize("schedule,shift,anneal_steps", [("linear", True, 0), ("linear", False, 0), ("cosine", True, 0),
+                                                         ("linear", True, 4)])
+def test_training_step_is_the_hand_computed_nelbo(schedule, shift, anneal_steps):
+    """``DiffusionLM.training_step`` on a padded batch with a prompt returns the NELBO computed by
+    hand: w(t) * CE of every masked target, shifted, divided by the real targets (``elbo``) or by
+    the scored positions (``masked``); padding and the prompt never scored."""
+    batch = hand_batch()
+    losses = {}
+    for normalization in ("elbo", "masked"):
+        module = _tiny_module(shift, seed=SEED, schedule=schedule, normalization=normalization, anneal_steps=anneal_steps)
+        losses[normalization] = module.training_step(batch, 0)
+    elbo, masked_norm, masked, scored, targets = hand_training_nelbo(module, batch, schedule, shift,
+                                                                     anneal_ratio(0, anneal_steps))
+    out = module.objective_impl.train_terms(module.net, batch, step=0, counter=COUNTER, rank=0)
+    assert torch.equal(out.masked, masked)  # the objective drew the documented masks
+    assert not (out.masked & ~batch["attention_mask"].bool()).any() and not (out.masked & batch["prompt_mask"]).any()
+    assert int(out.terms.num_scored) == scored and int(out.terms.num_targets) == targets
+    assert losses["elbo"].item() == pytest.approx(elbo, rel=1e-5)
+    assert losses["masked"].item() == pytest.approx(masked_norm, rel=1e-5)
 
 
 def test_maskable_with_shift_skips_the_first_real_token_of_a_left_padded_row():
@@ -323,7 +440,7 @@ def test_maskable_with_shift_skips_the_first_real_token_of_a_left_padded_row():
     assert m.tolist() == [[False, False, False, True, True], [False, True, True, False, False]]
 
 
-def _tiny_module(shift=True, full_logits=False):
+def _tiny_module(shift=True, full_logits=False, seed=0, **diffusion):
     """A tiny llama DiffusionLM in eval mode; ``full_logits`` forces the full-logits loss path."""
     from lightning_dlm.model import BackboneConfig, MaskTokenConfig
     from lightning_dlm.training.module import DiffusionLM
@@ -332,7 +449,7 @@ def _tiny_module(shift=True, full_logits=False):
     torch.manual_seed(0)
     module = DiffusionLM(
         backbone=BackboneConfig(config=dict(TINY_LLAMA), mask_token=MaskTokenConfig(mode="reuse", id=3)),
-        diffusion=DiffusionConfig(shift=shift),
+        diffusion=DiffusionConfig(shift=shift, **diffusion), seed=seed,
     )
     module.configure_model()
     module.eval()
@@ -351,14 +468,10 @@ def test_elbo_normalization_without_padding_is_unchanged(shift, full_logits):
     t = torch.tensor([0.2, 0.5, 0.9])
     per_row = 11 if shift else 12
     for attention_mask in (None, torch.ones_like(x0)):
-        terms, _, _ = module.diffusion_terms(x0, attention_mask, t, None, torch.Generator().manual_seed(2))
+        terms, _, _ = module.objective_impl.diffusion_terms(module.net, x0, attention_mask, t, None,
+                                                            torch.Generator().manual_seed(2))
         assert int(terms.num_targets) == 3 * per_row
         assert torch.equal(terms.normalized("elbo"), terms.weighted_sum / (3 * per_row))
-    logits = torch.randn(3, 12, 97, generator=torch.Generator().manual_seed(3))
-    masked = torch.rand(3, 12, generator=torch.Generator().manual_seed(4)) < 0.5
-    before = diffusion_loss_terms(logits, x0, masked, t, "cosine", shift)
-    counted = diffusion_loss_terms(logits, x0, masked, t, "cosine", shift, maskable_positions(x0.shape, shift).sum())
-    assert torch.equal(counted.normalized("elbo"), before.normalized("elbo"))
 
 
 @pytest.mark.parametrize("full_logits", [False, True])
@@ -373,7 +486,8 @@ def test_elbo_per_token_of_a_left_padded_row_equals_the_row_alone(shift, full_lo
     t = torch.ones(1)  # the linear schedule masks every real target at t = 1: the same masks padded or not
 
     def terms(x0, mask):
-        return module.diffusion_terms(x0, mask, t.expand(x0.shape[0]), None, torch.Generator().manual_seed(2))[0]
+        return module.objective_impl.diffusion_terms(module.net, x0, mask, t.expand(x0.shape[0]), None,
+                                                     torch.Generator().manual_seed(2))[0]
 
     alone, padded_terms = terms(short, None), terms(padded, attention_mask)
     assert int(padded_terms.num_targets) == int(alone.num_targets) == int(padded_terms.num_scored) == 9 - shift

@@ -8,15 +8,17 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from lightning_dlm.core import corrupt, diffusion_loss_terms, get_schedule, maskable_positions
+from lightning_dlm.core import corrupt, get_schedule, maskable_positions
 from lightning_dlm.core.config import DiffusionConfig
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.data.sft import SFTBatchStream, SFTEncoder, SFTSource, collate_sft, padded_length
 from lightning_dlm.data.sft_datamodule import SFTDataModule
 from lightning_dlm.model import BackboneConfig, MaskTokenConfig
+from lightning_dlm.objectives.ar import causal_terms
 from lightning_dlm.training.module import DiffusionLM
 from lightning_dlm.training.optim import OptimConfig
 from tests.conftest import TINY_TOKENIZER
+from tests.test_diffusion import hand_training_nelbo
 from tests.test_training import LossRecorder, StopAfter
 
 CHAT_TEMPLATE = (
@@ -72,39 +74,38 @@ def test_layout_prompt_protected_response_eos_and_padding_are_targets():
     assert masked[0, n_prompt + n_resp:].all()  # padding after EOS is masked (and so scored)
 
 
-def test_prompt_logits_do_not_change_the_loss():
-    _, batch = encoded_batch()
-    x0, prompt = batch["input_ids"], batch["prompt_mask"]
-    maskable = maskable_positions(x0.shape, True, None, protected=prompt)
-    t = torch.tensor([0.3, 0.7, 1.0])
-    _, masked = corrupt(x0, t, 511, get_schedule("linear"), maskable, torch.Generator().manual_seed(0))
-    logits = torch.randn(3, 40, 512, generator=torch.Generator().manual_seed(1))
-    base = diffusion_loss_terms(logits, x0, masked, t, "linear", num_targets=maskable.sum())
-    # the rows that would predict prompt tokens (i - 1 for a prompt token i) get other logits
-    rows = torch.zeros_like(prompt)
-    rows[:, :-1] = prompt[:, 1:]
-    perturbed = logits.clone()
-    perturbed[rows] += 100 * torch.randn_like(perturbed[rows])
-    other = diffusion_loss_terms(perturbed, x0, masked, t, "linear", num_targets=maskable.sum())
-    assert other.weighted_sum == base.weighted_sum and other.num_scored == base.num_scored
-    assert int(base.num_targets) == int((~prompt).sum())  # ELBO divides by the real target positions
-    # perturbing a row that predicts a response token does change it (the test can fail)
-    response_rows = ~rows & masked.roll(-1, 1)
-    perturbed[response_rows] += 5 * torch.randn_like(perturbed[response_rows])
-    assert diffusion_loss_terms(perturbed, x0, masked, t, "linear").weighted_sum != base.weighted_sum
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_sft_training_step_is_the_hand_computed_nelbo_of_the_response():
+    """The SFT loss of ``training_step`` is the NELBO computed by hand over the response tokens, their
+    EOS and the EOS padding (all targets), divided by their number: the prompt is never scored, so
+    the logits of the rows that would predict it cannot change the loss."""
+    examples, batch = encoded_batch()
+    batch = {**batch, "index": 3}
+    padding = torch.zeros_like(batch["prompt_mask"])
+    for b, example in enumerate(examples):
+        padding[b, len(example.ids):] = True
+    module = make_module(seed=4)
+    module.configure_model()
+    module.eval()
+    loss = module.training_step(batch, 0)
+    elbo, _, masked, scored, targets = hand_training_nelbo(module, batch, "linear", True)
+    prompt = batch["prompt_mask"]
+    assert targets == int((~prompt).sum()) and not (masked & prompt).any() and (masked & padding).any()
+    assert loss.item() == pytest.approx(elbo, rel=1e-5)
 
 
 def test_module_terms_never_score_prompt_positions():
     module = make_module()
+    module.configure_model()
+    net, objective = module.net, module.objective_impl
     _, batch = encoded_batch()
     x0, prompt = batch["input_ids"], batch["prompt_mask"]
-    terms, masked, maskable = module.diffusion_terms(x0, None, torch.ones(3), None, torch.Generator().manual_seed(0),
-                                                     protected=prompt)
+    terms, masked, maskable = objective.diffusion_terms(net, x0, None, torch.ones(3), None,
+                                                        torch.Generator().manual_seed(0), protected=prompt)
     assert not (masked & prompt).any() and torch.equal(maskable, ~prompt)
     assert int(terms.num_targets) == int((~prompt).sum()) and int(terms.num_scored) == int((~prompt).sum())
     # the training step's loss does not move when the prompt logits do: the scored rows skip them
     seen = {}
-    net = module.net
     original = net.scored_logits
 
     def spy(xt, sources, **kw):
@@ -112,7 +113,8 @@ def test_module_terms_never_score_prompt_positions():
         return original(xt, sources, **kw)
 
     net.scored_logits = spy
-    module.diffusion_terms(x0, None, torch.full((3,), 0.5), None, torch.Generator().manual_seed(0), protected=prompt)
+    objective.diffusion_terms(net, x0, None, torch.full((3,), 0.5), None, torch.Generator().manual_seed(0),
+                              protected=prompt)
     prompt_rows = torch.zeros_like(prompt)
     prompt_rows[:, :-1] = prompt[:, 1:]
     assert not (seen["sources"] & prompt_rows).any()
@@ -257,5 +259,6 @@ def test_ar_objective_scores_the_same_targets():
     module = DiffusionLM(backbone=BackboneConfig(config=dict(MODEL), tokenizer=TINY_TOKENIZER, mask_token=MaskTokenConfig()),
                          objective="ar")
     _, batch = encoded_batch()
-    terms, targets = module.causal_terms(batch["input_ids"], None, protected=batch["prompt_mask"])
+    module.configure_model()
+    terms, targets = causal_terms(module.net, batch["input_ids"], None, protected=batch["prompt_mask"])
     assert torch.equal(targets, ~batch["prompt_mask"]) and int(terms.num_targets) == int((~batch["prompt_mask"]).sum())

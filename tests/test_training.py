@@ -121,11 +121,19 @@ def test_checkpoint_is_self_contained_and_ready_to_sample(tmp_path):
 
 
 class _NaNAtStep2(DiffusionLM):
-    def diffusion_terms(self, *args, **kwargs):
-        terms, masked, maskable = super().diffusion_terms(*args, **kwargs)
-        if self.global_step == 2:
-            terms.weighted_sum = terms.weighted_sum * float("nan")
-        return terms, masked, maskable
+    """Its objective's loss is nan at step 2."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        train_terms = self.objective_impl.train_terms
+
+        def nan_at_step_2(net, batch, *, step, counter, rank):
+            out = train_terms(net, batch, step=step, counter=counter, rank=rank)
+            if step == 2:
+                out.terms.weighted_sum = out.terms.weighted_sum * float("nan")
+            return out
+
+        self.objective_impl.train_terms = nan_at_step_2
 
 
 def test_nan_loss_stops_with_a_clear_error_and_no_checkpoint(tmp_path):
@@ -164,7 +172,8 @@ def test_lm_head_on_scored_rows_matches_full_logits(family):
             module.net.row_logits_exact = False
         x0 = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(1))
         allowed = torch.ones(16, 16, dtype=torch.bool).tril()
-        terms, _, _ = module.diffusion_terms(x0, None, torch.tensor([0.3, 0.6, 0.9]), allowed, torch.Generator().manual_seed(2))
+        terms, _, _ = module.objective_impl.diffusion_terms(module.net, x0, None, torch.tensor([0.3, 0.6, 0.9]), allowed,
+                                                            torch.Generator().manual_seed(2))
         terms.normalized("elbo").backward()
         return terms, [p.grad.clone() for p in module.parameters()]
 

@@ -19,7 +19,7 @@ from lightning_dlm.core.annealing import (
 )
 from lightning_dlm.core.blocks import block_attention_allowed, block_mask_mod, block_size_at, block_sources
 from lightning_dlm.core.corruption import corrupt, maskable_positions
-from lightning_dlm.core.loss import LossTerms, diffusion_loss, diffusion_loss_terms, loss_terms_from_rows, scored_rows
+from lightning_dlm.core.loss import LossTerms, loss_terms_from_rows, scored_rows
 from lightning_dlm.core.schedules import (
     SCHEDULES,
     T_SAMPLERS,
@@ -38,6 +38,6 @@ __all__ = [
     "CosineSchedule", "LinearSchedule", "LogLinearSchedule",
     "LossTerms", "NoiseSchedule", "PolynomialSchedule", "additive_attention_mask",
     "block_attention_allowed", "block_mask_mod", "block_size_at", "block_sources",
-    "anneal_ratio", "annealing_allowed", "annealing_mask", "attention_allowed", "causal_allowed", "corrupt", "diffusion_loss",
-    "diffusion_loss_terms", "get_schedule", "loss_terms_from_rows", "scored_rows", "maskable_positions", "sample_t", "t_grid",
+    "anneal_ratio", "annealing_allowed", "annealing_mask", "attention_allowed", "causal_allowed", "corrupt",
+    "get_schedule", "loss_terms_from_rows", "scored_rows", "maskable_positions", "sample_t", "t_grid",
 ]

@@ -17,9 +17,12 @@ from typing import Optional
 
 import torch
 
-from lightning_dlm.core.blocks import block_sources, complement, corrupt_positions
+from lightning_dlm.core.blocks import block_size_at, block_sources, block_times, complement, corrupt_positions
 from lightning_dlm.core.corruption import maskable_positions
 from lightning_dlm.core.loss import loss_terms_from_rows
+from lightning_dlm.core.schedules import sample_t
+from lightning_dlm.core.seeding import make_generator
+from lightning_dlm.objectives.base import GridObjective, StepTerms, register_objective
 
 
 def block_loss_terms(net, x0: torch.Tensor, t_pos: torch.Tensor, schedule, block_size: int, shift: bool = True,
@@ -51,3 +54,27 @@ def block_loss_terms(net, x0: torch.Tensor, t_pos: torch.Tensor, schedule, block
     targets = ids0[row, slots]
     weights = schedule.weight(times[row, slots].float())
     return loss_terms_from_rows(logits, targets, weights, num_targets), masked, maskable
+
+
+@register_objective("diffusion", attention="block")
+class BlockObjective(GridObjective):
+    """``model.objective: diffusion`` under ``diffusion.attention: block``: the block size of the
+    schedule at each step, t per sequence or per block (``diffusion.block_t``), optionally the
+    complementary masks; evaluation on the fixed t grid at ``diffusion.block_size``."""
+
+    def train_terms(self, net, batch, *, step, counter, rank):
+        cfg = self.cfg
+        x0 = batch["input_ids"]
+        size = block_size_at(step, cfg.block_size, cfg.block_size_schedule)
+        generator = make_generator(self.seed, counter, rank, device=x0.device)
+        draw = lambda n: sample_t(n, cfg.eps, cfg.t_sampling, generator, x0.device)  # noqa: E731
+        t_pos = block_times(x0.shape[0], x0.shape[1], size, cfg.block_t == "block", draw)
+        terms, masked, maskable = block_loss_terms(net, x0, t_pos, self.schedule, size, cfg.shift, generator,
+                                                   batch.get("attention_mask"), batch.get("document_ids"),
+                                                   cfg.complementary_masks, batch.get("prompt_mask"))
+        return StepTerms(terms, masked, maskable, 1.0, {"train/block_size": float(size)})
+
+    def level_terms(self, net, x0, t, attention_mask, generator, document_ids, protected):
+        """The sum over blocks of block NELBOs at time ``t`` (B,) for every position."""
+        return block_loss_terms(net, x0, t[:, None].expand(x0.shape), self.schedule, self.cfg.block_size,
+                                self.cfg.shift, generator, attention_mask, document_ids, False, protected)[0]

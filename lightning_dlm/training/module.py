@@ -1,8 +1,9 @@
-"""``DiffusionLM``: the LightningModule, a thin composition of the backbone and the diffusion math.
+"""``DiffusionLM``: the LightningModule, a thin composition of the backbone (``DiffusionModel``)
+and the run's objective (``lightning_dlm.objectives``, built once from the registry).
 
-Noise (t, masks, annealing masks) and dropout are drawn from generators (or, for the annealing
-mask, a hash) seeded by (seed, batch counter, rank), so a resumed run draws exactly what the
-uninterrupted run drew. Batches may carry ``document_ids`` (B, L) to keep attention within the
+The objective draws its noise (t, masks, annealing masks) from generators (or, for the annealing
+mask, a hash) seeded by (seed, batch counter, rank), and the module reseeds dropout the same way,
+so a resumed run draws exactly what the uninterrupted run drew. Batches may carry ``document_ids`` (B, L) to keep attention within the
 documents of packed rows.
 Checkpoints are self-contained: they carry the model's transformers config and tokenizer, so
 ``DiffusionLM.load_from_checkpoint(path)`` works without the original weights or paths.
@@ -20,37 +21,21 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics.aggregation import MeanMetric, SumMetric
 
-from lightning_dlm.core import (
-    anneal_ratio,
-    annealing_mask,
-    causal_allowed,
-    corrupt,
-    get_schedule,
-    loss_terms_from_rows,
-    maskable_positions,
-    sample_t,
-    scored_rows,
-    t_grid,
-)
-from lightning_dlm.core.blocks import block_size_at, block_times, check_block_seq_len
+from lightning_dlm.core.blocks import check_block_seq_len
 from lightning_dlm.core.config import DiffusionConfig
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.core.records import coerce_config
-from lightning_dlm.core.seeding import derive_seed, make_generator
+from lightning_dlm.core.seeding import derive_seed
 from lightning_dlm.io.format import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from lightning_dlm.io.safe_read import read_checkpoint
 from lightning_dlm.io.tokenizer_files import tokenizer_from_files, tokenizer_to_files
 from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig, load_tokenizer
 from lightning_dlm.model.loading import max_positions, resolve_hf_config
 from lightning_dlm.model.sharded_loading import broadcast_into_sharded, loads_pretrained_weights, materialize_meta
-from lightning_dlm.objectives.block import block_loss_terms
+from lightning_dlm.objectives import build_objective
 from lightning_dlm.training.distributed import clip_grad_norm_sharded
 from lightning_dlm.training.optim import OptimConfig, build_optimizer, lr_multiplier
 from lightning_dlm.training.resume import apply_optim_changes, compare_hparams
-
-#: What a run trains: the diffusion objective (the method) or the plain causal LM objective through
-#: the same model, data and trainer (the ablation's AR baseline, ``model.objective: ar``).
-OBJECTIVES = ("diffusion", "ar")
 
 
 class DiffusionLM(L.LightningModule):
@@ -62,12 +47,10 @@ class DiffusionLM(L.LightningModule):
         optim: AdamW and learning-rate schedule.
         seed: seeds every noise draw together with the batch counter and the rank.
         val_t_levels: validation estimates E_t on this many fixed, equally spaced levels of t.
-        objective: ``diffusion`` (the method) or ``ar``: next-token cross-entropy under causal
-            attention, no mask token in the input, through the same model, data and trainer, so an
-            AR baseline is compared on the same footing. Its val/nelbo is the exact NLL per token
-            (an AR model's likelihood is exact, not a bound), over the same targets as the
-            diffusion runs' (every token after the first of a block); the diffusion options
-            (schedule, shift, annealing) are unused.
+        objective: a ``model.objective`` of the registry of lightning_dlm.objectives: ``diffusion``
+            (the method; the block objective under ``diffusion.attention: block``) or ``ar``, the
+            causal LM baseline through the same model, data and trainer (its val/nelbo is the
+            exact NLL per token). ``self.objective_impl`` is the built :class:`Objective`.
     """
 
     def __init__(
@@ -85,8 +68,7 @@ class DiffusionLM(L.LightningModule):
         self.optim_cfg = coerce_config(OptimConfig, optim).check()
         if val_t_levels < 1:
             raise DLMError(f"val_t_levels must be >= 1, got {val_t_levels}")
-        if objective not in OBJECTIVES:
-            raise DLMError(f"unknown model.objective '{objective}': choose one of {', '.join(OBJECTIVES)}")
+        self.objective_impl = build_objective(objective, self.diffusion_cfg, seed, val_t_levels)  # or a DLMError
         self.save_hyperparameters(
             {
                 "backbone": asdict(self.backbone_cfg),
@@ -98,14 +80,9 @@ class DiffusionLM(L.LightningModule):
             }
         )
         self.objective = objective
-        # the training terms and the evaluation NLL of the objective, by name (no branching below)
-        self._train_terms = {"diffusion": self._diffusion_train_terms, "ar": self._causal_train_terms}[objective]
-        self._eval_nll = {"diffusion": self.nelbo_per_token, "ar": self.causal_nll_per_token}[objective]
-        if objective == "diffusion" and self.diffusion_cfg.is_block:  # block diffusion: its own terms
-            self._train_terms = self._block_train_terms
         self.seed = seed
         self.val_t_levels = val_t_levels
-        self.schedule = get_schedule(self.diffusion_cfg.schedule, **self.diffusion_cfg.schedule_kwargs)
+        self.schedule = self.objective_impl.schedule
         self.net: Optional[DiffusionModel] = None
         self._pending_weights = False  # sharded load: weights still to be broadcast into the shards
         self._first_nonfinite: Optional[torch.Tensor] = None  # first step with a nan/inf loss (device)
@@ -218,88 +195,16 @@ class DiffusionLM(L.LightningModule):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         return self.global_step * accumulate + batch_idx % accumulate
 
-    def diffusion_terms(self, x0, attention_mask, t, allowed, generator, document_ids=None, protected=None):
-        """Corrupt ``x0`` at times ``t``, run the model, return (LossTerms, masked, maskable).
-
-        The model gives the logits of the scored rows only (about half of them on average; its
-        LM head runs on those rows alone when that is exact), which is all the loss needs.
-        ``protected`` (B, L) True = never noised nor scored (an SFT prompt: ``batch["prompt_mask"]``).
-        """
-        cfg = self.diffusion_cfg
-        net = self._require_net()
-        maskable = maskable_positions(x0.shape, cfg.shift, attention_mask, protected=protected, device=x0.device)
-        xt, masked = corrupt(x0, t, net.mask_token_id, self.schedule, maskable, generator)
-        num_targets = maskable.sum()  # real target positions (no padding), a tensor: no host sync
-        sources, targets = scored_rows(x0, masked, cfg.shift)
-        logits = net.scored_logits(xt, sources, attention_mask=attention_mask, allowed=allowed,
-                                   document_ids=document_ids)
-        weights = self.schedule.weight(t.float()).to(x0.device)[:, None].expand_as(sources)[sources]
-        return loss_terms_from_rows(logits, targets, weights, num_targets), masked, maskable
-
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Dropout draws from torch's global generator: reseed it per batch so resume is exact.
         torch.manual_seed(derive_seed(self.seed, self._batch_counter(batch, batch_idx), self.global_rank, 1))
 
-    def _diffusion_train_terms(self, batch, counter: int):
-        """The diffusion objective's terms for one batch: t, masks and annealing mask drawn from
-        (seed, batch counter, rank). Returns (LossTerms, masked, maskable, anneal ratio)."""
-        cfg = self.diffusion_cfg
-        x0 = batch["input_ids"]
-        generator = make_generator(self.seed, counter, self.global_rank, device=x0.device)
-        t = sample_t(x0.shape[0], cfg.eps, cfg.t_sampling, generator, x0.device)
-        ratio = anneal_ratio(self.global_step, cfg.anneal_steps)
-        # The annealing mask is a hash of its own seed (tag 2): evaluated densely or inside the kernel.
-        allowed = annealing_mask(cfg.anneal_mask, ratio, derive_seed(self.seed, counter, self.global_rank, 2))
-        terms, masked, maskable = self.diffusion_terms(
-            x0, batch.get("attention_mask"), t, allowed, generator, document_ids=batch.get("document_ids"),
-            protected=batch.get("prompt_mask"),
-        )
-        return terms, masked, maskable, ratio
-
-    def block_terms(self, x0, attention_mask, t_pos, generator, block_size: int, document_ids=None, protected=None,
-                    complementary: bool = False):
-        """The block objective (``diffusion.attention: block``): one pass over the noised and the
-        clean copy (see lightning_dlm.core.blocks). Returns (LossTerms, masked, maskable)."""
-        return block_loss_terms(self._require_net(), x0, t_pos, self.schedule, block_size, self.diffusion_cfg.shift,
-                                generator, attention_mask, document_ids, complementary, protected)
-
-    def _block_train_terms(self, batch, counter: int):
-        """Block-mode terms: the block size of the schedule at this step, t per sequence or per
-        block and the masks drawn from (seed, batch counter, rank), so resume stays exact."""
-        cfg = self.diffusion_cfg
-        x0 = batch["input_ids"]
-        size = block_size_at(self.global_step, cfg.block_size, cfg.block_size_schedule)
-        generator = make_generator(self.seed, counter, self.global_rank, device=x0.device)
-        draw = lambda n: sample_t(n, cfg.eps, cfg.t_sampling, generator, x0.device)  # noqa: E731
-        t_pos = block_times(x0.shape[0], x0.shape[1], size, cfg.block_t == "block", draw)
-        terms, masked, maskable = self.block_terms(x0, batch.get("attention_mask"), t_pos, generator, size,
-                                                   batch.get("document_ids"), batch.get("prompt_mask"),
-                                                   complementary=cfg.complementary_masks)
-        if self._logging_step():
-            self.log("train/block_size", float(size), on_step=True, on_epoch=False, batch_size=x0.shape[0])
-        return terms, masked, maskable, 1.0
-
-    def causal_terms(self, x0, attention_mask=None, document_ids=None, protected=None):
-        """The plain causal LM objective: every real token after the first predicted from the
-        tokens before it (causal attention, clean input). Returns (LossTerms, targets)."""
-        net = self._require_net()
-        targets = maskable_positions(x0.shape, True, attention_mask, protected=protected, device=x0.device)
-        sources, labels = scored_rows(x0, targets, shift=True)
-        logits = net.scored_logits(x0, sources, attention_mask=attention_mask,
-                                   allowed=causal_allowed(x0.shape[1], x0.device), document_ids=document_ids)
-        ones = torch.ones(labels.shape, device=logits.device)
-        return loss_terms_from_rows(logits, labels, ones, targets.sum()), targets
-
-    def _causal_train_terms(self, batch, counter: int):
-        terms, targets = self.causal_terms(batch["input_ids"], batch.get("attention_mask"), batch.get("document_ids"),
-                                           protected=batch.get("prompt_mask"))
-        return terms, targets, targets, 0.0
-
     def training_step(self, batch, batch_idx):
-        cfg = self.diffusion_cfg
         x0 = batch["input_ids"]
-        terms, masked, maskable, ratio = self._train_terms(batch, self._batch_counter(batch, batch_idx))
-        loss = terms.normalized(cfg.normalization)  # the AR terms score every target: both normalizations agree
+        out = self.objective_impl.train_terms(self._require_net(), batch, step=self.global_step,
+                                              counter=self._batch_counter(batch, batch_idx), rank=self.global_rank)
+        terms = out.terms
+        loss = terms.normalized(self.diffusion_cfg.normalization)  # the AR terms score every target: both agree
         self._note_nonfinite(loss)
         world = self.trainer.world_size if self._trainer is not None else 1
         self.tokens_seen += x0.numel() * world
@@ -310,8 +215,10 @@ class DiffusionLM(L.LightningModule):
         # Every rank draws its own batch and noise: log the mean over ranks (the loss DDP optimises).
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, **log)
         self.log("train/nelbo", terms.normalized("elbo"), sync_dist=True, **log)
-        self.log("train/anneal_ratio", ratio, **log)
-        self.log("train/masked_fraction", masked.sum() / maskable.sum().clamp_min(1), sync_dist=True, **log)
+        self.log("train/anneal_ratio", out.anneal_ratio, **log)
+        self.log("train/masked_fraction", out.masked.sum() / out.maskable.sum().clamp_min(1), sync_dist=True, **log)
+        for name, value in out.logs.items():  # the objective's own scalars (e.g. train/block_size)
+            self.log(name, value, **log)
         self.log("train/tokens_seen", float(self.tokens_seen), **log)
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], **log)
@@ -345,49 +252,16 @@ class DiffusionLM(L.LightningModule):
                 f"or use bf16-mixed rather than 16-mixed; no checkpoint was written after it"
             )
 
-    @torch.no_grad()
-    def nelbo_per_token(
-        self, x0: torch.Tensor, attention_mask=None, batch_key: int = 0, levels: Optional[int] = None, document_ids=None,
-        row_keys: Optional[torch.Tensor] = None, protected: Optional[torch.Tensor] = None,
-    ):
-        """Negative ELBO per target token of a batch, on a fixed grid of t with fixed masks.
-
-        The estimate is a pure function of the weights, the batch and ``batch_key``: two
-        evaluations of the same weights agree exactly. With ``row_keys`` (B,) (e.g. the global
-        index of each evaluation block) every row draws its masks from its own key instead, so
-        the result does not depend on how rows are batched or sharded across ranks.
-        Returns (nelbo_per_token, num_targets).
-        """
-        levels = levels or self.val_t_levels
-        total = torch.zeros((), device=x0.device)
-        num_targets = 0
-        for k, level in enumerate(t_grid(levels, self.diffusion_cfg.eps).tolist()):
-            if row_keys is None:
-                generator = make_generator(self.seed, batch_key, k, 7, device=x0.device)
-            else:
-                generator = [make_generator(self.seed, int(key), k, 8, device=x0.device) for key in row_keys.tolist()]
-            t = torch.full((x0.shape[0],), level, device=x0.device)
-            if self.diffusion_cfg.is_block:  # the sum over blocks of block NELBOs (lightning_dlm.objectives.block)
-                terms, _, _ = self.block_terms(x0, attention_mask, t[:, None].expand(x0.shape), generator,
-                                               self.diffusion_cfg.block_size, document_ids, protected)
-            else:
-                terms, _, _ = self.diffusion_terms(x0, attention_mask, t, None, generator, document_ids=document_ids,
-                                                   protected=protected)
-            total = total + terms.weighted_sum
-            num_targets = terms.num_targets
-        return total / (levels * num_targets), int(num_targets)  # one host sync per batch: an int weight
-
-    @torch.no_grad()
-    def causal_nll_per_token(self, x0: torch.Tensor, attention_mask=None, batch_key: int = 0, document_ids=None,
-                             row_keys: Optional[torch.Tensor] = None, protected: Optional[torch.Tensor] = None, **_):
-        """The exact NLL per target token of a batch under the causal objective (``objective: ar``),
-        with the signature of :meth:`nelbo_per_token` (the keys do not matter: nothing is drawn)."""
-        terms, _ = self.causal_terms(x0, attention_mask, document_ids, protected=protected)
-        num_targets = int(terms.num_targets)
-        return terms.weighted_sum / max(1, num_targets), num_targets
+    def nelbo_per_token(self, x0: torch.Tensor, attention_mask=None, batch_key: int = 0, levels: Optional[int] = None,
+                        document_ids=None, row_keys: Optional[torch.Tensor] = None,
+                        protected: Optional[torch.Tensor] = None):
+        """(NLL bound per target token, number of targets) of a batch under this run's objective:
+        :meth:`Objective.eval_nll` (a fixed grid of t and fixed masks, exact for ``ar``)."""
+        return self.objective_impl.eval_nll(self._require_net(), x0, attention_mask, batch_key=batch_key, levels=levels,
+                                            document_ids=document_ids, row_keys=row_keys, protected=protected)
 
     def _eval_step(self, batch, batch_idx, prefix: str) -> None:
-        nelbo, num_targets = self._eval_nll(
+        nelbo, num_targets = self.nelbo_per_token(
             batch["input_ids"], batch.get("attention_mask"), batch_idx, document_ids=batch.get("document_ids"),
             row_keys=batch.get("block_index"), protected=batch.get("prompt_mask"),
         )
