@@ -646,3 +646,50 @@ def test_resume_past_the_end_of_a_datasets_read_corpus_is_one_line(tmp_path, enc
     with pytest.raises(DLMError) as info:
         next(iter(stream))
     assert "\n" not in str(info.value) and path in str(info.value) and "start a new run" in str(info.value)
+
+
+def test_both_data_modules_keep_their_resume_state_through_the_shared_base(tmp_path, tokenizer_dir):
+    """TextDataModule and SFTDataModule share StreamingDataModule: the state each saves (keys in
+    order), a round trip, and each one's own one-line refusal of a changed order setting."""
+    from lightning_dlm.data.base import StreamingDataModule
+    from lightning_dlm.data.sft import SFTSource
+    from lightning_dlm.data.sft_datamodule import SFTDataModule
+
+    corpus = write_lines(tmp_path / "t.txt", range(20))
+    records = tmp_path / "sft.jsonl"
+    records.write_text("".join(json.dumps(dict(prompt=f"q {i}", response=f"a {i}")) + "\n" for i in range(6)))
+
+    def text(**kw):
+        return TextDataModule(train=[CorpusSource(corpus)], tokenizer=tokenizer_dir, seq_len=8, batch_size=2, **kw)
+
+    def sft(**kw):
+        return SFTDataModule(train=[SFTSource(path=str(records))], tokenizer=tokenizer_dir, seq_len=16, batch_size=2, **kw)
+
+    assert isinstance(text(), StreamingDataModule) and isinstance(sft(), StreamingDataModule)
+    state = text().state_dict()
+    assert list(state) == ["consumed_batches", "world_size", "num_workers", "seed", "seq_len", "batch_size",
+                           "cursor_version", "cursors"]
+    resumed = text()
+    resumed.load_state_dict(dict(state, consumed_batches=3))
+    assert resumed.consumed_batches == 3
+    with pytest.raises(DLMError) as info:
+        text(seed=1).load_state_dict(state)
+    assert str(info.value) == ("cannot resume the data stream exactly: seed changed from 0 (checkpoint) to 1, and the "
+                               "data order depends on it; resume with data/trainer seed=0")
+
+    first = sft()
+    first.setup("fit")
+    state = first.state_dict()
+    assert list(state) == ["consumed_batches", "world_size", "seed", "seq_len", "batch_size", "padding",
+                           "bucket_size", "num_examples"] and state["num_examples"] == 6
+    resumed = sft()
+    resumed.load_state_dict(dict(state, consumed_batches=2))  # sets up to count the examples first
+    assert resumed.consumed_batches == 2
+    with pytest.raises(DLMError) as info:
+        sft(bucket_size=8).load_state_dict(state)
+    assert str(info.value) == ("cannot resume the SFT stream exactly: bucket_size changed from 32 (checkpoint) to 8, "
+                               "and the example order depends on it; resume with the checkpoint's bucket_size")
+    with pytest.raises(DLMError, match=r"^data.seq_len must be >= 2, got 1$"):
+        SFTDataModule(train=[SFTSource(path=str(records))], seq_len=1)
+    with pytest.raises(DLMError, match=r"^data.seq_len must be >= 2, got 1: with the shift"):
+        TextDataModule(train=[CorpusSource(corpus)], seq_len=1)

@@ -5,7 +5,10 @@
 * :mod:`.packing`: tokenize documents (+ EOS) and pack them into ``seq_len`` blocks;
 * :mod:`.stream`: the per-rank training stream (sharding over ranks x workers, mixture, resume
   from saved cursors);
-* :mod:`.datamodule`: :class:`TextDataModule`, the LightningDataModule.
+* :mod:`.base`: :class:`~.base.StreamingDataModule`, what the data modules share (options, resume
+  bookkeeping, the training loader);
+* :mod:`.datamodule`: :class:`TextDataModule`, the LightningDataModule;
+* :mod:`.sft` and :mod:`.sft_datamodule`: instruction-tuning examples and ``SFTDataModule``.
 """
 
 from typing import TYPE_CHECKING

@@ -12,7 +12,8 @@ without re-reading or re-tokenizing what was consumed, and sees exactly the batc
 interrupted run would have. A checkpoint without cursors (written before they existed) resumes
 by regenerating the consumed batches, exactly but slowly. Loader state is deliberately *not*
 saved through Lightning: its loader-state saving runs one batch ahead of training and keeps
-rank 0's state only.
+rank 0's state only. What it shares with the SFT module (options, counting, the order check, the
+training loader) is :class:`~lightning_dlm.data.base.StreamingDataModule`.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Union
 
-import lightning as L
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_dlm.core.errors import DLMError, require
+from lightning_dlm.core.errors import require
+from lightning_dlm.data.base import StreamingDataModule
 from lightning_dlm.data.packing import DocumentEncoder, load_tokenizer
 from lightning_dlm.data.sources import Corpus, CorpusSource, count_documents, open_corpora
 from lightning_dlm.data.stream import (
@@ -41,7 +42,7 @@ from lightning_dlm.data.stream import (
 _ORDER_KEYS = ("world_size", "num_workers", "seed", "seq_len", "batch_size")
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(StreamingDataModule):
     """Packed text corpora for masked-diffusion continual pretraining.
 
     Training: an infinite stream of ``dict(input_ids=LongTensor(batch_size, seq_len),
@@ -69,6 +70,14 @@ class TextDataModule(L.LightningDataModule):
             flex_attention all honour them).
     """
 
+    ORDER_KEYS = _ORDER_KEYS
+    STREAM = "training"
+    ORDER_CHANGED = ("cannot resume the data stream exactly: {key} changed from {saved} (checkpoint) to {current}, "
+                     "and the data order depends on it; resume with data/trainer {key}={saved}")
+    SEQ_LEN_NOTE = ": with the shift a block of one token has no target to predict"
+    _encoder: Optional[DocumentEncoder]
+    _train: Optional[list[Corpus]]
+
     def __init__(
         self,
         train: list[CorpusSource],
@@ -85,45 +94,30 @@ class TextDataModule(L.LightningDataModule):
         add_eos: bool = True,
         document_ids: bool = False,
     ):
-        super().__init__()
-        require(seq_len >= 2, f"data.seq_len must be >= 2, got {seq_len}: with the shift a block of one token has "
-                              f"no target to predict")
-        require(batch_size >= 1, f"data.batch_size must be >= 1 (got {batch_size})")
-        require(num_workers >= 0, f"data.num_workers must be >= 0 (got {num_workers})")
+        super().__init__(tokenizer, seq_len, batch_size, num_workers, seed)
         require(val_max_blocks >= 1, f"data.val_max_blocks must be >= 1 (got {val_max_blocks})")
         require(shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0 (got {shuffle_buffer}); 0 keeps the order")
         self.train_sources = list(train)
         self.val_sources = list(val) if val else []
         self.test_sources = list(test) if test else []
-        self.tokenizer: Union[str, Any, None] = tokenizer
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
         self.val_max_blocks = val_max_blocks
         self.shuffle_buffer = shuffle_buffer
         self.add_bos = add_bos
         self.add_eos = add_eos
         self.document_ids = document_ids
-        self._consumed = 0
         self._cursors: dict[int, dict] = {}  # worker slot -> data_cursor of its last consumed batch (this rank)
-        self._encoder: Optional[DocumentEncoder] = None
-        self._train: Optional[list[Corpus]] = None
         self._val_blocks = None
         self._test_blocks = None
 
     # ------------------------------------------------------------------ setup
 
-    @property
-    def encoder(self) -> DocumentEncoder:
-        """The document tokenizer (loaded on first use)."""
-        if self._encoder is None:
-            if self.num_workers > 0:
-                # Forking workers after the Rust tokenizer used its thread pool makes it warn and
-                # fall back; the workers parallelise instead.
-                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-            self._encoder = DocumentEncoder(load_tokenizer(self.tokenizer), add_bos=self.add_bos, add_eos=self.add_eos)
-        return self._encoder
+    def _build_encoder(self) -> DocumentEncoder:
+        """The document tokenizer."""
+        if self.num_workers > 0:
+            # Forking workers after the Rust tokenizer used its thread pool makes it warn and
+            # fall back; the workers parallelise instead.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return DocumentEncoder(load_tokenizer(self.tokenizer), add_bos=self.add_bos, add_eos=self.add_eos)
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Open and check the corpora and tokenizer, and build the evaluation blocks.
@@ -147,17 +141,7 @@ class TextDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------ dataloaders
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
-
-    def train_stream(self, start_batch: Optional[int] = None) -> PackedBatchStream:
-        """The training stream of this rank, starting at ``start_batch`` (default: the resume point)."""
-        if self._train is None:
-            self.setup("fit")
-        rank, world_size = self._rank_and_world()
+    def _make_stream(self, rank: int, world_size: int, start_batch: int, resume: bool) -> PackedBatchStream:
         stream = PackedBatchStream(
             self._train,
             self.encoder,
@@ -167,8 +151,8 @@ class TextDataModule(L.LightningDataModule):
             world_size=world_size,
             num_workers=self.num_workers,
             seed=self.seed,
-            start_batch=self._consumed if start_batch is None else start_batch,
-            cursors=self._cursors if start_batch is None else None,
+            start_batch=start_batch,
+            cursors=self._cursors if resume else None,
             shuffle_buffer=self.shuffle_buffer,
             document_ids=self.document_ids,
         )
@@ -178,17 +162,9 @@ class TextDataModule(L.LightningDataModule):
         stream.check_cursors()
         return stream
 
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        if trainer is not None and trainer.max_steps is not None and trainer.max_steps < 0:
-            rank_zero_warn("the training stream is infinite: set trainer.max_steps (or max_time) to end training")
-        if self._consumed:
-            how = ("from the saved data positions" if self._cursors else
-                   "by regenerating the consumed batches (the checkpoint has no saved data positions)")
-            rank_zero_info(f"data: resuming the training stream at batch {self._consumed} {how}")
-        return DataLoader(
-            self.train_stream(), batch_size=None, num_workers=self.num_workers, persistent_workers=False
-        )
+    def _resume_note(self) -> str:
+        return (" from the saved data positions" if self._cursors else
+                " by regenerating the consumed batches (the checkpoint has no saved data positions)")
 
     def _eval_loader(self, blocks) -> Union[DataLoader, list]:
         if blocks is None:
@@ -210,32 +186,9 @@ class TextDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------- resume
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count training batches as they reach the model (after the Trainer's prefetch) and keep
-        their slot's cursor; the cursor leaves the batch here, the model never sees it."""
-        cursor = batch.pop("data_cursor", None) if isinstance(batch, dict) else None
-        trainer = self.trainer
-        if trainer is not None and trainer.training and isinstance(batch, dict) and "index" in batch:
-            index = int(batch["index"])
-            self._consumed = index + 1
-            if cursor is not None:
-                self._cursors[index % max(1, self.num_workers)] = cursor
-        return batch
-
-    @property
-    def consumed_batches(self) -> int:
-        """Training batches consumed on this rank: where a resumed stream starts."""
-        return self._consumed
-
-    def _order_state(self) -> dict[str, Any]:
-        _, world_size = self._rank_and_world()
-        return {
-            "world_size": world_size,
-            "num_workers": self.num_workers,
-            "seed": self.seed,
-            "seq_len": self.seq_len,
-            "batch_size": self.batch_size,
-        }
+    def _keep_cursor(self, index: int, cursor: dict) -> None:
+        """The cursor of a consumed batch replaces its worker slot's."""
+        self._cursors[index % max(1, self.num_workers)] = cursor
 
     def _all_cursors(self) -> dict[int, dict]:
         """``{rank: {worker slot: cursor}}`` of every rank (a collective when distributed)."""
@@ -246,23 +199,12 @@ class TextDataModule(L.LightningDataModule):
             return {r: dict(c or {}) for r, c in enumerate(gathered)}
         return {rank: dict(self._cursors)}
 
-    def state_dict(self) -> dict[str, Any]:
-        """The resume point: consumed batches, every rank's cursors and the order settings.
+    def _position_state(self) -> dict[str, Any]:
+        """Every rank's cursors (a collective when distributed: Lightning saves on every rank)."""
+        return {"cursor_version": CURSOR_VERSION, "cursors": self._all_cursors()}
 
-        Called by Lightning on every rank when it saves a checkpoint (it gathers across ranks)."""
-        return {"consumed_batches": self._consumed, **self._order_state(), "cursor_version": CURSOR_VERSION,
-                "cursors": self._all_cursors()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the resume point; refuse a resume whose data order would differ."""
-        current = self._order_state()
-        for key in _ORDER_KEYS:
-            if key in state_dict and state_dict[key] != current[key]:
-                raise DLMError(
-                    f"cannot resume the data stream exactly: {key} changed from {state_dict[key]} (checkpoint) to "
-                    f"{current[key]}, and the data order depends on it; resume with data/trainer {key}={state_dict[key]}"
-                )
-        self._consumed = int(state_dict.get("consumed_batches", 0))
+    def _load_position_state(self, state_dict: dict[str, Any]) -> None:
+        """This rank's cursors, when the checkpoint's are of this version (else the batches are regenerated)."""
         rank, _ = self._rank_and_world()
         cursors = state_dict.get("cursors") or {}
         mine = cursors.get(rank, cursors.get(str(rank))) if state_dict.get("cursor_version") == CURSOR_VERSION else None

@@ -3,18 +3,19 @@
 ``dlm sft fit --config experiments/sft/smollm2_arith.yaml`` runs the trainer with it (the layout is
 described in :mod:`lightning_dlm.data.sft`). The examples are tokenized once in ``setup()``; a batch
 is a pure function of its counter, so the resume state is the consumed-batch counter and the
-settings the order depends on (saved for the checkpoint, checked on resume).
+settings the order depends on (saved for the checkpoint, checked on resume): the bookkeeping of
+:class:`~lightning_dlm.data.base.StreamingDataModule`, which it shares with the pretraining module.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
-import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_dlm.core.errors import DLMError, require
+from lightning_dlm.core.errors import require
+from lightning_dlm.data.base import StreamingDataModule
 from lightning_dlm.data.packing import load_tokenizer
 from lightning_dlm.data.sft import PADDINGS, SFTBatchStream, SFTEncoder, SFTSource, eval_batches
 
@@ -22,7 +23,7 @@ from lightning_dlm.data.sft import PADDINGS, SFTBatchStream, SFTEncoder, SFTSour
 ORDER_KEYS = ("world_size", "seed", "seq_len", "batch_size", "padding", "bucket_size", "num_examples")
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(StreamingDataModule):
     """Prompt/response or chat records in the paper's SFT layout.
 
     Training batches: ``dict(input_ids, prompt_mask, index)``; validation: ``dict(input_ids,
@@ -44,6 +45,12 @@ class SFTDataModule(L.LightningDataModule):
         val_max_examples: validation examples kept.
     """
 
+    ORDER_KEYS = ORDER_KEYS
+    STREAM = "SFT"
+    ORDER_CHANGED = ("cannot resume the SFT stream exactly: {key} changed from {saved} (checkpoint) to {current}, "
+                     "and the example order depends on it; resume with the checkpoint's {key}")
+    _encoder: Optional[SFTEncoder]
+
     def __init__(
         self,
         train: list[SFTSource],
@@ -60,36 +67,22 @@ class SFTDataModule(L.LightningDataModule):
         add_bos: bool = True,
         val_max_examples: int = 256,
     ):
-        super().__init__()
-        require(seq_len >= 2, f"data.seq_len must be >= 2, got {seq_len}")
-        require(batch_size >= 1, f"data.batch_size must be >= 1 (got {batch_size})")
-        require(num_workers >= 0, f"data.num_workers must be >= 0 (got {num_workers})")
+        super().__init__(tokenizer, seq_len, batch_size, num_workers, seed)
         require(bucket_size >= 1, f"data.bucket_size must be >= 1 (got {bucket_size})")
         require(padding in PADDINGS, f"unknown data.padding '{padding}': choose one of {', '.join(PADDINGS)}")
         self.train_sources = [s if isinstance(s, SFTSource) else SFTSource(**s) for s in train]
         self.val_sources = [s if isinstance(s, SFTSource) else SFTSource(**s) for s in (val or [])]
-        self.tokenizer: Union[str, Any, None] = tokenizer
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
         self.padding = padding
         self.bucket_size = bucket_size
         self.too_long = too_long
         self.template = template
         self.add_bos = add_bos
         self.val_max_examples = val_max_examples
-        self._consumed = 0
-        self._encoder: Optional[SFTEncoder] = None
-        self._train = None
         self._val = None
 
-    @property
-    def encoder(self) -> SFTEncoder:
-        if self._encoder is None:
-            tokenizer = self.tokenizer if not isinstance(self.tokenizer, (str, type(None))) else load_tokenizer(self.tokenizer)
-            self._encoder = SFTEncoder(tokenizer, self.seq_len, self.too_long, self.template, self.add_bos)
-        return self._encoder
+    def _build_encoder(self) -> SFTEncoder:
+        tokenizer = self.tokenizer if not isinstance(self.tokenizer, (str, type(None))) else load_tokenizer(self.tokenizer)
+        return SFTEncoder(tokenizer, self.seq_len, self.too_long, self.template, self.add_bos)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit") and self._train is None:
@@ -101,26 +94,9 @@ class SFTDataModule(L.LightningDataModule):
             self._val = examples[: self.val_max_examples]
             rank_zero_info("validation " + stats.line())
 
-    def _rank_and_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 1
-        return int(trainer.global_rank), int(trainer.world_size)
-
-    def train_stream(self, start_batch: Optional[int] = None) -> SFTBatchStream:
-        if self._train is None:
-            self.setup("fit")
-        rank, world_size = self._rank_and_world()
+    def _make_stream(self, rank: int, world_size: int, start_batch: int, resume: bool) -> SFTBatchStream:
         return SFTBatchStream(self._train, self.encoder.eos, self.seq_len, self.batch_size, self.padding, self.bucket_size,
-                              self.seed, rank, world_size, self._consumed if start_batch is None else start_batch)
-
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        if trainer is not None and trainer.max_steps is not None and trainer.max_steps < 0:
-            rank_zero_warn("the SFT stream is infinite: set trainer.max_steps (or max_time) to end training")
-        if self._consumed:
-            rank_zero_info(f"data: resuming the SFT stream at batch {self._consumed}")
-        return DataLoader(self.train_stream(), batch_size=None, num_workers=self.num_workers)
+                              self.seed, rank, world_size, start_batch)
 
     def val_dataloader(self):
         if self.val_sources and self._val is None:
@@ -130,33 +106,12 @@ class SFTDataModule(L.LightningDataModule):
         batches = eval_batches(self._val, self.encoder.eos, self.seq_len, self.batch_size, self.padding, self.bucket_size)
         return DataLoader(batches, batch_size=None, shuffle=False)
 
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self.trainer
-        if trainer is not None and trainer.training and isinstance(batch, dict) and "index" in batch:
-            self._consumed = int(batch["index"]) + 1
-        return batch
+    def _order_value(self, key: str) -> Any:
+        if key == "num_examples":
+            return len(self._train) if self._train is not None else None
+        return super()._order_value(key)
 
-    @property
-    def consumed_batches(self) -> int:
-        return self._consumed
-
-    def _order_state(self) -> dict[str, Any]:
-        _, world_size = self._rank_and_world()
-        return {"world_size": world_size, "seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "padding": self.padding, "bucket_size": self.bucket_size,
-                "num_examples": len(self._train) if self._train is not None else None}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"consumed_batches": self._consumed, **self._order_state()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def _prepare_resume(self) -> None:
+        """The examples are counted (``num_examples``) before the order settings are compared."""
         if self._train is None:
             self.setup("fit")
-        current = self._order_state()
-        for key in ORDER_KEYS:
-            if key in state_dict and state_dict[key] != current[key]:
-                raise DLMError(
-                    f"cannot resume the SFT stream exactly: {key} changed from {state_dict[key]} (checkpoint) to "
-                    f"{current[key]}, and the example order depends on it; resume with the checkpoint's {key}"
-                )
-        self._consumed = int(state_dict.get("consumed_batches", 0))

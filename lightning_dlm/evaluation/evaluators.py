@@ -7,12 +7,19 @@ same methods on both, so every task compares the two on the same items and the s
 * ``likelihood(blocks)``: the NELBO bound (diffusion) or the exact NLL (AR) per token;
 * ``choice(contexts, continuations)``: a log-likelihood (or its ELBO bound) per continuation;
 * ``generate(prompts, length, suffixes)``: continuations (the AR model ignores suffixes).
+
+Where the tasks treat the two differently, each class says so itself, at class level (so a
+stand-in that only names its ``kind`` gets its class's behaviour through :func:`evaluator_type`):
+``uses_suffix``, ``supports_guidance``, ``can_judge``, ``decoding(task, length)`` (a generation
+task's decoding options) and ``primary_choice_score(out)`` (what multiple choice ranks by).
+:func:`load_evaluator` picks the class from the registry ``EVALUATORS`` (kind -> class), by
+``kind`` or, for ``auto``, the first class whose ``matches(path)`` holds.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type
 
 import torch
 
@@ -33,7 +40,13 @@ def _nothing(n: int) -> None:
 class Evaluator:
     """Shared plumbing; ``weights`` is the torch module that holds the model (with ``.config``)."""
 
-    kind = "?"
+    kind: ClassVar[str] = "?"
+    #: whether generation conditions on the text after the span (an AR model sees the prefix only)
+    uses_suffix: ClassVar[bool] = False
+    #: whether its generation takes classifier-free guidance (``cfg_scale``)
+    supports_guidance: ClassVar[bool] = False
+    #: whether it can score other models' samples (generative perplexity needs exact left-to-right NLLs)
+    can_judge: ClassVar[bool] = False
 
     def __init__(self, weights: torch.nn.Module, tokenizer, name: str):
         self.weights = weights
@@ -58,12 +71,36 @@ class Evaluator:
 
         return max_positions(self.weights.config)
 
+    # --- what this kind of model does differently (class level) ------------------------------
+    @classmethod
+    def matches(cls, path: str) -> bool:
+        """Whether ``path`` holds a model of this kind (``kind: auto`` takes the first class that matches)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu", dtype: str = "float32", name: str = "",
+             trust_checkpoint: bool = False) -> "Evaluator":
+        """An evaluator for the model at ``path``, named ``name``."""
+        raise NotImplementedError
+
+    @classmethod
+    def decoding(cls, task: Any, length: int) -> Dict[str, Any]:
+        """The decoding options of generation ``task`` (its sampler fields) for ``length`` tokens."""
+        return dict(temperature=task.temperature, top_p=task.top_p, top_k=task.top_k, seed=task.seed)
+
+    @staticmethod
+    def primary_choice_score(out: Dict[str, List]) -> List[float]:
+        """What multiple choice ranks the continuations by (highest wins), from ``choice``'s output."""
+        return out["loglik"]
+
 
 class DiffusionEvaluator(Evaluator):
     """A diffusion model (:class:`DiffusionModel`, or the DiffusionLM training one): ELBO bounds,
     the paper's choice protocol, the sampler."""
 
     kind = "diffusion"
+    uses_suffix = True
+    supports_guidance = True
 
     def __init__(self, model, name: str = "diffusion"):
         from lightning_dlm.sampling.generate import unwrap_trainer
@@ -72,6 +109,35 @@ class DiffusionEvaluator(Evaluator):
         model.eval()
         self.net = model
         super().__init__(model, model.tokenizer, name)
+
+    @classmethod
+    def matches(cls, path: str) -> bool:
+        """A file (a causal LM is a folder or hub name), or a folder holding a diffusion checkpoint."""
+        from lightning_dlm.io.safe_read import is_diffusion_checkpoint
+
+        return os.path.isfile(path) or is_diffusion_checkpoint(path)
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu", dtype: str = "float32", name: str = "",
+             trust_checkpoint: bool = False) -> Evaluator:
+        """The checkpoint's model; a run of the causal objective (``model.objective: ar``) is a causal LM.
+        The loader names what is wrong with a file, and refuses what would run code."""
+        model = DiffusionModel.from_pretrained(path, map_location=device, trust_checkpoint=trust_checkpoint)
+        if model.objective == "ar":
+            model.model.config.is_causal = True
+            return CausalEvaluator(model.model, model.tokenizer, name=name)
+        return cls(model, name=name)
+
+    @classmethod
+    def decoding(cls, task: Any, length: int) -> Dict[str, Any]:
+        """The sampler's options too: ``steps`` (one per token when unset), strategy, blocks, cache."""
+        return dict(super().decoding(task, length), steps=task.steps or length, strategy=task.strategy,
+                    block_size=task.block_size, cache=task.cache)
+
+    @staticmethod
+    def primary_choice_score(out: Dict[str, List]) -> List[float]:
+        """The paper's criterion: the lowest mean masked cross-entropy (``per_token`` is its negative)."""
+        return out["per_token"]
 
     @property
     def is_block(self) -> bool:
@@ -131,10 +197,28 @@ class CausalEvaluator(Evaluator):
     """A plain causal LM: exact likelihoods and left-to-right generation."""
 
     kind = "ar"
+    can_judge = True
 
     def __init__(self, model, tokenizer, name: str = "ar"):
         self.model = model.eval()
         super().__init__(self.model, tokenizer, name)
+
+    @classmethod
+    def matches(cls, path: str) -> bool:
+        """Anything else: a hub name or a model folder."""
+        return True
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu", dtype: str = "float32", name: str = "",
+             trust_checkpoint: bool = False) -> Evaluator:
+        if os.path.isfile(path):
+            raise DLMError(f"'{path}' is a file, and a causal LM is a folder or hub name: pass a model folder, "
+                           f"or --kind diffusion for a .ckpt written by `dlm fit`")
+        from lightning_dlm.model.config import BackboneConfig
+        from lightning_dlm.model.loading import load_causal_lm, load_tokenizer
+
+        model = load_causal_lm(BackboneConfig(pretrained=path, dtype=dtype)).to(device)
+        return cls(model, load_tokenizer(path), name=name)
 
     def likelihood(self, blocks: torch.Tensor, batch_size: int = 8, progress: Progress = _nothing,
                    **_) -> Dict[str, float]:
@@ -185,29 +269,32 @@ class CausalEvaluator(Evaluator):
         return texts
 
 
+#: kind -> evaluator class; ``kind: auto`` takes the first (in this order) whose ``matches(path)`` holds.
+EVALUATORS: Dict[str, Type[Evaluator]] = {cls.kind: cls for cls in (DiffusionEvaluator, CausalEvaluator)}
+
+
+def evaluator_type(evaluator: Any) -> Type[Evaluator]:
+    """The class whose behaviour ``evaluator`` has: its own, or, for a stand-in that is no
+    :class:`Evaluator` but names its ``kind`` (a test double), the registered class of that kind."""
+    if isinstance(evaluator, Evaluator):
+        return type(evaluator)
+    kind = getattr(evaluator, "kind", None)
+    if kind not in EVALUATORS:
+        raise DLMError(f"{type(evaluator).__name__} is not an evaluator: its kind {kind!r} is none of {list(EVALUATORS)}")
+    return EVALUATORS[kind]
+
+
 def load_evaluator(path: str, kind: str = "auto", device: str = "cpu", dtype: str = "float32",
                    name: Optional[str] = None, trust_checkpoint: bool = False) -> Evaluator:
     """An evaluator for ``path``: a diffusion checkpoint (``.ckpt``, sharded or exported folder)
-    or a causal LM (hub name or folder). ``kind``: ``auto``, ``diffusion`` or ``ar``.
-    ``trust_checkpoint``: unpickle a diffusion checkpoint in full (code in it can run)."""
-    from lightning_dlm.io.safe_read import is_diffusion_checkpoint
-
-    if kind not in ("auto", "diffusion", "ar"):
-        raise DLMError(f"unknown model kind '{kind}': use auto, diffusion or ar")
+    or a causal LM (hub name or folder). ``kind``: ``auto`` or a kind of ``EVALUATORS``
+    (``diffusion``, ``ar``). ``trust_checkpoint``: unpickle a diffusion checkpoint in full (code in
+    it can run)."""
+    if kind != "auto" and kind not in EVALUATORS:
+        choices = ["auto", *EVALUATORS]
+        raise DLMError(f"unknown model kind '{kind}': use {', '.join(choices[:-1])} or {choices[-1]}")
     label = name or os.path.basename(os.path.normpath(path)) or path
-    # a file can only be a diffusion checkpoint (a causal LM is a folder or hub name): the loader
-    # names what is wrong with it, and refuses what would run code
-    if kind == "diffusion" or (kind == "auto" and (os.path.isfile(path) or is_diffusion_checkpoint(path))):
-        model = DiffusionModel.from_pretrained(path, map_location=device, trust_checkpoint=trust_checkpoint)
-        if model.objective == "ar":  # a run of the causal objective (model.objective: ar) is a causal LM
-            model.model.config.is_causal = True
-            return CausalEvaluator(model.model, model.tokenizer, name=label)
-        return DiffusionEvaluator(model, name=label)
-    if os.path.isfile(path):
-        raise DLMError(f"'{path}' is a file, and a causal LM is a folder or hub name: pass a model folder, "
-                       f"or --kind diffusion for a .ckpt written by `dlm fit`")
-    from lightning_dlm.model.config import BackboneConfig
-    from lightning_dlm.model.loading import load_causal_lm, load_tokenizer
-
-    model = load_causal_lm(BackboneConfig(pretrained=path, dtype=dtype)).to(device)
-    return CausalEvaluator(model, load_tokenizer(path), name=label)
+    if kind == "auto":
+        # a file can only be a diffusion checkpoint (a causal LM is a folder or hub name)
+        kind = next(k for k, cls in EVALUATORS.items() if cls.matches(path))
+    return EVALUATORS[kind].load(path, device=device, dtype=dtype, name=label, trust_checkpoint=trust_checkpoint)

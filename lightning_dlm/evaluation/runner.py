@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from lightning_dlm.core.errors import DLMError
+from lightning_dlm.evaluation.evaluators import EVALUATORS, load_evaluator
 from lightning_dlm.evaluation.tasks import Task, build_task
 
 #: The metrics the table shows per task kind (everything is in the JSON).
@@ -28,7 +29,8 @@ HEADLINE = {
 }
 
 
-MODEL_KINDS = ("auto", "diffusion", "ar")
+#: ``auto`` (the first evaluator class that matches the path) or a registered kind
+MODEL_KINDS = ("auto", *EVALUATORS)
 
 
 @dataclass
@@ -98,8 +100,6 @@ def check_out(path: Optional[str]) -> None:
 
 def run_evaluation(config: EvalConfig, progress: bool = True, log=print) -> Dict[str, Any]:
     """Every task on every model; returns (and writes to ``config.out``) the results."""
-    from lightning_dlm.evaluation.evaluators import load_evaluator
-
     if not config.models:
         raise DLMError("no model given: pass --model <checkpoint or model folder> (several for a side-by-side table)")
     if not config.tasks:

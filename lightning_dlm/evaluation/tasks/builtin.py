@@ -26,6 +26,7 @@ import torch
 import lightning_dlm.evaluation.metrics as M
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.evaluation.data import read_records
+from lightning_dlm.evaluation.evaluators import evaluator_type, load_evaluator
 from lightning_dlm.evaluation.formats import convert_records
 from lightning_dlm.evaluation.tasks.registry import register_task
 from lightning_dlm.sampling.engine import sampler_defaults
@@ -114,7 +115,7 @@ class MultipleChoiceTask(Task):
         out = evaluator.choice(contexts, continuations, levels=self.levels, batch_size=self.batch_size,
                                seed=self.seed, progress=advance)
         width = max(len(item.continuations) for item in items)
-        primary = out["per_token"] if evaluator.kind == "diffusion" else out["loglik"]
+        primary = evaluator_type(evaluator).primary_choice_score(out)
         norm = [ll / max(1, len(c)) for ll, c in zip(out["loglik"], continuations)]
         preds, preds_norm, at = [], [], 0
         for item in items:
@@ -159,12 +160,9 @@ class GenerationTask(Task):
     decoding_protocol: ClassVar[Dict[str, Any]] = EVAL_DECODING  # the defaults that are not SamplerConfig's
 
     def decoding(self, evaluator, length: int) -> Dict[str, Any]:
-        """The decoding options for ``length`` tokens: the sampler's for a diffusion model."""
-        opts = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed)
-        if evaluator.kind == "diffusion":
-            opts.update(steps=self.steps or length, strategy=self.strategy, block_size=self.block_size,
-                        cache=self.cache)
-        return opts
+        """The decoding options for ``length`` tokens, as the evaluator's class takes them (the
+        sampler's for a diffusion model)."""
+        return evaluator_type(evaluator).decoding(self, length)
 
     def generate_grouped(self, evaluator, items, lengths: List[int], bar: Bar) -> List[str]:
         """Generate each item at its own length, batching the items of equal length together."""
@@ -248,7 +246,7 @@ class InfillingTask(GenerationTask):
         for k in keys:
             values = [float(s[f"{k}_fmeasure"]) for s in per_item]
             out[k], out[f"{k}_se"] = M.mean(values), M.standard_error(values)
-        return dict(out, items=len(items), uses_suffix=evaluator.kind == "diffusion",
+        return dict(out, items=len(items), uses_suffix=evaluator_type(evaluator).uses_suffix,
                     examples=self.examples(items, predictions))
 
 
@@ -275,8 +273,6 @@ class GenerativePerplexityTask(GenerationTask):
         """The evaluator model, loaded once per task (every evaluated model is scored by it)."""
         cached = getattr(self, "_judge", None)
         if cached is None or str(cached.device) != device:
-            from lightning_dlm.evaluation.evaluators import load_evaluator
-
             cached = self._judge = load_evaluator(self.evaluator, kind=self.evaluator_kind, device=device)
         return cached
 
@@ -301,7 +297,7 @@ class GenerativePerplexityTask(GenerationTask):
                                    progress=bar(len(prompts), f"{self.name} (sampling)"),
                                    **self.decoding(evaluator, self.length))
         judge = self.judge(str(evaluator.device))
-        if judge.kind != "ar":
+        if not evaluator_type(judge).can_judge:
             raise DLMError(f"the evaluator '{self.evaluator}' is a diffusion model: use an AR model to score samples")
         result = score_samples(judge, prompts, texts, batch_size=self.batch_size,
                                progress=bar(len(texts), f"{self.name} (scoring)"))

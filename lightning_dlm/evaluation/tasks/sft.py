@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import lightning_dlm.evaluation.metrics as M
 from lightning_dlm.core.errors import DLMError
+from lightning_dlm.evaluation.evaluators import evaluator_type
 from lightning_dlm.evaluation.formats import AnswerItem, register
 from lightning_dlm.evaluation.tasks.builtin import Bar, GenerationTask
 from lightning_dlm.evaluation.tasks.registry import register_task
@@ -101,7 +102,7 @@ class GSM8KTask(GenerationTask):
             for item in items:
                 item.prompt = chat_prompt(evaluator.tokenizer, item.prompt)
         options = self.decoding(evaluator, self.length)
-        if evaluator.kind == "diffusion" and self.cfg_scale:
+        if evaluator_type(evaluator).supports_guidance and self.cfg_scale:
             options["cfg_scale"] = self.cfg_scale
         advance = bar(len(items), self.name)
         predictions = evaluator.generate([item.prompt for item in items], self.length, batch_size=self.batch_size,
@@ -221,6 +222,6 @@ class HumanEvalInfillTask(GenerationTask):
         examples = [dict(task_id=i.task_id, line=i.line, answer=i.answer, prediction=g.split("\n", 1)[0], result=r["result"])
                     for i, g, r in list(zip(items, generations, results))[: self.show]]
         return dict(pass_at_1=rate, pass_at_1_se=M.proportion_se(rate, len(items)), items=len(items),
-                    problems=len(problems), timed_out=timed_out, uses_suffix=evaluator.kind == "diffusion",
+                    problems=len(problems), timed_out=timed_out, uses_suffix=evaluator_type(evaluator).uses_suffix,
                     executes_generated_code=True, examples=examples)
 
