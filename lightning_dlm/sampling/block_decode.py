@@ -18,24 +18,29 @@ token for token. ``sub_block`` decodes a block in sub-blocks left to right (Fast
 with ``sub_block_cache`` the other columns of the block are cached at the first step of each
 sub-block and reused (stale) until the next one: Fast-dLLM v2's approximate sub-block cache.
 
+The loop of denoising steps is the sampler's own
+(:meth:`~lightning_dlm.sampling.engine.DecodeRun.denoise`); what is particular here is how a
+block's logits are computed and the cache of committed blocks (transformers ``Cache`` objects:
+``DynamicCache`` layers' ``keys`` / ``values``, ``crop``, ``get_seq_length``).
+
 Rows are left-padded, each with its own positions; every row's blocks advance together (one
 block per round), so a cache of the batch stays aligned. ``stop_at_eos`` ends a row at its first
-committed EOS whose left is decided (variable length); rows that end drop out of the batch.
+committed EOS whose left is decided (variable length); rows that end drop out of the batch. The
+result's ``ids`` (and its trajectory) lay the rows out as a canvas, prompts left-padded, every
+row's generated region in the same columns (``Decoded.target_span``).
 """
 
 from __future__ import annotations
 
 import math
-import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
+from transformers import Cache
 
 from lightning_dlm.core.errors import DLMError
-from lightning_dlm.sampling.engine import Decoded, SamplerConfig, SamplingStats
-from lightning_dlm.sampling.strategies import StepContext
-
-KV = List[Tuple[torch.Tensor, torch.Tensor]]
+from lightning_dlm.sampling.denoisers import copy_kv
+from lightning_dlm.sampling.engine import Decoded, DecodeRun, SamplerConfig, eos_done
 
 
 def _block_causal_mask(net, positions: torch.Tensor, real: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -61,25 +66,31 @@ class _Rows:
             self.tokens[r, : len(x)] = torch.as_tensor(list(x), dtype=torch.long, device=device)
             self.open[r, len(x): len(x) + length] = True
         self.length = length
+        self.span = (max(self.p), max(self.p) + length)  # the target columns of :meth:`canvas`
 
     def start(self, r: int, k: int) -> int:
         return (self.first_block[r] + k) * self.B
 
+    def canvas(self, pad_id: int) -> torch.Tensor:
+        """Prompt and target of every row, prompts left-padded: the targets in the columns ``span``."""
+        out = torch.full((len(self.p), self.span[1]), pad_id, dtype=torch.long, device=self.tokens.device)
+        for r, p in enumerate(self.p):
+            out[r, self.span[0] - p:] = self.tokens[r, : p + self.length]
+        return out
+
 
 @torch.no_grad()
 def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: SamplerConfig, *, block_size: int,
-                 schedule, seeds: Sequence[int], shift: bool = True, eos_id: Optional[int] = None,
+                 schedule, seeds: Sequence[int], shift: bool = True, eos_id: Optional[int] = None, pad_id: int = 0,
                  suppress_ids: Sequence[int] = (), kv_cache: bool = True, sub_block: Optional[int] = None,
                  sub_block_cache: bool = False) -> Decoded:
     """Decode ``length`` tokens after every prefix (token ids, each at least one token with the
     shift). ``config.steps`` is the number of steps per block; ``config.block_size`` / ``cache``
     are not used here (the block size is ``block_size``; the cache is exact). Returns a
-    :class:`~lightning_dlm.sampling.engine.Decoded` whose ``ids`` are the rows' token buffers."""
-    strategy = config.check()
-    if config.stop_at_eos and eos_id is None:
-        raise DLMError("stop_at_eos needs an EOS token: the tokenizer has none")
-    if len(seeds) != len(prefixes):
-        raise DLMError(f"got {len(seeds)} seeds for {len(prefixes)} rows: give one seed per row")
+    :class:`~lightning_dlm.sampling.engine.Decoded` whose ``ids`` are the rows as a canvas
+    (left-padded with ``pad_id``, which also fills a row right of its EOS with ``stop_at_eos``)."""
+    device = next(net.parameters()).device
+    run = DecodeRun(config, schedule, seeds, len(prefixes), device, eos_id, suppress_ids)
     if not shift:
         raise DLMError("block decoding reads every slot from the position before it (the shift): this model was "
                        "trained without it (diffusion.shift: false); train block models with shift: true")
@@ -89,32 +100,13 @@ def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: Sa
         raise DLMError(f"sub_block {sub_block} must be >= 1 and divide the block size {block_size}")
     if sub_block_cache and (sub_block is None or not kv_cache):
         raise DLMError("sub_block_cache needs sub_block and the KV cache (kv_cache=True)")
-    device = next(net.parameters()).device
-    B = block_size
+    B, sub, n, stats, clean_logits = block_size, sub_block or block_size, len(prefixes), run.stats, run.clean
     rows = _Rows(prefixes, length, B, net.mask_token_id, device)
-    n = len(prefixes)
-    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-    suppress = sorted(set(int(i) for i in suppress_ids))
-    stats = SamplingStats()
-    trajectory: Optional[List[torch.Tensor]] = [] if config.capture_trajectory else None
-    eos_at: List[Optional[int]] = [None] * n
-    stopped = [False] * n
     active = list(range(n))
     cmax = max(rows.first_block)
-    sub = sub_block or B
-
-    def clean_logits(raw: torch.Tensor) -> torch.Tensor:
-        raw = raw.float()
-        if suppress:
-            raw[..., suppress] = float("-inf")
-        return raw
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t_start = time.perf_counter()
 
     # --- prefill: the whole prompt blocks of every row (left-padded to cmax blocks) ---------------
-    kv: Optional[KV] = None
+    kv: Optional[Cache] = None  # the committed blocks' keys/values
     kv_real: Optional[torch.Tensor] = None  # (rows, C) 1 = a real cached key
     first = torch.zeros((n, net.vocab_size), device=device)  # logits of each row's next block's first slot
     if kv_cache and cmax > 0:
@@ -127,17 +119,26 @@ def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: Sa
             real[r, width - m:] = 1
         positions = (real.cumsum(1) - 1).clamp_min(0)
         mask = _block_causal_mask(net, positions, real, B)
-        logits, cache = net.cached_forward(ids, mask, positions, torch.tensor([width - 1], device=device),
-                                           use_cache=True)
+        logits, kv = net.cached_forward(ids, mask, positions, torch.tensor([width - 1], device=device), use_cache=True)
         stats.forward_passes += 1
         stats.full_passes += 1
         stats.positions_computed += n * width
-        kv = [(k, v) for k, v, *_ in cache]
         kv_real = real
         first = clean_logits(logits[:, -1])
 
     k = 0
     pending: Optional[torch.Tensor] = None  # logits of the current block computed by the last commit pass
+    stale: Optional[Cache] = None  # with sub_block_cache: committed + block keys/values at the sub-block's first step
+
+    def drop_pending(commit: torch.Tensor) -> None:  # the block changed: the commit pass's logits are stale
+        nonlocal pending
+        pending = None
+
+    def snapshot() -> torch.Tensor:
+        for j, (r, s) in enumerate(zip(active, starts)):
+            rows.tokens[r, s: s + B] = block_ids[j]
+        return rows.canvas(pad_id).cpu()
+
     while active:
         idx = torch.tensor(active, device=device)
         starts = [rows.start(r, k) for r in active]
@@ -147,66 +148,38 @@ def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: Sa
         steps = max(1, min(B, config.steps))
         for lo in range(0, B, sub):
             hi = lo + sub
-            sub_steps = max(1, math.ceil(steps * sub / B))
-            stale: Optional[KV] = None
-            for step in range(sub_steps):
-                eligible = block_open.clone()
-                eligible[:, :lo] = False
-                eligible[:, hi:] = False
-                if not eligible.any():
-                    break
+            allowed = torch.zeros(B, dtype=torch.bool, device=device)
+            allowed[lo:hi] = True
+            stale = None
 
-                def logits_fn(step=step):
-                    nonlocal stale
-                    if pending is not None:  # the block has not changed since the commit pass computed them
-                        return pending
-                    if kv_cache and B == 1:  # the only slot reads the last committed position: no pass
-                        return clean_logits(first[idx][:, None])
-                    stats.forward_passes += 1
-                    if not kv_cache:
-                        out = _uncached(net, rows, active, starts, block_ids, B, stats)
-                    elif sub_block_cache and step > 0 and stale is not None:
-                        out = _sub_cached(net, kv, kv_real, stale, block_ids, pos, lo, hi, B, first[idx], stats)
-                    else:
-                        out, block_kv = _cached(net, kv, kv_real, block_ids, pos, B, first[idx], stats,
-                                                keep_kv=sub_block_cache)
-                        stale = block_kv
-                    return clean_logits(out)
+            def logits_fn(step: int, eligible: torch.Tensor) -> torch.Tensor:
+                nonlocal stale
+                if pending is not None:  # the block has not changed since the commit pass computed them
+                    return pending
+                if kv_cache and B == 1:  # the only slot reads the last committed position: no pass
+                    return clean_logits(first[idx][:, None])
+                stats.forward_passes += 1
+                if not kv_cache:
+                    out = _uncached(net, rows, active, starts, block_ids, B, stats)
+                elif sub_block_cache and step > 0 and stale is not None:
+                    out = _sub_cached(net, stale, kv_real, block_ids, pos, lo, hi, first[idx], stats)
+                else:
+                    out, stale = _cached(net, kv, kv_real, block_ids, pos, first[idx], stats, keep_kv=sub_block_cache)
+                return clean_logits(out)
 
-                ctx = StepContext(eligible=eligible, step=step, steps=sub_steps, schedule=schedule,
-                                  generators=[generators[r] for r in active], temperature=config.temperature,
-                                  top_k=config.top_k, top_p=config.top_p, _logits_fn=logits_fn)
-                result = strategy.step(ctx)
-                stats.steps += 1
-                committed = [0] * n
-                if result is not None:
-                    commit, tokens = result
-                    commit = commit & eligible
-                    block_ids = torch.where(commit, tokens, block_ids)
-                    block_open &= ~commit
-                    pending = None
-                    for j, c in enumerate(commit.sum(1).tolist()):
-                        committed[active[j]] = c
-                stats.committed_per_step.append(committed)
-                if trajectory is not None:
-                    for j, (r, s) in enumerate(zip(active, starts)):
-                        rows.tokens[r, s: s + B] = block_ids[j]
-                    trajectory.append(rows.tokens.cpu().clone())
-            if (block_open[:, lo:hi]).any():
-                raise RuntimeError(f"strategy '{strategy.name}' left slots undecided at the end of a block")
+            run.denoise(block_ids, block_open, allowed, max(1, math.ceil(steps * sub / B)), logits_fn, rows=active,
+                        on_commit=drop_pending, snapshot=snapshot)
         # --- the block is decided: write it back, stop rows at EOS / at their last block ----------
-        keep: List[int] = []
+        keep = []
         for j, (r, s) in enumerate(zip(active, starts)):
             rows.tokens[r, s: s + B] = block_ids[j]
             rows.open[r, s: s + B] = block_open[j]
-            if config.stop_at_eos:
-                p = rows.p[r]
-                target = rows.tokens[r, p: p + length]
-                hits = (target[: s + B - p] == eos_id).nonzero().flatten()
-                if hits.numel():
-                    eos_at[r], stopped[r] = int(hits[0]), True
-                    continue
-            if rows.first_block[r] + k < rows.last_block[r]:
+            p = rows.p[r]
+            hit = eos_done(rows.tokens[r, p: p + length], rows.open[r, p: p + length], eos_id) if config.stop_at_eos else None
+            if hit is not None:
+                run.eos_at[r], run.stopped[r] = hit, True
+                rows.tokens[r, p + hit + 1: p + length] = pad_id
+            elif rows.first_block[r] + k < rows.last_block[r]:
                 keep.append(j)
         pending = None
         if keep and kv_cache:
@@ -222,21 +195,7 @@ def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: Sa
             first[idx[sel]] = clean_logits(first_sel)
         active = [active[j] for j in keep]
         k += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    stats.wall_time_s = time.perf_counter() - t_start
-    out = []
-    for r in range(n):
-        row = rows.tokens[r, rows.p[r]: rows.p[r] + length].tolist()
-        out.append(row[: eos_at[r]] if eos_at[r] is not None else row)
-    stats.tokens = sum(len(x) for x in out)
-    return Decoded(ids=rows.tokens, tokens=out, stopped_at_eos=stopped, stats=stats, trajectory=trajectory)
-
-
-def _dyn(kv: KV):
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=kv)
+    return run.finish(rows.canvas(pad_id), rows.span)
 
 
 def _slot_aligned(query_logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -244,50 +203,38 @@ def _slot_aligned(query_logits: torch.Tensor, first: torch.Tensor) -> torch.Tens
     return torch.cat([first[:, None].to(query_logits.dtype), query_logits], dim=1)
 
 
-def _cached(net, kv: Optional[KV], kv_real, block_ids, pos, B: int, first, stats, keep_kv: bool = False):
+def _cached(net, kv: Optional[Cache], kv_real, block_ids, pos, first, stats,
+            keep_kv: bool = False) -> Tuple[torch.Tensor, Optional[Cache]]:
     """The current block attending the cached committed blocks (exact). Returns slot-aligned logits
-    and, with ``keep_kv``, the block's own keys/values (for the sub-block cache)."""
-    rows = block_ids.shape[0]
+    and, with ``keep_kv``, the cache with the block's own keys/values appended (the sub-block cache)."""
+    rows, B = block_ids.shape
     keep = torch.arange(0, B - 1, device=block_ids.device)
-    if kv is None:
-        mask = None
-        past = None
-    else:
-        mask = torch.cat([kv_real, torch.ones_like(block_ids)], dim=1)
-        past = _dyn(kv)
-    logits, cache = net.cached_forward(block_ids, mask, pos, keep, past=past, use_cache=keep_kv)
+    mask = None if kv is None else torch.cat([kv_real, torch.ones_like(block_ids)], dim=1)
+    logits, cache = net.cached_forward(block_ids, mask, pos, keep, past=None if kv is None else copy_kv(kv),
+                                       use_cache=keep_kv)
     stats.positions_computed += rows * B
-    block_kv = None
-    if keep_kv:
-        c = 0 if kv is None else kv[0][0].shape[2]
-        block_kv = [(kk[:, :, c:], vv[:, :, c:]) for kk, vv, *_ in cache]
-    return _slot_aligned(logits, first), block_kv
+    return _slot_aligned(logits, first), cache if keep_kv else None
 
 
-def _sub_cached(net, kv, kv_real, stale: KV, block_ids, pos, lo: int, hi: int, B: int, first, stats):
+def _sub_cached(net, stale: Cache, kv_real, block_ids, pos, lo: int, hi: int, first, stats) -> torch.Tensor:
     """Fast-dLLM v2's sub-block cache (approximate): the sub-block's queries (and the one before it)
     attend the committed cache and the block's other columns as cached at the sub-block's first step."""
-    device = block_ids.device
-    a = max(lo - 1, 0)
-    cols = torch.cat([torch.arange(0, a, device=device), torch.arange(hi, B, device=device)])
-    past_kv = [(sk.index_select(2, cols), sv.index_select(2, cols)) for sk, sv in stale]
-    if kv is not None:
-        past_kv = [(torch.cat([ck, sk], 2), torch.cat([cv, sv], 2)) for (ck, cv), (sk, sv) in zip(kv, past_kv)]
-        real = torch.cat([kv_real, torch.ones((block_ids.shape[0], len(cols)), dtype=kv_real.dtype, device=device)], 1)
-    else:
-        real = torch.ones((block_ids.shape[0], len(cols)), dtype=torch.long, device=device)
-    mask = torch.cat([real, torch.ones((block_ids.shape[0], hi - a), dtype=real.dtype, device=device)], 1)
+    (rows, B), device = block_ids.shape, block_ids.device
+    a, c = max(lo - 1, 0), stale.get_seq_length() - B  # c: the committed columns before the block's
+    cols = torch.cat([torch.arange(0, c + a, device=device), torch.arange(c + hi, c + B, device=device)])
+    real = torch.ones((rows, len(cols) - c + hi - a), dtype=torch.long, device=device)
+    mask = real if kv_real is None else torch.cat([kv_real, real], 1)
     keep = torch.arange(0, hi - 1 - a, device=device)
-    logits, _ = net.cached_forward(block_ids[:, a:hi], mask, pos[:, a:hi], keep, past=_dyn(past_kv))
-    stats.positions_computed += block_ids.shape[0] * (hi - a)
-    out = torch.zeros((block_ids.shape[0], B, logits.shape[-1]), dtype=logits.dtype, device=device)
+    logits, _ = net.cached_forward(block_ids[:, a:hi], mask, pos[:, a:hi], keep, past=copy_kv(stale, cols=cols))
+    stats.positions_computed += rows * (hi - a)
+    out = torch.zeros((rows, B, logits.shape[-1]), dtype=logits.dtype, device=device)
     out[:, a + 1: hi] = logits  # slot i from query i - 1
     if a == 0:
         out[:, 0] = first.to(logits.dtype)
     return out
 
 
-def _commit(net, kv: Optional[KV], kv_real, block_ids, pos, sel, stats):
+def _commit(net, kv: Optional[Cache], kv_real, block_ids, pos, sel, stats):
     """Append the clean decided block of the rows ``sel`` to the cache; returns the new cache, its
     key mask, and each row's logits at the block's last position (the next block's first slot)."""
     B = block_ids.shape[1]
@@ -295,29 +242,22 @@ def _commit(net, kv: Optional[KV], kv_real, block_ids, pos, sel, stats):
     if kv is None:
         mask, past, real = None, None, torch.ones_like(block_ids)
     else:
-        kv = [(kk.index_select(0, sel), vv.index_select(0, sel)) for kk, vv in kv]
         real = torch.cat([kv_real.index_select(0, sel), torch.ones_like(block_ids)], dim=1)
-        mask, past = real, _dyn(kv)
+        mask, past = real, copy_kv(kv, rows=sel)
     logits, cache = net.cached_forward(block_ids, mask, pos, keep, past=past, use_cache=True)
     stats.forward_passes += 1
     stats.positions_computed += block_ids.shape[0] * B
-    return [(kk, vv) for kk, vv, *_ in cache], real, logits[:, -1]
+    return cache, real, logits[:, -1]
 
 
-def _commit_and_next(net, kv: Optional[KV], kv_real, block_ids, pos, nxt, sel, stats):
+def _commit_and_next(net, kv: Optional[Cache], kv_real, block_ids, pos, nxt, sel, stats):
     """:func:`_commit` and the first denoising pass of the next block in one forward pass: the clean
     block's queries see the cache and themselves, the next block's see the cache, the clean block
     and themselves; only the clean block's keys/values are kept. Returns the new cache, its key
     mask, the first-slot logits and the next block's slot-aligned logits."""
-
-    B, device = block_ids.shape[1], block_ids.device
-    rows = block_ids.shape[0]
-    c = 0 if kv is None else kv[0][0].shape[2]
-    if kv is not None:
-        kv = [(kk.index_select(0, sel), vv.index_select(0, sel)) for kk, vv in kv]
-        prev = kv_real.index_select(0, sel)
-    else:
-        prev = torch.zeros((rows, 0), dtype=torch.long, device=device)
+    (rows, B), device = block_ids.shape, block_ids.device
+    c = 0 if kv is None else kv.get_seq_length()
+    prev = torch.zeros((rows, 0), dtype=torch.long, device=device) if kv is None else kv_real.index_select(0, sel)
     keys = torch.cat([prev, torch.ones((rows, 2 * B), dtype=prev.dtype, device=device)], 1).bool()
     allowed = keys[:, None, :].repeat(1, 2 * B, 1)
     allowed[:, :B, c + B:] = False  # the clean block does not see the next block
@@ -326,16 +266,16 @@ def _commit_and_next(net, kv: Optional[KV], kv_real, block_ids, pos, nxt, sel, s
     ids = torch.cat([block_ids, nxt], 1)
     positions = torch.cat([pos, pos + B], 1)
     keep = torch.arange(B - 1, 2 * B - 1, device=device)
-    logits, cache = net.cached_forward(ids, mask[:, None], positions, keep, past=None if kv is None else _dyn(kv),
-                                       use_cache=True)
+    logits, cache = net.cached_forward(ids, mask[:, None], positions, keep,
+                                       past=None if kv is None else copy_kv(kv, rows=sel), use_cache=True)
     stats.forward_passes += 1
     stats.positions_computed += rows * 2 * B
-    new_kv = [(kk[:, :, : c + B], vv[:, :, : c + B]) for kk, vv, *_ in cache]
+    cache.crop(-B)  # drop the next block's keys/values: it is not decided yet
     real = torch.cat([prev, torch.ones_like(block_ids)], 1)
-    return new_kv, real, logits[:, 0], logits
+    return cache, real, logits[:, 0], logits
 
 
-def _uncached(net, rows: _Rows, active: List[int], starts: List[int], block_ids, B: int, stats):
+def _uncached(net, rows: _Rows, active, starts, block_ids, B: int, stats):
     """The reference pass: every committed block and the current one, no cache (block-causal
     pattern), slot-aligned logits of the current block."""
     device = block_ids.device

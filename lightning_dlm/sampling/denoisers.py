@@ -13,16 +13,17 @@ sampler runs one full forward pass (its logits serve that step) and keeps the ke
 columns left of the current block's window (``prefix``), and also of those right of it
 (``dual``). Until the next refresh, a step runs the model on the window only: the block and
 everything right of it (``prefix``), or the block alone (``dual``), attending to the stale cached
-keys/values through transformers' ``DynamicCache``. A cache refreshed at every step is the
+keys/values (a transformers ``DynamicCache``, :func:`copy_kv`). A cache refreshed at every step is the
 uncached computation. The caches are tested on full-attention models (LLaMA, GPT-2); models
 with sliding-window or recurrent layers should decode with ``cache="none"``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
+from transformers import Cache, DynamicCache
 
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.model.diffusion_model import position_ids_from_padding
@@ -43,6 +44,21 @@ def positions_of(attention_mask: Optional[torch.Tensor], batch: int, width: int,
     if attention_mask is None:
         return torch.arange(width, device=device).unsqueeze(0).expand(batch, width)
     return position_ids_from_padding(attention_mask)
+
+
+def copy_kv(cache: Cache, rows: Optional[torch.Tensor] = None, cols: Optional[torch.Tensor] = None) -> DynamicCache:
+    """A new ``DynamicCache`` holding the keys/values of ``cache`` at batch ``rows`` and sequence
+    ``cols`` (all when None). A forward pass appends its own keys/values to the cache it is given,
+    so a cache reused across passes is passed as a copy."""
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        keys, values = layer.keys, layer.values
+        if rows is not None:
+            keys, values = keys.index_select(0, rows), values.index_select(0, rows)
+        if cols is not None:
+            keys, values = keys.index_select(2, cols), values.index_select(2, cols)
+        out.update(keys, values, i)
+    return out
 
 
 class FunctionDenoiser:
@@ -69,7 +85,7 @@ class ModelDenoiser:
         if model is None or not hasattr(net, "cached_forward") or getattr(model.config, "is_causal", True):
             raise DLMError("this is not a diffusion model (no bidirectional backbone): load a lightning_dlm checkpoint")
         self.net = net
-        self._kv: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+        self._kv: Optional[Cache] = None
         self._kv_cols: Optional[torch.Tensor] = None  # the canvas columns held in the cache
         self._kv_rows: Optional[torch.Tensor] = None  # the canvas rows held in the cache
 
@@ -92,7 +108,7 @@ class ModelDenoiser:
         cols = torch.arange(0, window[0], device=ids.device)
         if mode == "dual":
             cols = torch.cat([cols, torch.arange(window[1], width, device=ids.device)])
-        self._kv = [(k.index_select(2, cols), v.index_select(2, cols)) for k, v, *_ in cache]
+        self._kv = copy_kv(cache, cols=cols)
         self._kv_cols, self._kv_rows = cols, rows
         return logits
 
@@ -103,21 +119,17 @@ class ModelDenoiser:
         ``ids`` / ``attention_mask`` are the full canvas of the decoding ``rows`` (a subset of the
         rows cached at the last refresh); ``keep`` is in canvas columns.
         """
-        from transformers import DynamicCache
-
         if self._kv is None:
             raise RuntimeError("cached() before refresh()")
         pick = torch.searchsorted(self._kv_rows, rows)
-        kv = self._kv
-        if pick.numel() != self._kv_rows.numel():
-            kv = [(k.index_select(0, pick), v.index_select(0, pick)) for k, v in kv]
+        past = copy_kv(self._kv, rows=pick if pick.numel() != self._kv_rows.numel() else None)
         positions = positions_of(attention_mask, ids.shape[0], ids.shape[1], ids.device)
         a, b = window
         mask = None
         if attention_mask is not None:
             mask = torch.cat([attention_mask.index_select(1, self._kv_cols), attention_mask[:, a:b]], dim=1)
         logits, _ = self._run(ids[:, a:b], mask, positions[:, a:b], keep_index(keep, ids.device) - a,
-                              past=DynamicCache(ddp_cache_data=kv), use_cache=True)
+                              past=past, use_cache=True)
         return logits
 
     def clear(self) -> None:

@@ -1,4 +1,10 @@
-"""The sampler: one loop for every strategy, with blocks, KV caches, EOS stopping and statistics.
+"""The sampler: one loop for every strategy and every model, with blocks, KV caches, EOS stopping
+and statistics.
+
+:class:`DecodeRun` holds what every decode shares (the checked options, one generator per row,
+the statistics, the trajectory, the clock, the EOS bookkeeping) and :meth:`DecodeRun.denoise`,
+the loop of denoising steps over one span: :func:`decode` runs it on each block of a canvas here,
+:func:`~lightning_dlm.sampling.block_decode.block_decode` on each (sub-)block of a block model.
 
 :func:`decode` takes a denoiser, an aligned canvas (every row's target region in the same
 columns: ``build_canvas(..., align_targets=True)``), a :class:`SamplerConfig` and one seed per
@@ -19,9 +25,10 @@ depend on whether *any* row commits).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -130,6 +137,7 @@ class Decoded:
     stopped_at_eos: List[bool]
     stats: SamplingStats
     trajectory: Optional[List[torch.Tensor]] = None  # canvas after every step (CPU), if captured
+    target_span: Tuple[int, int] = (0, 0)  # the columns of the generated region in ``ids`` (and the trajectory)
 
 
 def _as_denoiser(denoiser):
@@ -152,7 +160,7 @@ def _blocks(start: int, end: int, block_size: Optional[int], steps: int):
     return [(a, b, base + (1 if j < extra else 0)) for j, (a, b) in enumerate(bounds)]
 
 
-def _eos_done(row_ids: torch.Tensor, row_masked: torch.Tensor, eos_id: int) -> Optional[int]:
+def eos_done(row_ids: torch.Tensor, row_masked: torch.Tensor, eos_id: int) -> Optional[int]:
     """Index of the row's first committed EOS if every slot left of it is decided, else None."""
     hits = ((row_ids == eos_id) & ~row_masked).nonzero().flatten()
     if hits.numel() == 0:
@@ -165,15 +173,15 @@ class _BlockForward:
     """The model call of one block: full passes, or cache refreshes and cached window passes.
 
     Returns slot-aligned float logits (rows, columns, V) of the block with the suppressed ids at
-    -inf: every column, or the block-relative ``cols`` only.
+    -inf (:meth:`DecodeRun.clean`): every column, or the block-relative ``cols`` only.
     """
 
-    def __init__(self, denoiser, config: SamplerConfig, stats: SamplingStats, a: int, b: int, width: int,
-                 shift: bool, suppress: List[int], batch: int):
-        self.denoiser, self.config, self.stats = denoiser, config, stats
-        self.width, self.suppress, self.batch = width, suppress, batch
+    def __init__(self, denoiser, run: "DecodeRun", a: int, b: int, width: int, shift: bool, ids: torch.Tensor,
+                 attention: Optional[torch.Tensor]):
+        self.denoiser, self.config, self.stats, self.clean = denoiser, run.config, run.stats, run.clean
+        self.width, self.ids, self.attention = width, ids, attention
         self.keep = slot_logit_positions(a, b, shift)  # the shift, in one place
-        self.window = (self.keep[0], width) if config.cache == "prefix" else (self.keep[0], max(b, self.keep[1]))
+        self.window = (self.keep[0], width) if self.config.cache == "prefix" else (self.keep[0], max(b, self.keep[1]))
         self.last_refresh: Optional[int] = None
         if hasattr(denoiser, "clear"):
             denoiser.clear()
@@ -182,11 +190,10 @@ class _BlockForward:
         every = self.config.refresh_every
         return self.last_refresh is None or (every is not None and step - self.last_refresh >= every)
 
-    def __call__(self, ids: torch.Tensor, attention: Optional[torch.Tensor], rows: torch.Tensor, step: int,
-                 cols: Optional[torch.Tensor] = None):
+    def __call__(self, rows: torch.Tensor, step: int, cols: Optional[torch.Tensor] = None):
         keep = self.keep if cols is None else self.keep[0] + cols
-        sub_ids = ids.index_select(0, rows)
-        sub_attn = attention.index_select(0, rows) if attention is not None else None
+        sub_ids = self.ids.index_select(0, rows)
+        sub_attn = self.attention.index_select(0, rows) if self.attention is not None else None
         stats, n = self.stats, len(rows)
         stats.forward_passes += 1
         if self.config.cache == "none":
@@ -201,27 +208,112 @@ class _BlockForward:
         else:
             raw = self.denoiser.cached(sub_ids, sub_attn, keep, self.window, rows)
             stats.positions_computed += n * (self.window[1] - self.window[0])
+        return self.clean(raw)
+
+    def block(self, step: int, eligible: torch.Tensor) -> torch.Tensor:
+        """(B, block length, V) for the rows with ``eligible`` slots; the other rows are zeros."""
+        rows = eligible.any(1).nonzero().flatten()
+        raw = self(rows, step)
+        if len(rows) == eligible.shape[0]:
+            return raw
+        full = raw.new_zeros((eligible.shape[0], raw.shape[1], raw.shape[-1]))
+        full[rows] = raw
+        return full
+
+    def at(self, step: int, eligible: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(N, V) at the slots of ``mask`` (B, block length), in ``mask.nonzero()`` order; the LM
+        head runs only at the columns some row needs."""
+        rows = eligible.any(1).nonzero().flatten()
+        cols = mask.any(0).nonzero().flatten()
+        raw = self(rows, step, cols)
+        where = mask.nonzero()
+        return raw[torch.searchsorted(rows, where[:, 0]), torch.searchsorted(cols, where[:, 1])]
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class DecodeRun:
+    """One decode's shared state and its step loop (see the module docstring). The two decoders
+    differ only in how a span's logits are computed (``logits_fn``) and what happens after a
+    commit (``on_commit``): the loop, the strategy call and the bookkeeping are these."""
+
+    def __init__(self, config: SamplerConfig, schedule: NoiseSchedule, seeds: Sequence[int], batch: int, device,
+                 eos_id: Optional[int], suppress_ids: Sequence[int] = ()):
+        self.strategy = config.check()
+        if config.stop_at_eos and eos_id is None:
+            raise DLMError("stop_at_eos needs an EOS token: the tokenizer has none")
+        if len(seeds) != batch:
+            raise DLMError(f"got {len(seeds)} seeds for {batch} rows: give one seed per row")
+        self.config, self.schedule, self.batch, self.device = config, schedule, batch, device
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.stats = SamplingStats()
+        self.trajectory: Optional[List[torch.Tensor]] = [] if config.capture_trajectory else None
+        self.eos_at: List[Optional[int]] = [None] * batch  # each row's first EOS, in target slots
+        self.stopped = [False] * batch
+        self.suppress = sorted(set(int(i) for i in suppress_ids))
+        _sync(device)
+        self.start_time = time.perf_counter()
+
+    def clean(self, raw: torch.Tensor) -> torch.Tensor:
+        """Logits as a strategy sees them: float, the suppressed ids at -inf."""
         raw = raw.float()
         if self.suppress:
             raw[..., self.suppress] = float("-inf")
         return raw
 
-    def block(self, ids, attention, rows: torch.Tensor, step: int) -> torch.Tensor:
-        """(B, block length, V); rows not in ``rows`` are zeros."""
-        raw = self(ids, attention, rows, step)
-        if len(rows) == self.batch:
-            return raw
-        full = raw.new_zeros((self.batch, raw.shape[1], raw.shape[-1]))
-        full[rows] = raw
-        return full
+    def denoise(self, tokens: torch.Tensor, open_: torch.Tensor, allowed: torch.Tensor, steps: int,
+                logits_fn: Callable, logits_at_fn: Optional[Callable] = None, *, rows: Optional[Sequence[int]] = None,
+                on_commit: Optional[Callable] = None, snapshot: Optional[Callable] = None) -> None:
+        """Up to ``steps`` denoising steps over one span (a block, or a sub-block of it).
 
-    def at(self, ids, attention, rows: torch.Tensor, step: int, mask: torch.Tensor) -> torch.Tensor:
-        """(N, V) at the slots of ``mask`` (B, block length), in ``mask.nonzero()`` order; the LM
-        head runs only at the columns some row needs."""
-        cols = mask.any(0).nonzero().flatten()
-        raw = self(ids, attention, rows, step, cols)
-        where = mask.nonzero()
-        return raw[torch.searchsorted(rows, where[:, 0]), torch.searchsorted(cols, where[:, 1])]
+        ``tokens`` / ``open_`` (rows, L): the span's ids and its undecided slots, updated in place;
+        ``allowed`` (broadcast to them): the slots this call decides. At each step the strategy
+        sees the eligible slots (``open_ & allowed``) and lazy logits: ``logits_fn(step, eligible)``
+        -> slot-aligned (rows, L, V), ``logits_at_fn(step, eligible, mask)`` -> (N, V) at ``mask``.
+        ``rows``: each span row's batch row (its generator and statistics; default 0..rows-1);
+        ``on_commit(commit)`` runs after a step's commit, ``snapshot()`` gives the canvas captured
+        after every step. Stops early once the span is decided.
+        """
+        rows = list(range(tokens.shape[0])) if rows is None else list(rows)
+        generators = [self.generators[r] for r in rows]
+        config, stats = self.config, self.stats
+        for step in range(steps):
+            eligible = open_ & allowed
+            if not eligible.any():
+                break  # decided: no more steps (nor forward passes) for this span
+            at = None if logits_at_fn is None else functools.partial(logits_at_fn, step, eligible)
+            ctx = StepContext(eligible=eligible, step=step, steps=steps, schedule=self.schedule, generators=generators,
+                              temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                              _logits_fn=functools.partial(logits_fn, step, eligible), _logits_at_fn=at)
+            result = self.strategy.step(ctx)
+            stats.steps += 1
+            committed = [0] * self.batch
+            if result is not None:
+                commit = result[0] & eligible
+                tokens[commit] = result[1][commit]
+                open_ &= ~commit
+                for r, c in zip(rows, commit.sum(1).tolist()):
+                    committed[r] = c
+                if on_commit is not None:
+                    on_commit(commit)
+            stats.committed_per_step.append(committed)
+            if self.trajectory is not None:
+                self.trajectory.append(snapshot())
+        if (open_ & allowed).any():
+            raise RuntimeError(f"strategy '{self.strategy.name}' left slots undecided at the end of a block")
+
+    def finish(self, ids: torch.Tensor, span: Tuple[int, int]) -> Decoded:
+        """The :class:`Decoded` of the final canvas ``ids`` whose target region is the columns ``span``."""
+        _sync(self.device)
+        self.stats.wall_time_s = time.perf_counter() - self.start_time
+        a, b = span
+        out = [row[:eos] if eos is not None else row for row, eos in zip(ids[:, a:b].tolist(), self.eos_at)]
+        self.stats.tokens = sum(len(r) for r in out)
+        return Decoded(ids=ids, tokens=out, stopped_at_eos=self.stopped, stats=self.stats, trajectory=self.trajectory,
+                       target_span=span)
 
 
 @torch.no_grad()
@@ -240,84 +332,40 @@ def decode(
 ) -> Decoded:
     """Decode the masked target region of ``canvas`` (see the module docstring); ``mask_id`` is
     needed for classifier-free guidance (``config.cfg_scale > 0``)."""
-    strategy = config.check()
+    batch, width = canvas.ids.shape
+    device = canvas.ids.device
+    run = DecodeRun(config, schedule, seeds, batch, device, eos_id, suppress_ids)
     denoiser = _as_denoiser(denoiser)
     if config.cache != "none" and not getattr(denoiser, "supports_cache", False):
         raise DLMError(f"cache='{config.cache}' needs a model denoiser (ModelDenoiser), not {type(denoiser).__name__}")
-    if config.stop_at_eos and eos_id is None:
-        raise DLMError("stop_at_eos needs an EOS token: the tokenizer has none")
-    batch, width = canvas.ids.shape
-    if len(seeds) != batch:
-        raise DLMError(f"got {len(seeds)} seeds for {batch} rows: give one seed per row")
     t0, t1 = canvas.target_span()
     if config.cfg_scale > 0:  # scale 0 leaves the denoiser as it is: unguided decoding, exactly
         if mask_id is None:
             raise DLMError("cfg_scale > 0 needs the mask token id: pass mask_id to decode()")
         denoiser = GuidedDenoiser(denoiser, config.cfg_scale, mask_id, t0, t1)
-    device = canvas.ids.device
     ids, masked = canvas.ids.clone(), canvas.masked.clone()
-    attention = canvas.attention_mask
-    generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     active = torch.ones(batch, dtype=torch.bool, device=device)
-    stopped = [False] * batch
-    eos_at: List[Optional[int]] = [None] * batch
-    stats = SamplingStats()
-    trajectory: Optional[List[torch.Tensor]] = [] if config.capture_trajectory else None
-    suppress = sorted(set(int(i) for i in suppress_ids))
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start_time = time.perf_counter()
+    def on_commit(commit: torch.Tensor) -> None:  # stop rows at EOS, retire the rows that are done
+        for r in commit.any(1).nonzero().flatten().tolist():
+            if config.stop_at_eos:
+                hit = eos_done(ids[r, t0:t1], masked[r, t0:t1], eos_id)
+                if hit is not None:
+                    run.eos_at[r], run.stopped[r] = hit, True
+                    ids[r, t0 + hit + 1:t1] = pad_id
+                    masked[r, t0:t1] = False
+            if not bool(masked[r, t0:t1].any()):
+                active[r] = False
+
     for a, b, block_steps in _blocks(t0, t1, config.block_size, config.steps):
-        forward = _BlockForward(denoiser, config, stats, a, b, width, shift, suppress, batch)
-        for step in range(block_steps):
-            eligible = masked[:, a:b] & active.unsqueeze(1)
-            if not eligible.any():
-                break  # the block is decided: no more steps (nor forward passes) for it
-            rows = eligible.any(1).nonzero().flatten()
-            ctx = StepContext(eligible=eligible, step=step, steps=block_steps, schedule=schedule,
-                              generators=generators, temperature=config.temperature, top_k=config.top_k,
-                              top_p=config.top_p,
-                              _logits_fn=lambda rows=rows, step=step: forward.block(ids, attention, rows, step),
-                              _logits_at_fn=lambda mask, rows=rows, step=step: forward.at(ids, attention, rows, step,
-                                                                                         mask))
-            result = strategy.step(ctx)
-            stats.steps += 1
-            committed = [0] * batch
-            if result is not None:
-                commit, tokens = result
-                commit = commit & eligible
-                block_ids = ids[:, a:b]
-                block_ids[commit] = tokens[commit]
-                masked[:, a:b] &= ~commit
-                committed = commit.sum(1).tolist()
-                for r in commit.any(1).nonzero().flatten().tolist():
-                    if config.stop_at_eos:
-                        hit = _eos_done(ids[r, t0:t1], masked[r, t0:t1], eos_id)
-                        if hit is not None:
-                            eos_at[r], stopped[r] = hit, True
-                            ids[r, t0 + hit + 1:t1] = pad_id
-                            masked[r, t0:t1] = False
-                    if not bool(masked[r, t0:t1].any()):
-                        active[r] = False
-            stats.committed_per_step.append(committed)
-            if trajectory is not None:
-                trajectory.append(ids.cpu().clone())
-        if (masked[:, a:b] & active.unsqueeze(1)).any():
-            raise RuntimeError(f"strategy '{strategy.name}' left slots undecided at the end of a block")
+        forward = _BlockForward(denoiser, run, a, b, width, shift, ids, canvas.attention_mask)
+        run.denoise(ids[:, a:b], masked[:, a:b], active.unsqueeze(1), block_steps, forward.block, forward.at,
+                    on_commit=on_commit, snapshot=lambda: ids.cpu().clone())
         if not active.any():
             break
     if hasattr(denoiser, "clear"):
         denoiser.clear()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    stats.wall_time_s = time.perf_counter() - start_time
-    out = []
-    for r in range(batch):
-        row = ids[r, t0:t1].tolist()
-        out.append(row[:eos_at[r]] if eos_at[r] is not None else row)
-    stats.tokens = sum(len(r) for r in out)
-    return Decoded(ids=ids, tokens=out, stopped_at_eos=stopped, stats=stats, trajectory=trajectory)
+    return run.finish(ids, (t0, t1))
 
 
 def sampler_defaults() -> Dict[str, Any]:

@@ -194,7 +194,7 @@ def generate(
     texts = [tokenizer.decode(row) for row in out.tokens]
     return Generation(texts=texts, token_ids=out.tokens, forward_passes=out.stats.forward_passes, stats=out.stats,
                       stopped_at_eos=out.stopped_at_eos, seeds=list(seeds), ids=out.ids, trajectory=out.trajectory,
-                      mask_id=net.mask_token_id, target_span=canvas.target_span())
+                      mask_id=net.mask_token_id, target_span=out.target_span)
 
 
 def generate_blocks(net, tokenizer, prompts: Sequence[str], *, length: Optional[int], max_length: Optional[int],
@@ -252,11 +252,12 @@ def generate_blocks(net, tokenizer, prompts: Sequence[str], *, length: Optional[
     net.eval()
     try:
         out = block_decode(net, prefixes, length, config, block_size=size, schedule=schedule, seeds=seeds,
-                           shift=shift, eos_id=tokenizer.eos_token_id, suppress_ids=suppressed_ids(net, tokenizer),
+                           shift=shift, eos_id=tokenizer.eos_token_id, pad_id=pad,
+                           suppress_ids=suppressed_ids(net, tokenizer),
                            kv_cache=kv_cache, sub_block=sub_block, sub_block_cache=sub_block_cache)
     finally:
         net.train(was_training)
     return Generation(texts=[tokenizer.decode(row) for row in out.tokens], token_ids=out.tokens,
                       forward_passes=out.stats.forward_passes, stats=out.stats, stopped_at_eos=out.stopped_at_eos,
                       seeds=list(seeds), ids=out.ids, trajectory=out.trajectory, mask_id=net.mask_token_id,
-                      target_span=(0, 0))
+                      target_span=out.target_span)
