@@ -184,3 +184,21 @@ def test_progress_bar_prints_plain_lines_off_a_terminal_and_tqdm_on_one():
     bar.update(2)
     bar.close()
     assert "sampling: " in screen.getvalue() and "2/4" in screen.getvalue() and "\r" in screen.getvalue()
+
+
+def test_tokens_per_s_counts_every_rank(monkeypatch):
+    # each of 2 ranks trains on its own 8x64 batch a step: 1,024 tokens a step across the job, 1 s a step
+    from lightning_dlm.training.callbacks import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    bar, trainer = StepProgress(every_n_steps=1, plain=True), _fake_trainer(world_size=2, max_steps=4)
+    bar.setup(trainer, None, "fit")
+    printed = []
+    bar._emit = printed.append
+    bar.on_train_start(trainer, None)
+    for step in (1, 2, 3):
+        trainer.global_step, now[0] = step, float(step)
+        bar.on_train_batch_end(trainer, None, {"loss": torch.tensor(5.0)}, {"input_ids": torch.zeros(8, 64)}, step)
+    assert bar.tokens_per_s() == pytest.approx(2 * 8 * 64)  # not 512: one rank's tokens
+    assert "| 1,024 tok/s |" in printed[-1], printed[-1]

@@ -5,7 +5,10 @@
     dlm sample --ckpt runs/.../last.ckpt --prompt "To be" [--suffix "..."]
     dlm eval --model runs/.../last.ckpt --model assets/smollm2-135m --task likelihood --data ...
 
-Entry points import their command on first use, so ``dlm --help`` loads no model code.
+Entry points import their command on first use, so ``dlm --help`` loads no model code. Output is
+lightning_dlm's own lines: the libraries' chatter (Lightning's device lines and tips, warnings,
+transformers' reports and bars) is off unless ``--verbose`` is given, anywhere on the command line,
+or ``DLM_VERBOSE=1`` (:mod:`lightning_dlm.training.quiet`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 from typing import Callable, List, NamedTuple, Optional
 
 from lightning_dlm.core.errors import DLMError
+from lightning_dlm.training.quiet import quiet_third_party, take_verbose
 
 
 class Subcommand(NamedTuple):
@@ -72,14 +76,19 @@ def entry_point(row: Subcommand) -> Callable[[Optional[List[str]]], None]:
 
 def usage() -> str:
     width = max(len(row.name) for row in SUBCOMMANDS)
-    lines = ["usage: dlm <subcommand> [options]   (dlm <subcommand> --help for its options)", "",
+    lines = ["usage: dlm [--verbose] <subcommand> [options]   (dlm <subcommand> --help for its options)", "",
              "Adapt pretrained autoregressive LMs into masked diffusion LMs.", "", "subcommands:"]
     lines += [f"  {row.name.ljust(width)}  {row.help}" for row in SUBCOMMANDS]
+    lines += ["", "options:",
+              "  --verbose  also show what the libraries print (Lightning, transformers, warnings); anywhere on",
+              "             the command line, or DLM_VERBOSE=1"]
     return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
+    args, verbose = take_verbose(list(sys.argv[1:] if argv is None else argv))
+    if argv is None:
+        sys.argv[1:] = args  # LightningCLI reads sys.argv: without --verbose
     try:
         if not args or args[0] in ("-h", "--help"):
             print(usage(), file=sys.stdout if args else sys.stderr)
@@ -87,6 +96,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         row = BY_NAME.get(args[0])
         if row is None and not args[0].startswith("-"):
             raise DLMError(f"unknown subcommand '{args[0]}': choose one of {', '.join(BY_NAME)} (dlm --help)")
+        # before the subcommand imports anything: the libraries read some of their settings on import
+        quiet_third_party(verbose)
         if row is None or row.lightning:
             # LightningCLI reads sys.argv itself when run as a program (args=None).
             entry_point(BY_NAME["fit"])(None if argv is None else args)

@@ -133,10 +133,12 @@ def demo(
         shutil.rmtree(ckpt_dir)
     # the validations before and after write no logs of their own: their values go into the fit's
     # TensorBoard run at the steps they stand for (0 and the last), beside the training curves
-    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false", *overrides]
+    # (and no table of Lightning's: the demo says the value in its own words)
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--verbose", "false", *overrides]
     t0 = time.time()
     print("[demo] 1/4 validating the pretrained model before adaptation (diffusion NELBO bound)")
     before = _val_nelbo(_run_cli(["validate", "--config", config, *quiet]))
+    print(f"[demo] the pretrained model: val/nelbo {before:.3f}")
     t1 = time.time()
     print(f"[demo] 2/4 adapting it into a diffusion LM (dlm fit --config {config})")
     steps_override = ["--trainer.max_steps", str(max_steps)] if max_steps is not None else []
@@ -147,6 +149,7 @@ def demo(
     t2 = time.time()
     print("[demo] 3/4 validating the adapted model")
     after = _val_nelbo(_run_cli(["validate", "--config", config, "--ckpt_path", ckpt, *quiet]))
+    print(f"[demo] the adapted model: val/nelbo {after:.3f}")
     log_dir = log_validations(fit.trainer, before, after)
     t3 = time.time()
     print(f"[demo] 4/4 sampling from {ckpt}")

@@ -145,14 +145,6 @@ def block_mask_mod(length: int, block_size: int, padding_mask: Optional[torch.Te
     return mod
 
 
-def block_causal_allowed(positions: torch.Tensor, block_size: int, key_positions: Optional[torch.Tensor] = None
-                         ) -> torch.Tensor:
-    """(B, Q, K) block-causal pattern by position ids: key k visible from query q when
-    ``block(k) <= block(q)`` (the clean copy alone; the sampler's uncached pass and prefill)."""
-    keys = positions if key_positions is None else key_positions
-    return (keys[:, None, :] // block_size) <= (positions[:, :, None] // block_size)
-
-
 # --- noise ----------------------------------------------------------------------------------------
 def block_times(batch: int, length: int, block_size: int, per_block: bool, draw) -> torch.Tensor:
     """(B, L) time of every position: one draw per sequence or per block. ``draw(n)`` returns n

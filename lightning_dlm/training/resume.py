@@ -102,11 +102,6 @@ def read_resume_checkpoint(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
-def read_hparams(path: str) -> Dict[str, Any]:
-    """The hyper-parameters a ``dlm fit`` checkpoint stores (a file, or a sharded folder's meta.pt)."""
-    return dict(read_resume_checkpoint(path).get("hyper_parameters") or {})
-
-
 def is_weights_only(checkpoint: Dict[str, Any], sharded: bool = False) -> bool:
     """Whether a checkpoint lacks the training state a resume needs: Lightning writes
     ``lr_schedulers`` (a list, maybe empty) and ``optimizer_states`` into every full checkpoint and

@@ -385,7 +385,6 @@ class PlainProgress:
         self.every = every or max(1, math.ceil(total / 20))
         self.disable = False
         self._start = time.perf_counter()
-        self._closed = False
         self._emit()
 
     def line(self) -> str:
@@ -412,7 +411,7 @@ class PlainProgress:
         yield  # lines, not a bar: nothing to clear
 
     def close(self) -> None:
-        self._closed = True
+        pass  # nothing open: each line was written whole
 
 
 class _NoProgress:
