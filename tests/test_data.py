@@ -283,7 +283,7 @@ def test_jsonargparse_builds_datamodule(tmp_path, tokenizer_dir):
     cfg = parser.parse_object(
         {"data": {"train": [{"path": path, "weight": 0.7, "sample_by": "line"}], "tokenizer": tokenizer_dir, "seq_len": 16}}
     )
-    dm = parser.instantiate_classes(cfg).data
+    dm = parser.instantiate(cfg).data
     assert isinstance(dm, TextDataModule) and dm.seq_len == 16
     assert dm.train_sources == [CorpusSource(path, weight=0.7, sample_by="line")]
 

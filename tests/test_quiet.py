@@ -94,4 +94,5 @@ def test_loading_pretrained_weights_shows_no_bar_off_a_terminal(tmp_path):
     assert "val/nelbo" in quiet  # the metrics table of dlm validate is its result: kept
     for noise in NOISE:
         assert noise not in quiet, f"{noise!r} in:\n{quiet}"
-    assert "Loading weights" in _dlm("--verbose", *args)  # transformers' bar, back on request
+    # back on request (transformers' loading bar too, where its tqdm shows off a terminal: not in every environment)
+    assert "GPU available" in _dlm("--verbose", *args)

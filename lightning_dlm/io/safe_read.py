@@ -370,45 +370,76 @@ def _check_shards(path: str, metadata) -> None:
         raise DLMError(f"shard files of '{path}' are truncated ({', '.join(short)}): copy them again from the training run")
 
 
+def _set_path(root: Dict[str, Any], path, value: Any) -> Dict[str, Any]:
+    """Put ``value`` at ``path`` (a torch.distributed.checkpoint object path: keys and list indices)
+    inside the nested containers of ``root``, creating them as needed; returns ``root``."""
+    node: Any = root
+    for here, after in zip(path[:-1], path[1:]):
+        empty = [] if isinstance(after, int) else {}
+        if isinstance(node, list):
+            node.extend([None] * (here + 1 - len(node)))
+            node[here] = empty if node[here] is None else node[here]
+        else:
+            node.setdefault(here, empty)
+        node = node[here]
+    if isinstance(node, list):
+        node.extend([None] * (path[-1] + 1 - len(node)))
+    node[path[-1]] = value
+    return root
+
+
 def _consolidate_model(reader, path: str, trust: bool = False) -> Dict[str, Any]:
     """The full (unsharded) model state dict, read in this one process on the CPU.
 
-    The same call as Lightning's ``_load_distributed_checkpoint`` (and torch's
-    ``format_utils.dcp_to_torch_save``), restricted to the ``model`` entry: the optimizer states,
-    twice the model's size for AdamW, are never read. Tensors are read by torch with
-    ``weights_only=True``; non-tensor entries (pickled bytes, which torch's planner would unpickle in
-    full) go through :func:`_torch_load` too.
+    torch.distributed.checkpoint's public ``load`` (``no_dist``: this process alone) into CPU
+    tensors allocated from the index, for the ``model`` entry only: the optimizer states, twice the
+    model's size for AdamW, are never read (what torch's ``format_utils.dcp_to_torch_save`` does
+    for the whole checkpoint). The index's flattened keys are loaded as they are and nested again
+    from its ``planner_data``. Tensors are read by torch with ``weights_only=True``; non-tensor
+    entries (pickled bytes, which torch's planner would unpickle in full) go through
+    :func:`_torch_load` too.
     """
-    from torch.distributed.checkpoint import CheckpointException
-    from torch.distributed.checkpoint._traverse import set_element
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    import warnings
+
+    import torch
+    from torch.distributed.checkpoint import CheckpointException, DefaultLoadPlanner, TensorStorageMetadata, load
 
     refused: list = []
+    loaded: Dict[str, Any] = {}  # the non-tensor entries, as read
 
-    class Planner(_EmptyStateDictLoadPlanner):
+    class Planner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value: io.BytesIO) -> None:
             fqn = read_item.dest_index.fqn
             try:
-                obj = _torch_load(value, trust=trust)
+                loaded[fqn] = _torch_load(value, trust=trust)
             except pickle.UnpicklingError as err:
                 if not trust:
                     refused.append(_unsafe_error(f"{path}:{fqn}", str(err), "the entry of sharded checkpoint"))
                 raise
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[fqn], obj)
-            else:
-                self.state_dict[fqn] = obj
 
-    state: Dict[str, Any] = {}
     try:
-        _load_state_dict(state, storage_reader=reader, planner=Planner(keys={"model"}), no_dist=True)
+        metadata = reader.read_metadata()
+        planner_data = getattr(metadata, "planner_data", None) or {}
+        where: Dict[str, tuple] = {}  # flattened key -> its path in the saved state ("model", name)
+        flat: Dict[str, Any] = {}
+        for key, info in metadata.state_dict_metadata.items():
+            at = tuple(planner_data.get(key) or (key,))
+            if at[0] != "model":
+                continue
+            where[key] = at
+            flat[key] = torch.empty(info.size, dtype=info.properties.dtype) if isinstance(info, TensorStorageMetadata) else None
+        with warnings.catch_warnings():  # one process on purpose: torch's note that it assumes so is noise here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            load(flat, storage_reader=reader, planner=Planner(flatten_state_dict=False), no_dist=True)
     except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
         if refused:
             raise refused[0] from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise DLMError(f"could not consolidate sharded checkpoint '{path}' ({type(err).__name__}: {first[:200]}): "
                        f"the folder is damaged") from None
+    state: Dict[str, Any] = {}
+    for key, at in where.items():
+        _set_path(state, at, loaded.get(key, flat[key]))
     model = state.get("model")
     if not isinstance(model, dict) or not model:
         raise DLMError(f"sharded checkpoint '{path}' holds no model weights (no 'model' entry): was it written by `dlm fit`?")

@@ -70,12 +70,18 @@ class DiffusionModel(nn.Module):
         diffusion: the diffusion config (schedule, shift, ...); defaults to :class:`DiffusionConfig`.
         tokenizer: the tokenizer (with the mask token), needed for text in / text out.
         info: what an export records beside the weights (seed, val_t_levels, tokens_seen, ...).
+        attn_implementation: the attention kernel ``model`` was built with (``sdpa``, ``eager``,
+            ``flex_attention``, ...); default: the one transformers picks for a model built
+            without asking for one (``sdpa`` where the family has it, else ``eager``).
     """
 
     def __init__(self, model: PreTrainedModel, mask_token_id: int, mask_token_added: bool,
-                 diffusion: Optional[DiffusionConfig] = None, tokenizer=None, info: Optional[Dict[str, Any]] = None):
+                 diffusion: Optional[DiffusionConfig] = None, tokenizer=None, info: Optional[Dict[str, Any]] = None,
+                 attn_implementation: Optional[str] = None):
         super().__init__()
         self.model = model
+        # transformers keeps the kernel a model runs in a private config field only: recorded here (see the property)
+        self._attn = attn_implementation or model.get_correct_attn_implementation(None)
         self.mask_token_id = int(mask_token_id)
         self.mask_token_added = bool(mask_token_added)
         self.diffusion = diffusion if diffusion is not None else DiffusionConfig()
@@ -102,13 +108,14 @@ class DiffusionModel(nn.Module):
             check_flex_support(MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None), hf_config)
         model = build_empty_causal_lm(cfg) if empty else load_causal_lm(cfg)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         mask_id, added = provide_mask_token(model, tokenizer, cfg.mask_token, seed)
         if cfg.lora is not None:  # adapters (and the mask row) train; merged into the weights on export
             from lightning_dlm.model.lora import apply_lora
 
             model = apply_lora(model, cfg.lora, mask_id)
-        return cls(model, mask_id, added, diffusion=diffusion, tokenizer=tokenizer)
+        return cls(model, mask_id, added, diffusion=diffusion, tokenizer=tokenizer,
+                   attn_implementation=cfg.attn_implementation)
 
     @classmethod
     def from_pretrained(cls, path: str, map_location: Union[str, torch.device] = "cpu",
@@ -142,7 +149,12 @@ class DiffusionModel(nn.Module):
 
     @property
     def attn_implementation(self) -> str:
-        return self.model.config._attn_implementation
+        """The attention kernel the model runs. transformers 5.x has no public accessor for it (only
+        the private ``config._attn_implementation``), so it is the one given when this model was
+        built (:meth:`from_config` passes ``backbone.attn_implementation``, which transformers honours
+        or refuses), else transformers' default for a model built without a request (an exported
+        folder or a checkpoint read by :meth:`from_pretrained`)."""
+        return self._attn
 
     # --- forward ----------------------------------------------------------------------------
     def mask_dtype(self) -> torch.dtype:
@@ -321,11 +333,13 @@ class DiffusionModel(nn.Module):
                        use_cache: bool = False) -> Tuple[torch.Tensor, Any]:
         """The sampler's forward: explicit ``position_ids``, optional past keys/values (transformers
         cache), the logits at positions ``keep`` only (the LM head runs there alone where the model
-        takes ``logits_to_keep``). Returns ``(logits (B, len(keep), V), past_key_values)``."""
+        takes ``logits_to_keep``). Returns ``(logits (B, len(keep), V), cache)``: ``past`` is a
+        transformers ``Cache`` (or None), passed as transformers' ``cache=`` and returned as the
+        output's ``cache`` (the names ``past_key_values`` replaced, deprecated in transformers 5.x)."""
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         if self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = keep
-        out = self.model(**kwargs, past_key_values=past, use_cache=use_cache)
+        out = self.model(**kwargs, cache=past, use_cache=use_cache)
         logits = out.logits if self._takes_logits_to_keep else out.logits.index_select(1, keep)
-        return logits, out.past_key_values
+        return logits, out.cache
 

@@ -134,6 +134,8 @@ def check_flex_support(model_class: Optional[type], model_config) -> None:
             f"attn_implementation flex_attention needs torch >= 2.5 with FlexAttention (found {torch.__version__}): "
             f"upgrade torch, or use attn_implementation: sdpa"
         )
+    # the per-family class flag transformers' own check reads: transformers has no public query for a
+    # class (only for a built model), and this runs before anything is built or downloaded
     if model_class is not None and not getattr(model_class, "_supports_flex_attn", False):
         import transformers
 

@@ -52,10 +52,6 @@ def build_empty_causal_lm(cfg: BackboneConfig) -> PreTrainedModel:
     return model
 
 
-def has_meta_tensors(module: nn.Module) -> bool:
-    return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
-
-
 @torch.no_grad()
 def materialize_meta(module: nn.Module, device: torch.device) -> None:
     """FSDP's ``param_init_fn``: empty storage on ``device`` for this module's own meta parameters

@@ -3,35 +3,70 @@
     python -m lightning_dlm.research.slurm '{"action": "script" | "submit", "folders": [...], "out": ...,
                                              "partition": ..., "gpus": 8, "time": 1440, "cpus": 8}'
 
-``script`` prints the sbatch script of the job array submitit would submit; ``submit`` submits it
-(each array task runs :func:`lightning_dlm.research.sweep.run_arm` on one arm) and prints the
-array's job id.
+``script`` prints the sbatch script of the job array that ``submit`` has submitit submit (written
+here: submitit renders it only inside a submission, on a machine with ``srun``); ``submit`` submits
+it through submitit's public executor API (each array task runs
+:func:`lightning_dlm.research.sweep.run_arm` on one arm) and prints the array's job id.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
+from typing import Dict, List
+
+JOB_NAME = "dlm-sweep"
+SIGNAL_DELAY_S = 90  # submitit's default: SIGUSR2 this long before the time limit, for its requeue / checkpoint
+
+
+def _folder(spec: dict) -> str:
+    return os.path.abspath(os.path.join(spec["out"], "slurm"))  # submitit's executor folder (made absolute)
+
+
+def sbatch_script(spec: dict) -> str:
+    """The sbatch script of the array ``submit`` submits: the ``#SBATCH`` options of the executor's
+    parameters (in submitit's format: sorted, its log paths, its wckey and signal) and the command
+    its job array runs (submitit's ``_submit`` entry point on the executor folder, through srun)."""
+    folder, count = _folder(spec), len(spec["folders"])
+    stdout, stderr = (os.path.join(folder, f"%A_%a_%t_log.{ext}") for ext in ("out", "err"))
+    options: Dict[str, object] = {
+        "array": f"0-{count - 1}%{count}",
+        "cpus-per-task": spec["cpus"],
+        "error": stderr.replace("%t", "0"),
+        "job-name": JOB_NAME,
+        "nodes": 1,
+        "open-mode": "append",
+        "output": stdout.replace("%t", "0"),
+        "signal": f"USR2@{SIGNAL_DELAY_S}",
+        "time": spec["time"],
+        "wckey": "submitit",
+    }
+    if spec["gpus"]:
+        options["gpus-per-node"] = spec["gpus"]
+    if spec.get("partition"):
+        options["partition"] = spec["partition"]
+    lines: List[str] = ["#!/bin/bash", "", "# Parameters"]
+    lines += [f"#SBATCH --{key}={shlex.quote(str(value))}" for key, value in sorted(options.items())]
+    srun = shlex.join(["srun", "--unbuffered", "--output", stdout, "--error", stderr])
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(folder)}"
+    lines += ["", "# command", "export SUBMITIT_EXECUTOR=slurm", f"{srun} {command}", ""]
+    return "\n".join(lines)
 
 
 def main(spec: dict) -> str:
+    if spec["action"] == "script":
+        return sbatch_script(spec)  # no submitit import: nothing is submitted
     import submitit
-    from submitit.slurm.slurm import _make_sbatch_string
 
     from lightning_dlm.research.sweep import run_arm
 
-    folders, out = spec["folders"], spec["out"]
-    if spec["action"] == "script":
-        folder = os.path.join(out, "slurm", "%j")
-        command = f"{sys.executable} -u -m submitit.core._submit {folder}"  # what submitit's job array runs
-        return _make_sbatch_string(command=command, folder=folder, job_name="dlm-sweep", partition=spec["partition"],
-                                   time=spec["time"], gpus_per_node=spec["gpus"] or None, cpus_per_task=spec["cpus"],
-                                   map_count=len(folders), array_parallelism=len(folders))
-    executor = submitit.AutoExecutor(folder=os.path.join(out, "slurm"), cluster="slurm")
+    folders = spec["folders"]
+    executor = submitit.AutoExecutor(folder=_folder(spec), cluster="slurm")
     executor.update_parameters(slurm_partition=spec["partition"], gpus_per_node=spec["gpus"] or None,
-                               timeout_min=spec["time"], cpus_per_task=spec["cpus"], name="dlm-sweep",
-                               slurm_array_parallelism=len(folders))
+                               timeout_min=spec["time"], cpus_per_task=spec["cpus"], name=JOB_NAME,
+                               slurm_array_parallelism=len(folders), slurm_signal_delay_s=SIGNAL_DELAY_S)
     jobs = executor.map_array(run_arm, folders)
     return jobs[0].job_id.split("_")[0]
 

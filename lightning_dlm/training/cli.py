@@ -45,22 +45,31 @@ class DLMCLI(LightningCLI):
         )
 
     def before_instantiate_classes(self) -> None:
+        if self._resume_ckpt_path is not None:  # hidden from LightningCLI's own reading (parse_arguments)
+            self.config[self.subcommand].ckpt_path = self._resume_ckpt_path
         # before anything is built or written: FSDP or a GPU accelerator on a machine without CUDA,
         # and a fresh fit into a folder that holds another run's checkpoints
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_devices(config.trainer)
         isolate_run(config, self.subcommand)
 
-    def _parse_ckpt_path(self) -> None:
-        # fit: the config's options win over the checkpoint's, changes printed, forbidden ones refused
-        # (LightningCLI would parse the checkpoint's hyper-parameters over them without a word)
+    _resume_ckpt_path = None  # fit --ckpt_path, while hidden from LightningCLI (see parse_arguments)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # fit --ckpt_path: the config's options win over the checkpoint's, changes printed, forbidden ones
+        # refused (check_resume). Right after this hook LightningCLI parses the checkpoint's
+        # hyper-parameters over the config, without a word and with no public hook to change it; it
+        # finds no ckpt_path to read, and before_instantiate_classes puts the path back before anything
+        # reads it. validate / test keep Lightning's behaviour (the checkpoint's options).
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand != "fit" or not self.config[subcommand].get("ckpt_path"):
-            super()._parse_ckpt_path()
             return
         path = str(self.config[subcommand].ckpt_path)
         for key, old, new in check_resume(path, self.config[subcommand].model):
             print(f"resume: model.{key} changed from {old!r} (checkpoint) to {new!r}", file=sys.stderr)
+        self._resume_ckpt_path = self.config[subcommand].ckpt_path
+        self.config[subcommand].ckpt_path = None
 
     def instantiate_trainer(self, **kwargs):
         # step n/N, loss, tokens/s, ETA (plain lines when not a terminal) unless the config has a progress bar

@@ -22,10 +22,10 @@ resume from an earlier step than the last.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_dlm.core.errors import DLMError
@@ -42,7 +42,7 @@ class StepCheckpoint(ModelCheckpoint):
 
     def __init__(
         self,
-        dirpath: Optional[_PATH] = None,
+        dirpath: Optional[Union[str, os.PathLike]] = None,
         filename: Optional[str] = None,
         monitor: Optional[str] = None,
         verbose: bool = False,

@@ -11,16 +11,18 @@ recomputed in the backward pass by activation checkpointing (transformers'
 and left out of the model FLOPs, so MFU does not reward recomputation; the FLOPs with it are
 logged as ``perf/hfu`` (hardware FLOPs utilisation) when there are any.
 
-Logged every optimiser step (and written by the logger at ``trainer.log_every_n_steps``), over a
-rolling window of the last ``window`` optimiser steps (validation and the measured step are left
-out of the window):
+Logged on the optimiser steps the logger writes (every ``trainer.log_every_n_steps``, and the
+last step), over a rolling window of at least the last ``window`` optimiser steps (validation and
+the measured step are left out of the window). The device is synchronised only on those steps
+(and once at the start and after each validation), so the timing points are exact without a host
+sync at every step:
 
 * ``perf/tokens_per_s``: tokens per second over all ranks;
 * ``perf/tokens_per_s_per_device``;
 * ``perf/flops_per_s_per_device``: achieved model FLOP/s of one device;
 * ``perf/mfu``: that divided by the device's peak FLOP/s for the training precision (the
-  ``peak_flops`` option, or Lightning's table of GPUs); on a device with no known peak (a CPU)
-  MFU is not logged, which one info line says.
+  ``peak_flops`` option, or Lightning's table of GPUs plus the H200); on a device with no known
+  peak (a CPU) MFU is not logged, which one info line says.
 
 Block mode (``diffusion.attention: block``) runs the noised and the clean copy of each row side
 by side, 2L positions per row: the counted FLOPs are those of the 2L pass (about twice a
@@ -46,7 +48,7 @@ import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode  # no public path in torch 2.13 (tests/test_public_api.py)
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count, shape_wrapper
 
 from lightning_dlm.core.errors import DLMError
@@ -212,17 +214,29 @@ def compute_dtype(trainer: "L.Trainer") -> torch.dtype:
     return _PRECISION_DTYPES.get(str(trainer.precision), torch.float32)
 
 
-def device_peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
-    """Peak dense FLOP/s of one device for ``dtype`` (Lightning's table), or None if unknown."""
-    if device.type == "cuda" and "h200" in torch.cuda.get_device_name(device).lower():
-        # Lightning's table has the H200 under a name no H200 reports; its compute is the H100 SXM's
-        # (the same GH100 chip with more memory).
-        from lightning.fabric.accelerators.cuda import _is_ampere_or_later
-        from lightning.fabric.utilities.throughput import _CUDA_FLOPS
+# Peak dense FLOP/s of the devices Lightning's table does not find by the name they report, by
+# substring of torch.cuda.get_device_name. The H200 is in Lightning's table under names no H200
+# reports ("h200 sxm1"); its compute is the H100 SXM's (the same GH100 chip with more memory), whose
+# figures these are (NVIDIA's H100 datasheet, dense, as in Lightning's "h100 sxm" entry).
+_PEAK_FLOPS = {
+    "h200": {
+        torch.float64: 33.5e12, torch.float32: 66.9e12, "tfloat32": 494.7e12,
+        torch.bfloat16: 989.4e12, torch.float16: 989.4e12, torch.int8: 1978.9e12,
+    },
+}
 
-        if dtype is torch.float32 and _is_ampere_or_later() and torch.get_float32_matmul_precision() != "highest":
-            dtype = "tfloat32"
-        return _CUDA_FLOPS["h100 sxm"].get(dtype)
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    """Peak dense FLOP/s of one device for ``dtype`` (our table for the devices it names, else
+    Lightning's ``get_available_flops``), or None if unknown."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower()
+        for chip, table in _PEAK_FLOPS.items():
+            if chip in name:
+                ampere_or_later = torch.cuda.get_device_capability(device) >= (8, 0)
+                if dtype is torch.float32 and ampere_or_later and torch.get_float32_matmul_precision() != "highest":
+                    return table["tfloat32"]  # float32 matmuls run on the TF32 tensor cores
+                return table.get(dtype)
     return get_available_flops(device, dtype)
 
 
@@ -259,7 +273,7 @@ class TrainingThroughput(L.Callback):
         self.step_flops: Optional[StepFlops] = None  # the measurement, once done
         self._count_next = False
         self._measuring: Optional[StepFlops] = None
-        self._marks: Deque[Tuple[float, int, int]] = deque(maxlen=window + 1)  # (time, tokens, micro-batches)
+        self._marks: Deque[Tuple[int, float, int, int]] = deque()  # (step, time, tokens, micro-batches)
         self._tokens = 0
         self._micro_batches = 0
         self._last_step = -1
@@ -330,9 +344,22 @@ class TrainingThroughput(L.Callback):
 
     # --- rates ----------------------------------------------------------------------------------
     def _mark(self, trainer) -> None:
+        """A timing point: the device synchronised first (its queued work is part of the interval)."""
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.synchronize(trainer.strategy.root_device)
-        self._marks.append((time.perf_counter(), self._tokens, self._micro_batches))
+        self._marks.append((trainer.global_step, time.perf_counter(), self._tokens, self._micro_batches))
+        # the oldest mark kept is the newest one at least `window` optimiser steps back
+        while len(self._marks) > 2 and self._marks[1][0] <= trainer.global_step - self.window:
+            self._marks.popleft()
+
+    @staticmethod
+    def logs_at(trainer) -> bool:
+        """Whether the logger writes this optimiser step's metrics (called after the step): every
+        ``log_every_n_steps`` (0 counts as 1, as the module's own logging does) and the last step."""
+        step = trainer.global_step
+        every = max(1, int(trainer.log_every_n_steps or 1))
+        last = trainer.max_steps > 0 and step >= trainer.max_steps
+        return step % every == 0 or last or trainer.should_stop
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._tokens += int(batch["input_ids"].numel())
@@ -340,13 +367,18 @@ class TrainingThroughput(L.Callback):
         if self._measuring is not None:
             self._finish_measurement(trainer, batch)
             self._marks.clear()
+            self._last_step = trainer.global_step
+            self._mark(trainer)  # the window starts after the measured step (one sync, once per fit)
+            return
         if trainer.global_step == self._last_step:  # accumulating: no optimiser step yet
             return
         self._last_step = trainer.global_step
+        if not self.logs_at(trainer):  # no host sync on the steps nothing is written
+            return
         self._mark(trainer)
         if len(self._marks) < 2:
             return
-        (t0, tokens0, micro0), (t1, tokens1, micro1) = self._marks[0], self._marks[-1]
+        (_, t0, tokens0, micro0), (_, t1, tokens1, micro1) = self._marks[0], self._marks[-1]
         seconds = t1 - t0
         if seconds <= 0:
             return
