@@ -11,7 +11,7 @@ ASSETS ?= assets
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install assets demo eval ablation ablation-eval notebooks lint test test-slow bench gpu-wheels gpu-dry-run clean clean-runs
+.PHONY: install assets demo eval ablation ablation-eval notebooks lint test test-slow mutations bench gpu-wheels gpu-dry-run clean clean-runs
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m slow
+
+# Deliberate bugs (tests/mutations.py), each run against the tests named for it in a copy of the
+# checkout: a table of caught / survived (about 2 minutes; make test only checks the list applies).
+mutations: $(STAMP)
+	$(PY) -m tests.mutations
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py

@@ -298,3 +298,14 @@ def test_every_subcommand_has_help(name, capsys):
 def test_python_dash_m_lightning_dlm_help_is_the_same():
     proc = subprocess.run([sys.executable, "-m", "lightning_dlm", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "lm-eval   run lm-evaluation-harness" in proc.stdout
+
+
+def test_the_readme_quotes_dlm_help_as_it_is(capsys):
+    # the README's copy of `dlm --help` must be the real output, or it drifts when a subcommand is added
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    real = capsys.readouterr().out.strip()
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    intro = "`dlm --help` lists every subcommand"
+    quoted = readme[readme.index(intro):].split("```\n", 2)[1].strip()
+    assert quoted == real
