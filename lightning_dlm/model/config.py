@@ -61,6 +61,9 @@ class BackboneConfig:
         gradient_checkpointing: recompute activations in the backward pass.
         trust_remote_code: passed to transformers for models with custom code.
         lora: train LoRA adapters (and the mask-token row) instead of every weight (see :class:`LoraOptions`).
+        allow_missing: weight names (``fnmatch`` patterns) that may be missing from, or left unused in,
+            ``pretrained``'s files; any other missing, unexpected or mis-shaped weight is an error, so a
+            wrong folder never trains a randomly initialised network without a word.
     """
 
     pretrained: Optional[str] = None
@@ -73,6 +76,7 @@ class BackboneConfig:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     lora: Optional[LoraOptions] = None
+    allow_missing: Optional[List[str]] = None
 
     @property
     def tokenizer_source(self) -> Optional[str]:

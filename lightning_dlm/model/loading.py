@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import os
 from typing import Optional, Tuple
@@ -58,9 +59,54 @@ def resolve_hf_config(cfg: BackboneConfig) -> PretrainedConfig:
         config = AutoConfig.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise _hub_error(cfg.pretrained, "model", err) from None
+    if not cfg.from_scratch:
+        check_overrides(cfg, config)
+    overrides.pop("model_type", None)
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
+
+
+#: Config keys that fix the weights' shapes (their names across families): overriding one of these on a
+#: pretrained model would make its weights fail to load.
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "n_embd", "n_layer", "n_head", "n_inner", "ffn_dim", "d_model")
+
+
+def check_overrides(cfg: BackboneConfig, config: PretrainedConfig) -> None:
+    """A ``config:`` block next to ``pretrained`` may change options, not the model: refuse another
+    model type or another shape in one line (the weights would not load, and the run would train a
+    randomly initialised network)."""
+    overrides = dict(cfg.config or {})
+    wanted = overrides.get("model_type")
+    if wanted is not None and wanted != config.model_type:
+        raise DLMError(
+            f"model.backbone.pretrained '{cfg.pretrained}' is a {config.model_type} model but model.backbone.config says "
+            f"model_type {wanted}: drop the config block (--model.backbone.config null) to adapt the pretrained model, "
+            f"or unset pretrained (--model.backbone.pretrained null) to build the config's model from scratch")
+    for key in SHAPE_KEYS:
+        if key in overrides and getattr(config, key, overrides[key]) != overrides[key]:
+            raise DLMError(
+                f"model.backbone.config sets {key}: {overrides[key]} but the pretrained model '{cfg.pretrained}' has "
+                f"{key}: {getattr(config, key)}: drop the config block (--model.backbone.config null), or set "
+                f"from_scratch: true to train a new model of that shape")
+
+
+def check_loading_info(cfg: BackboneConfig, info: dict) -> None:
+    """Missing, unexpected or mis-shaped weights of a pretrained load are an error unless
+    ``backbone.allow_missing`` names them."""
+    allowed = list(cfg.allow_missing or [])
+    found = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        for item in info.get(kind) or []:
+            name = item[0] if isinstance(item, (tuple, list)) else str(item)
+            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in allowed):
+                found.append((kind.replace("_keys", ""), name))
+    if found:
+        shown = ", ".join(f"{name} ({kind})" for kind, name in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise DLMError(
+            f"loading '{cfg.pretrained}' left weights unloaded or unused: {shown}: it is not the model the config "
+            f"describes; fix model.backbone.pretrained, or list the names in model.backbone.allow_missing")
 
 
 def _check_attn(impl: str) -> None:
@@ -77,11 +123,13 @@ def load_causal_lm(cfg: BackboneConfig) -> PreTrainedModel:
     dtype = DTYPES[cfg.dtype]
     kwargs = dict(attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
     if cfg.pretrained is not None and not cfg.from_scratch:
-        check_source(cfg.pretrained, "model")
+        config = resolve_hf_config(cfg)  # the pretrained config with the allowed overrides (refuses others)
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, dtype=dtype, **(cfg.config or {}), **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(cfg.pretrained, config=config, dtype=dtype,
+                                                               output_loading_info=True, **kwargs)
         except (OSError, ValueError) as err:
             raise _hub_error(cfg.pretrained, "model", err) from None
+        check_loading_info(cfg, info)
     else:
         config = resolve_hf_config(cfg)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
