@@ -3,6 +3,7 @@ load_diffusion_lm and `dlm sample` load with the checkpoint's exact logits; bad 
 
 import json
 import os
+import stat
 import re
 import subprocess
 import sys
@@ -384,3 +385,11 @@ def test_every_entry_point_loads_the_same_diffusion_model(llama_ckpt, llama_expo
             assert torch.equal(model(IDS), expected), name
         assert torch.equal(DiffusionLM.from_model(models["export"])(IDS), expected)
     assert reference.info["global_step"] == models["export"].info["global_step"] > 0
+
+
+def test_exported_files_are_readable_like_their_siblings(llama_export):
+    # safetensors writes its file 0600 through a temporary file; every file of the export gets the umask's mode
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: stat.S_IMODE(os.stat(os.path.join(llama_export, name)).st_mode) for name in os.listdir(llama_export)}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes

@@ -517,7 +517,7 @@ def test_cli_text_output_with_max_length(tiny_ckpt, capsys):
     main(["sample", "--ckpt", tiny_ckpt, "--prompt", "[a, the dog]", "--max_length", "5", "--steps", "5",
           "--strategy", "confidence", "--temperature", "0", "--trajectory", "true"])
     out = capsys.readouterr().out
-    assert "--- sample 1/2" in out and "\na[" in out and "the dog[" in out
+    assert "--- sample 1/2" in out and "\na\u27e6" in out and "the dog\u27e6" in out and "generated text between \u27e6 \u27e7" in out
     assert "forward passes" in out and "tokens/s" in out
     assert "  step   1: '" in out
 

@@ -1,6 +1,6 @@
 """``dlm sample``: decode continuations or infills from a trained checkpoint.
 
-    dlm sample --ckpt last.ckpt --prompt "ROMEO:" --length 64 --steps 64
+    dlm sample --ckpt last.ckpt --prompt "ROMEO." --length 64 --steps 64
     dlm sample --ckpt last.ckpt --prompts_file prompts.jsonl --strategy threshold --threshold 0.9 \\
         --block_size 32 --cache dual --format jsonl --output samples.jsonl
 """
@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Literal, Optional, Union
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
 
+from lightning_dlm.commands.markers import span_marker
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.sampling.engine import sampler_defaults
 
@@ -194,12 +195,13 @@ def _run(module, rows, options, stream, *, num_samples, batch_size, format, prog
     if format == "text":
         rate = total_tokens / total_time if total_time > 0 else float("inf")
         stream.write(f"({total_passes} forward passes, {total_tokens} tokens in {total_time:.2f}s = {rate:.1f} tokens/s; "
-                     f"generated text in [brackets])\n")
+                     f"generated text {span_marker(stream).legend})\n")
     stream.flush()
 
 
 def _write_chunk(stream, out, chunk, rows, start, total, num_samples, format, tokenizer) -> None:
     stats = out.stats
+    mark = span_marker(stream)
     for b, (i, k) in enumerate(chunk):
         row = rows[i]
         if format == "jsonl":
@@ -220,7 +222,7 @@ def _write_chunk(stream, out, chunk, rows, start, total, num_samples, format, to
             if out.trajectory is not None:
                 for number, state in enumerate(out.trajectory_texts(tokenizer, row=b), 1):
                     stream.write(f"  step {number:>3}: {state!r}\n")
-            stream.write(f"{row['prompt']}[{out.texts[b]}]{tail}\n")
+            stream.write(f"{row['prompt']}{mark(out.texts[b])}{tail}\n")
     stream.flush()
 
 

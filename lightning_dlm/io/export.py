@@ -50,6 +50,7 @@ def write_export_folder(out: str, model, tokenizer, config: Dict[str, Any],
             json.dump(config, fh, indent=2)
             fh.write("\n")
         _check_saved_tokenizer(staging, config["mask_token_id"])
+        _readable_like_siblings(staging)
         check_out_dir(out)  # again: something may have appeared there meanwhile
         try:
             os.rename(staging, out)  # atomic; replaces an empty folder
@@ -68,3 +69,14 @@ def _check_saved_tokenizer(folder: str, mask_id: int) -> None:
     saved = AutoTokenizer.from_pretrained(folder).mask_token_id
     if saved != mask_id:
         raise DLMError(f"the saved tokenizer's mask token id is {saved}, not {mask_id}: the tokenizer cannot name the mask token")
+
+
+def _readable_like_siblings(folder: str) -> None:
+    """Every file of the export gets the mode a new file gets under the current umask (safetensors
+    writes its file 0600 through a temporary file; the config and tokenizer files are 0644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)

@@ -21,7 +21,7 @@ hub name of an exported model; :meth:`save_pretrained` writes the export format,
     from lightning_dlm import DiffusionModel
     from lightning_dlm.sampling import generate
     model = DiffusionModel.from_pretrained("runs/smollm2_shakespeare/checkpoints/last.ckpt")
-    print(generate(model, ["ROMEO:"], length=32).texts[0])
+    print(generate(model, ["ROMEO."], length=32).texts[0])
 """
 
 from __future__ import annotations
