@@ -5,39 +5,34 @@ Nothing here imports Lightning, transformers or any other lightning_dlm package
 (``tests/test_layering.py`` keeps it so).
 """
 
-from lightning_dlm.core.annealing import (
-    ANNEAL_MASKS,
-    AnnealMask,
-    RandomAnnealMask,
-    RightContextAnnealMask,
-    additive_attention_mask,
-    anneal_ratio,
-    annealing_allowed,
-    annealing_mask,
-    attention_allowed,
-    causal_allowed,
-)
-from lightning_dlm.core.blocks import block_attention_allowed, block_mask_mod, block_size_at, block_sources
-from lightning_dlm.core.corruption import corrupt, maskable_positions
-from lightning_dlm.core.loss import LossTerms, loss_terms_from_rows, scored_rows
-from lightning_dlm.core.schedules import (
-    SCHEDULES,
-    T_SAMPLERS,
-    CosineSchedule,
-    LinearSchedule,
-    LogLinearSchedule,
-    NoiseSchedule,
-    PolynomialSchedule,
-    get_schedule,
-    sample_t,
-    t_grid,
-)
+import importlib
 
-__all__ = [
-    "ANNEAL_MASKS", "AnnealMask", "RandomAnnealMask", "RightContextAnnealMask", "SCHEDULES", "T_SAMPLERS",
-    "CosineSchedule", "LinearSchedule", "LogLinearSchedule",
-    "LossTerms", "NoiseSchedule", "PolynomialSchedule", "additive_attention_mask",
-    "block_attention_allowed", "block_mask_mod", "block_size_at", "block_sources",
-    "anneal_ratio", "annealing_allowed", "annealing_mask", "attention_allowed", "causal_allowed", "corrupt",
-    "get_schedule", "loss_terms_from_rows", "scored_rows", "maskable_positions", "sample_t", "t_grid",
-]
+# The re-exports are imported on first use, so that importing one small module of the core (say
+# lightning_dlm.core.errors, which `dlm --help` needs) does not import torch.
+_WHERE = {
+    **dict.fromkeys([
+        "ANNEAL_MASKS", "AnnealMask", "RandomAnnealMask", "RightContextAnnealMask", "additive_attention_mask", "anneal_ratio",
+        "annealing_allowed", "annealing_mask", "attention_allowed", "causal_allowed",
+    ], "annealing"),
+    **dict.fromkeys([
+        "block_attention_allowed", "block_mask_mod", "block_size_at", "block_sources",
+    ], "blocks"),
+    **dict.fromkeys([
+        "corrupt", "maskable_positions",
+    ], "corruption"),
+    **dict.fromkeys([
+        "LossTerms", "loss_terms_from_rows", "scored_rows",
+    ], "loss"),
+    **dict.fromkeys([
+        "CosineSchedule", "LinearSchedule", "LogLinearSchedule", "NoiseSchedule", "PolynomialSchedule", "SCHEDULES",
+        "T_SAMPLERS", "get_schedule", "sample_t", "t_grid",
+    ], "schedules"),
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"lightning_dlm.core.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'lightning_dlm.core' has no attribute {name!r}")
