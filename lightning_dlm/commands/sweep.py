@@ -56,18 +56,47 @@ def sweep(config: str, grid: str, out: Optional[str] = None, launcher: Literal["
         job = submit_slurm(folders, out, partition, gpus, time, cpus)
         say(f"submitted job array {job} ({len(folders)} arms); logs in {out}/slurm")
         return folders
-    for index, (arm, folder) in enumerate(zip(arms, folders), 1):
-        if os.path.isfile(os.path.join(folder, DONE)):
-            say(f"arm {index}/{len(arms)} {arm.name}: done already, skipped")
-            continue
-        resumed = os.path.exists(os.path.join(folder, "checkpoints", "last.ckpt"))
-        say(f"arm {index}/{len(arms)} {arm.name}: {'resuming from its last.ckpt' if resumed else 'starting'}")
-        code = run_arm(folder)
-        if code != 0:
-            raise DLMError(f"arm '{arm.name}' failed (dlm fit exited {code}; its output is above): fix it and run "
-                           f"the same dlm sweep again (finished arms are skipped)")
+    current = 0
+    try:
+        for current, (arm, folder) in enumerate(zip(arms, folders)):
+            index = current + 1
+            if os.path.isfile(os.path.join(folder, DONE)):
+                say(f"arm {index}/{len(arms)} {arm.name}: done already, skipped")
+                continue
+            resumed = os.path.exists(os.path.join(folder, "checkpoints", "last.ckpt"))
+            say(f"arm {index}/{len(arms)} {arm.name}: {'resuming from its last.ckpt' if resumed else 'starting'}")
+            code = run_arm(folder)
+            if code != 0:
+                raise DLMError(f"arm '{arm.name}' failed (dlm fit exited {code}; its output is above): fix it and run "
+                               f"the same dlm sweep again (finished arms are skipped)")
+    except KeyboardInterrupt:
+        raise SweepInterrupted(interrupted_line(arms, folders, current)) from None
     say(f"all arms done: dlm compare {out}/*")
     return folders
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the arms: ``str()`` is the one line ``dlm sweep`` prints."""
+
+
+def interrupted_line(arms, folders: List[str], current: int) -> str:
+    """What a Ctrl-C left: the arms done, the one interrupted (resumed from its last.ckpt next time,
+    or started over when it had saved none) and those not started."""
+    from lightning_dlm.research.sweep import DONE
+
+    done = [arm.name for arm, folder in zip(arms, folders) if os.path.isfile(os.path.join(folder, DONE))]
+    parts = [f"arms done: {', '.join(done) if done else 'none'}"]
+    if not os.path.isfile(os.path.join(folders[current], DONE)):
+        name = arms[current].name
+        if os.path.exists(os.path.join(folders[current], "checkpoints", "last.ckpt")):
+            parts.append(f"{name} was interrupted and resumes from its last.ckpt on the next run")
+        else:
+            parts.append(f"{name} was interrupted before its first checkpoint and starts over on the next run")
+    later = [arm.name for arm, folder in list(zip(arms, folders))[current + 1:]
+             if not os.path.isfile(os.path.join(folder, DONE))]
+    if later:
+        parts.append(f"not started: {', '.join(later)}")
+    return "interrupted: " + "; ".join(parts) + " (run the same dlm sweep again to continue)"
 
 
 def sweep_command(args: List[str]) -> None:
@@ -75,4 +104,11 @@ def sweep_command(args: List[str]) -> None:
                             description="Run a base config under a grid of overrides, one run folder per arm.")
     parser.add_function_arguments(sweep, as_group=False)
     cfg = parse_or_one_line(parser, args)
-    sweep(**cfg.as_dict())
+    try:
+        sweep(**cfg.as_dict())
+    except SweepInterrupted as interrupted:  # finished arms are intact; exit code 130 as for any SIGINT
+        print(str(interrupted), file=sys.stderr, flush=True)
+        sys.exit(130)
+    except KeyboardInterrupt:  # before the first arm ran (grid, arm folders): nothing half written
+        print("interrupted: no arm was started (run the same dlm sweep again)", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -23,8 +23,10 @@ own overrides win)::
 Each arm becomes ``<out>/<arm>/`` holding ``config.yaml`` (the resolved config, written by the
 CLI's own ``--print_config``, so a key that is not a config key is refused before anything runs),
 ``arm.json`` (its overrides and the base config's hash) and, once its fit has ended, ``DONE``.
-Locally the arms run one after another, each ``dlm fit`` in its own process: a finished arm is
-skipped, an interrupted one resumes from its ``last.ckpt``. ``--launcher slurm`` submits the arms
+Every new arm is resolved before any arm folder is made, so a bad key or value in any arm is
+refused with nothing written. Locally the arms run one after another, each ``dlm fit`` in its own
+process, in the arm's folder, which is locked while the arm runs: a finished arm is skipped, an
+interrupted one (Ctrl-C, ``kill``) resumes from its ``last.ckpt``, also after the sweep folder moved. ``--launcher slurm`` submits the arms
 as one SLURM job array through ``submitit`` (``--dry_run`` writes the sbatch script instead).
 """
 
@@ -35,6 +37,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +47,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from lightning_dlm.core.errors import DLMError
+from lightning_dlm.training.runs import LOCK_FD_ENV, RunLock
 
 DONE, RECORD, CONFIG = "DONE", "arm.json", "config.yaml"
 
@@ -59,12 +63,39 @@ def _value_name(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "x"
 
 
+def _read_yaml(path: str) -> Any:
+    """The grid file as plain data (``yaml.safe_load``): a tag that would build an object
+    (``!!python/...``), invalid YAML or a file that is not text is one line naming the file."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except yaml.constructor.ConstructorError as err:
+        where = f", line {err.problem_mark.line + 1}" if err.problem_mark else ""
+        problem = err.problem or "a tag"
+        tag = problem.split("tag ")[-1].strip("'").replace("tag:yaml.org,2002:", "!!") if "tag " in problem else problem
+        raise DLMError(f"grid '{path}' holds a YAML tag the sweep does not load ({tag}{where}): use plain YAML values "
+                       f"(strings, numbers, booleans, lists, maps)") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise DLMError(f"grid '{path}' is not valid YAML ({problem}{where}): fix the YAML (a map of key -> list of "
+                       f"values, or a list of named arms)") from None
+    except UnicodeDecodeError:
+        raise DLMError(f"grid '{path}' is not a UTF-8 text file: give a YAML file") from None
+
+
+def plain_arm_name(name: str) -> bool:
+    """A plain folder name: letters, digits and ``. _ , = + -``; not ``.`` or ``..``, not starting
+    with ``-`` (it would read as an option)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9._,=+-]+", name)) and name not in (".", "..") and not name.startswith("-")
+
+
 def load_grid(path: str) -> List[Arm]:
     """The arms of a grid file (see the module docstring); one-line errors for bad grids."""
     if not os.path.isfile(path):
         raise DLMError(f"grid file '{path}' does not exist: give a YAML map of key -> values, or a list of named arms")
-    with open(path, encoding="utf-8") as fh:
-        grid = yaml.safe_load(fh)
+    grid = _read_yaml(path)
     if not grid:
         raise DLMError(f"grid '{path}' is empty: give at least one key with values, or one named arm")
     common: Dict[str, Any] = {}
@@ -100,8 +131,9 @@ def load_grid(path: str) -> List[Arm]:
     arms = [Arm(arm.name, {**common, **arm.overrides}) for arm in arms]
     names = [arm.name for arm in arms]
     for arm in arms:
-        if not re.fullmatch(r"[A-Za-z0-9._,=+-]+", arm.name):
-            raise DLMError(f"arm name '{arm.name}' is not a plain folder name: use letters, digits and . _ , = + -")
+        if not plain_arm_name(arm.name):
+            raise DLMError(f"grid '{path}': arm name {arm.name!r} is not a plain folder name: use letters, digits and "
+                           f". _ , = + - (not . or .., not starting with -)")
         if names.count(arm.name) > 1:
             raise DLMError(f"grid '{path}' names the arm '{arm.name}' twice: give every arm its own name")
     return arms
@@ -128,18 +160,21 @@ def resolve_arm(base: str, arm: Arm, folder: str) -> str:
         lines = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
         key = next((line for line in lines if "not expected" in line or "Key" in line or "error" in line.lower()),
                    lines[-1] if lines else "")
-        raise DLMError(f"arm '{arm.name}' does not parse against {base} ({key.strip()[:200]}): check the grid's keys "
-                       f"(they are config keys such as model.diffusion.schedule)")
+        key = re.sub(r"^error: |: see dlm fit --help$", "", key.strip())  # the CLI's own one line, inside ours
+        raise DLMError(f"arm '{arm.name}' does not parse against {base} ({key[:200]}): check the grid's keys "
+                       f"(they are config keys such as model.diffusion.schedule) and values")
     return proc.stdout
 
 
 def prepare(base: str, arms: List[Arm], out: str) -> List[str]:
     """Create (or check) every arm's folder; returns the folders. An existing folder must hold the
-    same arm of the same base config: another sweep's arm is never overwritten."""
+    same arm of the same base config: another sweep's arm is never overwritten. Every new arm is
+    resolved (the CLI's ``--print_config``) before any folder is made: a bad key or value in any
+    arm is refused with nothing written."""
     if not os.path.isfile(base):
         raise DLMError(f"base config '{base}' does not exist: give the YAML the sweep varies")
     digest = base_hash(base)
-    folders = []
+    folders, new = [], []
     for arm in arms:
         folder = os.path.join(out, arm.name)
         record = {"name": arm.name, "overrides": arm.overrides, "base": os.path.abspath(base), "base_sha256": digest}
@@ -153,19 +188,23 @@ def prepare(base: str, arms: List[Arm], out: str) -> List[str]:
         elif os.path.isdir(folder) and os.listdir(folder):
             raise DLMError(f"{folder} exists and is not an arm of this sweep: give this sweep another --out")
         else:
-            os.makedirs(folder, exist_ok=True)
-            text = resolve_arm(base, arm, folder)
-            with open(os.path.join(folder, CONFIG), "w", encoding="utf-8") as fh:
-                fh.write(text)
-            with open(record_path, "w", encoding="utf-8") as fh:
-                json.dump(record, fh, indent=2)
+            new.append((folder, record, arm))
         folders.append(folder)
+    resolved = [(folder, record, resolve_arm(base, arm, folder)) for folder, record, arm in new]
+    for folder, record, text in resolved:  # every arm parsed: now write
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, CONFIG), "w", encoding="utf-8") as fh:
+            fh.write(text)
+        with open(os.path.join(folder, RECORD), "w", encoding="utf-8") as fh:
+            json.dump(record, fh, indent=2)
     return folders
 
 
 def arm_command(folder: str) -> List[str]:
-    """The ``dlm fit`` of an arm: fresh, or resumed from its last.ckpt."""
-    command = [sys.executable, "-m", "lightning_dlm", "fit", "--config", os.path.join(folder, CONFIG)]
+    """The ``dlm fit`` of an arm: fresh, or resumed from its last.ckpt; in the folder the arm is in
+    now (its config.yaml names the folder it was resolved in, which a moved sweep left)."""
+    command = [sys.executable, "-m", "lightning_dlm", "fit", "--config", os.path.join(folder, CONFIG),
+               "--trainer.default_root_dir", folder]
     last = os.path.join(folder, "checkpoints", "last.ckpt")
     if os.path.exists(last):
         command += ["--ckpt_path", last]
@@ -173,15 +212,57 @@ def arm_command(folder: str) -> List[str]:
 
 
 def run_arm(folder: str) -> int:
-    """Run one arm to its end (skipped if done); writes DONE on success. Returns the exit code."""
+    """Run one arm to its end (skipped if done); writes DONE on success. Returns the exit code.
+
+    The arm's folder is locked for the arm's lifetime (:class:`~lightning_dlm.training.runs.RunLock`,
+    handed to its ``dlm fit``): the same arm running elsewhere (another ``dlm sweep`` of this
+    folder) is one line. On Ctrl-C the arm's ``dlm fit`` (which has the SIGINT too, or is passed
+    it) stops gracefully; then the KeyboardInterrupt goes on."""
     if os.path.isfile(os.path.join(folder, DONE)):
         return 0
-    began = time.time()
-    code = subprocess.run(arm_command(folder)).returncode
-    if code == 0:
-        with open(os.path.join(folder, DONE), "w", encoding="utf-8") as fh:
-            json.dump({"seconds": round(time.time() - began, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, fh)
-    return code
+    lock = RunLock(folder, command="dlm sweep",
+                   fix="wait for it to end, or give this sweep another --out").acquire()
+    try:
+        if os.path.isfile(os.path.join(folder, DONE)):  # the other sweep finished it meanwhile
+            return 0
+        began = time.time()
+        env = dict(os.environ, **{LOCK_FD_ENV: str(lock.fd)})
+        proc = subprocess.Popen(arm_command(folder), env=env, pass_fds=(lock.fd,))
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            if _stop(proc) == 0:  # it had just finished
+                _done(folder, began)
+            raise
+        if code == 0:
+            _done(folder, began)
+        return code
+    finally:
+        lock.release()
+
+
+def _done(folder: str, began: float) -> None:
+    with open(os.path.join(folder, DONE), "w", encoding="utf-8") as fh:
+        json.dump({"seconds": round(time.time() - began, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, fh)
+
+
+def _stop(proc: "subprocess.Popen", grace_s: float = 5.0, limit_s: float = 120.0) -> int:
+    """After a Ctrl-C: the arm's process stops (Lightning's graceful stop: the last checkpoint it
+    saved stays its last.ckpt). A Ctrl-C on a terminal reaches it too; if it is still running after
+    ``grace_s`` (only the sweep was signalled), it is passed the SIGINT; killed after ``limit_s``,
+    or at once on a second Ctrl-C. Returns its exit code."""
+    try:
+        try:
+            return proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    except KeyboardInterrupt:
+        proc.kill()
+    return proc.wait()
 
 
 def slurm_script(folders: List[str], out: str, partition: Optional[str], gpus: int, time_min: int,

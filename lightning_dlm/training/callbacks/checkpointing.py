@@ -18,11 +18,18 @@ holds three full copies of the model per checkpoint interval, and the latest one
 
 ``save_weights_only: false`` writes the step files in full again (Lightning's behaviour), e.g. to
 resume from an earlier step than the last.
+
+A run folder moved or copied elsewhere resumes in place: resumed from a checkpoint of its own
+checkpoint folder, the paths the state remembers (``last.ckpt``, the step files, the best ones)
+are read as files of the folder it is in now, and ``last.ckpt`` there is rewritten, never joined
+by a ``last-v1.ckpt``. Pruning (``keep_last_k``, ``save_top_k``) counts the step files found in
+the folder too, so the files a ``kill -9`` left beyond the limit go at the next save.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 from typing import Any, Dict, List, Literal, Optional, Union
 
@@ -98,24 +105,111 @@ class StepCheckpoint(ModelCheckpoint):
         finally:
             self.save_weights_only = weights_only
         if step_file:
-            self._keep_last(trainer, filepath)
+            if filepath in self.step_files:
+                self.step_files.remove(filepath)
+            self.step_files.append(filepath)
+        self._prune(trainer, filepath)
 
-    def _keep_last(self, trainer, filepath: str) -> None:
-        if filepath in self.step_files:
-            self.step_files.remove(filepath)
-        self.step_files.append(filepath)
-        if self.keep_last_k is None:
+    # --- the run's own folder -------------------------------------------------------------------------
+
+    def resumed_here(self, trainer) -> bool:
+        """Whether the run resumed from a checkpoint of this callback's folder: its files are the run's
+        (a fresh run keeps Lightning's behaviour towards files it finds there: versioned names)."""
+        ckpt_path = getattr(trainer, "ckpt_path", None)
+        if not ckpt_path or not self.dirpath or "://" in str(ckpt_path) or "://" in str(self.dirpath):
+            return False
+        folder = os.path.dirname(os.path.realpath(str(ckpt_path)).rstrip(os.sep))
+        return folder == os.path.realpath(str(self.dirpath))
+
+    def step_file_names(self) -> Optional["re.Pattern[str]"]:
+        """The names of this callback's step files (its ``filename`` template, any version suffix);
+        None when the template names sub-folders."""
+        template = self.filename or "{epoch}-{step}"  # Lightning's default
+        if "/" in template or os.sep in template:
+            return None
+        body = ".+?".join(re.escape(part) for part in re.split(r"\{[^{}]*\}", template))
+        return re.compile(rf"^{body}(-v\d+)?{re.escape(self.FILE_EXTENSION)}$")
+
+    def found_step_files(self) -> List[str]:
+        """The step files in the checkpoint folder (not ``last.ckpt``, nor hidden temp files)."""
+        pattern = self.step_file_names()
+        if pattern is None or not self.dirpath or not os.path.isdir(str(self.dirpath)):
+            return []
+        last = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-v?\d+)?{re.escape(self.FILE_EXTENSION)}$")
+        names = sorted(name for name in os.listdir(str(self.dirpath))
+                       if pattern.match(name) and not last.match(name) and not name.startswith("."))
+        return [os.path.join(str(self.dirpath), name) for name in names]
+
+    def file_exists(self, filepath, trainer) -> bool:
+        # last.ckpt of the folder the run resumed from is the run's own: rewritten, never versioned
+        # (the same answer on every rank: no collective is skipped on one rank only)
+        if (os.path.basename(str(filepath)) == self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION and self.dirpath
+                and os.path.dirname(str(filepath)) == str(self.dirpath) and self.resumed_here(trainer)):
+            return False
+        return super().file_exists(filepath, trainer)
+
+    def _kept(self) -> Optional[set]:
+        """The step files to keep after a save (None: all)."""
+        if self.keep_last_k is not None:
+            return set(self.step_files[-self.keep_last_k:]) if self.keep_last_k else set()
+        if self.save_top_k == -1:
+            return None
+        if self.save_top_k == 0:
+            return set()
+        if self.monitor is not None:
+            return set(self.best_k_models)
+        return {self.best_model_path}  # save_top_k 1 without a monitor: the latest
+
+    def _prune(self, trainer, current: str) -> None:
+        keep = self._kept()
+        if keep is None:
             return
-        while len(self.step_files) > self.keep_last_k:
-            old = self.step_files.pop(0)
+        candidates = list(self.step_files)
+        if self.resumed_here(trainer):  # also those a kill -9 left behind, which no state remembers
+            candidates += [path for path in self.found_step_files() if path not in candidates]
+        for old in candidates:
+            if old in keep or old == current:
+                continue
+            if old in self.step_files:
+                self.step_files.remove(old)
             # never the file this run resumed from, nor one outside the checkpoint folder
-            if self._should_remove_checkpoint(trainer, old, filepath):
+            if self._should_remove_checkpoint(trainer, old, current):
                 self._remove_checkpoint(trainer, old)
 
     def state_dict(self) -> Dict[str, Any]:
         return {**super().state_dict(), "step_files": list(self.step_files)}
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: Dict[str, Any]) -> None:
+        # called right before load_state_dict: the run resumes from a checkpoint of this folder
+        self._moved_here = self.resumed_here(trainer)
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+    _moved_here = False
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        old = state_dict.get("dirpath", self.dirpath)
+        if old and self.dirpath and old != self.dirpath and self._moved_here:
+            state_dict = self.moved_state(state_dict, str(old))  # the folder was moved or copied here
         super().load_state_dict(state_dict)
         if state_dict.get("dirpath", self.dirpath) == self.dirpath:
             self.step_files = [str(path) for path in state_dict.get("step_files", [])]
+
+    def moved_state(self, state_dict: Dict[str, Any], old: str) -> Dict[str, Any]:
+        """The state of a run whose checkpoint folder was ``old``, read in the folder it is in now:
+        the paths in ``old`` become the same files here (dropped where no such file is here); paths
+        outside ``old`` are dropped (they are no files of this folder)."""
+        def here(path) -> str:
+            path = str(path or "")
+            if not path.startswith(os.path.join(old, "")):
+                return ""
+            moved = os.path.join(str(self.dirpath), os.path.relpath(path, old))
+            return moved if os.path.exists(moved) else ""
+
+        state = dict(state_dict, dirpath=self.dirpath)
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if key in state:
+                state[key] = here(state[key])
+        if "best_k_models" in state:
+            state["best_k_models"] = {here(path): score for path, score in state["best_k_models"].items() if here(path)}
+        state["step_files"] = [here(path) for path in state.get("step_files", []) if here(path)]
+        return state
