@@ -484,7 +484,7 @@ def test_gen_ppl_with_a_prompt_per_sample_pools_the_per_prompt_scores(tmp_path, 
     task = build_task(dict(task="gen_ppl", evaluator=ar_folder, data=path, num_samples=2))
     assert task.prompts() == [prompts[0], prompts[0], prompts[1], prompts[1]]
     bad = write_jsonl(tmp_path / "bad.jsonl", [dict(text="x")])
-    with pytest.raises(DLMError, match="record 0 of .* has no text field 'prompt'"):
+    with pytest.raises(DLMError, match="line 1 of .* has no text field 'prompt'"):
         build_task(dict(task="gen_ppl", evaluator=ar_folder, data=bad)).prompts()
 
 

@@ -3,8 +3,8 @@ load_diffusion_lm and `dlm sample` load with the checkpoint's exact logits; bad 
 
 import json
 import os
-import stat
 import re
+import stat
 import subprocess
 import sys
 import time

@@ -55,10 +55,14 @@ def test_gsm8k_answer_extraction(text, number):
 
 def test_gsm8k_reference_and_bad_records(tmp_path):
     assert reference_answer("Tom has 2 + 3 = <<2+3=5>>5.\n#### 5") == "5"
-    with pytest.raises(DLMError, match=r"record 0 .* lacks field\(s\) \['answer'\]"):
+    with pytest.raises(DLMError, match=r"record 1 .* lacks field\(s\) \['answer'\]"):  # counted from 1
         convert_records([{"question": "q"}], "gsm8k", "x.jsonl", "answer")
     with pytest.raises(DLMError, match="no '#### <number>' final line"):
         convert_records([{"question": "q", "answer": "five"}], "gsm8k", "x.jsonl", "answer")
+    path = tmp_path / "gsm.jsonl"  # from a file: the line, counted from 1 as sft and sample count (blank lines too)
+    path.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n\n" + json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(DLMError, match=r"^line 3 of '.*gsm.jsonl' lacks field\(s\) \['answer'\]"):
+        build_task({"task": "gsm8k", "data": str(path)}).records("gsm8k", "answer")
 
 
 def test_gsm8k_task_exact_match(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from lightning_dlm.core.errors import DLMError
 
@@ -17,8 +17,16 @@ def read_records(path: str, split: str = "validation", name: Optional[str] = Non
 
     ``limit`` keeps the first records only (for quick runs).
     """
+    return read_located(path, split, name, limit)[0]
+
+
+def read_located(path: str, split: str = "validation", name: Optional[str] = None,
+                 limit: Optional[int] = None) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """:func:`read_records` and where each record is, for error messages, counted from 1:
+    ``line N`` of a JSON-lines file (blank lines count), ``record N`` otherwise."""
     if path.startswith(HUB_PREFIX):
-        return _hub(path[len(HUB_PREFIX):], split, name, limit)
+        rows = _hub(path[len(HUB_PREFIX):], split, name, limit)
+        return rows, [f"record {n}" for n in range(1, len(rows) + 1)]
     if not os.path.isfile(path):
         raise DLMError(f"task file '{path}' does not exist: give a .jsonl, .json or .parquet file "
                        f"(or hf://<dataset> for a hub dataset)")
@@ -29,13 +37,14 @@ def read_records(path: str, split: str = "validation", name: Optional[str] = Non
         rows = datasets.Dataset.from_parquet(path).to_list()
     elif lower.endswith(".jsonl"):
         with open(path, encoding="utf-8") as f:
-            rows = []
+            rows, places = [], []
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as err:
                         raise DLMError(f"line {n} of '{path}' is not JSON ({err.msg}): fix the file") from None
+                    places.append(f"line {n}")
     elif lower.endswith(".json"):
         with open(path, encoding="utf-8") as f:
             try:
@@ -47,9 +56,11 @@ def read_records(path: str, split: str = "validation", name: Optional[str] = Non
             raise DLMError(f"'{path}' holds no list of records: give a JSON list (or JSON lines)")
     else:
         raise DLMError(f"task file '{path}' has an unknown extension: use .jsonl, .json or .parquet")
+    if not lower.endswith(".jsonl"):
+        places = [f"record {n}" for n in range(1, len(rows) + 1)]
     if not all(isinstance(r, dict) for r in rows):
         raise DLMError(f"'{path}' has records that are not JSON objects: one object per record")
-    return rows[:limit] if limit else rows
+    return (rows[:limit], places[:limit]) if limit else (rows, places)
 
 
 def _hub(dataset: str, split: str, name: Optional[str], limit: Optional[int]) -> List[Dict[str, Any]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from lightning_dlm.core.errors import DLMError
 
@@ -157,8 +157,11 @@ def answer(r):
 
 
 # --- conversion ------------------------------------------------------------------------------
-def convert_records(records: Sequence[Dict[str, Any]], fmt: str, source: str, kind: str) -> list:
-    """Items of ``records`` in format ``fmt``; clear errors for unknown formats and bad records."""
+def convert_records(records: Sequence[Dict[str, Any]], fmt: str, source: str, kind: str,
+                    places: Optional[Sequence[str]] = None) -> list:
+    """Items of ``records`` in format ``fmt``; clear errors for unknown formats and bad records,
+    which name the record by ``places[n]`` (``line 3``, from :func:`~lightning_dlm.evaluation.data.read_located`),
+    or as ``record n`` counted from 1."""
     if fmt not in FORMATS:
         raise DLMError(f"unknown task format '{fmt}': choose one of {sorted(FORMATS)}")
     spec = FORMATS[fmt]
@@ -169,16 +172,17 @@ def convert_records(records: Sequence[Dict[str, Any]], fmt: str, source: str, ki
         raise DLMError(f"task file '{source}' has no records: give a file with at least one {fmt} record")
     items = []
     for n, record in enumerate(records):
+        place = places[n] if places is not None else f"record {n + 1}"
         missing = [f for f in spec.fields if f not in record]
         if missing:
             raise DLMError(
-                f"record {n} of '{source}' lacks field(s) {missing} of the {fmt} format "
+                f"{place} of '{source}' lacks field(s) {missing} of the {fmt} format "
                 f"(it has {sorted(record)[:8]}): pick the right format, or rename the fields"
             )
         try:
             items.append(spec.convert(record))
         except (ValueError, TypeError, KeyError, AttributeError) as err:
-            raise DLMError(f"record {n} of '{source}' is not a valid {fmt} record: {err}") from None
+            raise DLMError(f"{place} of '{source}' is not a valid {fmt} record: {err}") from None
     return items
 
 

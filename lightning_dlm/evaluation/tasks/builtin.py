@@ -25,7 +25,7 @@ import torch
 
 import lightning_dlm.evaluation.metrics as M
 from lightning_dlm.core.errors import DLMError
-from lightning_dlm.evaluation.data import read_records
+from lightning_dlm.evaluation.data import read_located
 from lightning_dlm.evaluation.evaluators import evaluator_type, load_evaluator
 from lightning_dlm.evaluation.formats import convert_records
 from lightning_dlm.evaluation.tasks.registry import register_task
@@ -50,7 +50,8 @@ class Task:
     def records(self, fmt: str, kind: str) -> list:
         if not self.data:
             raise DLMError(f"task '{self.name}' has no data: set data to a task file")
-        return convert_records(read_records(self.data, limit=self.limit), fmt, self.data, kind)
+        records, places = read_located(self.data, limit=self.limit)
+        return convert_records(records, fmt, self.data, kind, places)
 
 
 # --- likelihood ------------------------------------------------------------------------------
@@ -280,10 +281,10 @@ class GenerativePerplexityTask(GenerationTask):
         """Every sample's prompt: ``num_samples`` of each prompt of ``data``, or of ``prompt``."""
         if not self.data:
             return [self.prompt] * self.num_samples
-        records = read_records(self.data, limit=self.limit)
-        for n, record in enumerate(records):
+        records, places = read_located(self.data, limit=self.limit)
+        for place, record in zip(places, records):
             if not isinstance(record.get("prompt"), str):
-                raise DLMError(f"record {n} of '{self.data}' has no text field 'prompt': give JSON lines like "
+                raise DLMError(f"{place} of '{self.data}' has no text field 'prompt': give JSON lines like "
                                f'{{"prompt": "ROMEO."}}')
         return [record["prompt"] for record in records for _ in range(self.num_samples)]
 

