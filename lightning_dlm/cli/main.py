@@ -8,7 +8,8 @@
 Entry points import their command on first use, so ``dlm --help`` loads no model code. Output is
 lightning_dlm's own lines: the libraries' chatter (Lightning's device lines and tips, warnings,
 transformers' reports and bars) is off unless ``--verbose`` is given, anywhere on the command line,
-or ``DLM_VERBOSE=1`` (:mod:`lightning_dlm.training.quiet`).
+or ``DLM_VERBOSE=1`` (:mod:`lightning_dlm.training.quiet`). A bad command line or input is one line
+``error: ...`` (exit 2); Ctrl-C is one line ``interrupted`` (exit 130) unless the subcommand handles it.
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     args, verbose = take_verbose(list(sys.argv[1:] if argv is None else argv))
     if argv is None:
@@ -106,3 +114,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     except DLMError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        # Ctrl-C anywhere a subcommand does not handle it itself (fit: Lightning stops gracefully and exits;
+        # chat and sweep say their own line): one line, the shell's exit code for SIGINT, no traceback
+        print(("\n" if _is_terminal(sys.stderr) else "") + "interrupted", file=sys.stderr, flush=True)  # past the ^C
+        sys.exit(130)

@@ -5,13 +5,17 @@
 Every turn is rendered with the tokenizer's chat template (the whole conversation so far, ready
 for the assistant's reply), decoded with the EOS-aware sampler (at most ``--max_length`` tokens,
 stopping at the model's EOS) and shown live: on a terminal the reply's masked slots (``░``) fill
-in step by step; elsewhere only the reply is printed. ``/exit``, ``/quit`` or end of input
-(Ctrl-D) ends the chat; ``/reset`` forgets the conversation.
+in step by step; elsewhere only the reply is printed. ``/exit``, ``/quit``, end of input (Ctrl-D)
+or Ctrl-C at the prompt ends the chat (``bye``, exit 0); ``/reset`` forgets the conversation.
+Ctrl-C while a reply is decoding stops that reply: its line becomes ``dlm> (interrupted)``, the
+turn is forgotten and the prompt comes back. Warnings raised while a reply decodes (shown only with
+``--verbose``) are printed after its line, never inside the live display.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import List, Optional
 
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
@@ -22,6 +26,7 @@ from lightning_dlm.sampling.engine import sampler_defaults
 _SAMPLER = sampler_defaults()
 MASK_GLYPH = "░"
 EXIT_WORDS = ("/exit", "/quit")
+INTERRUPTED = "(interrupted)"
 
 
 def render_reply(ids: List[int], tokenizer, mask_id: int, eos_id: Optional[int]) -> str:
@@ -159,12 +164,12 @@ def chat(
 
     SamplerConfig(**{**session.sampler, "steps": steps or max_length}).check()  # bad options: one line, before any turn
     terminal = sys.stdout.isatty()
-    print(f"dlm chat: {ckpt} ({strategy}, up to {max_length} tokens a reply). /exit or Ctrl-D ends, /reset forgets.",
-          flush=True)
+    print(f"dlm chat: {ckpt} ({strategy}, up to {max_length} tokens a reply). /exit, Ctrl-D or Ctrl-C ends, "
+          f"/reset forgets; Ctrl-C during a reply stops it.", flush=True)
     while True:
         try:
             user = input("you> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: the chat ends
             print(flush=True)
             break
         user = user.strip()
@@ -176,19 +181,27 @@ def chat(
             continue
         if not user:
             continue
+        caught: list = []
         try:
-            if live and terminal:
-                reply = _reply_live(session, user)
-            else:
-                reply = session.reply(user)
-                print(f"dlm> {reply}", flush=True)
+            with warnings.catch_warnings(record=True) as caught:  # printed after the reply's line, not inside it
+                if live and terminal:
+                    _reply_live(session, user)
+                else:
+                    print(f"dlm> {session.reply(user)}", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C mid-reply: this reply stops (and is not kept), the prompt comes back
+            if not (live and terminal):  # (the live display has already become this line)
+                print(("\r" if terminal else "") + f"dlm> {INTERRUPTED}", flush=True)  # \r: over the echoed ^C
         except DLMError as err:  # e.g. the conversation outgrew the model's positions: say so, go on
             print(f"error: {err} (/reset starts over)", flush=True)
-            continue
+        finally:
+            for warning in caught:
+                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     print("bye", flush=True)
 
 
 def _reply_live(session: ChatSession, user: str) -> str:
+    """One reply, its masked slots filling in on one live line (rich redraws it in place: no stray
+    lines); on Ctrl-C the line becomes ``dlm> (interrupted)`` and KeyboardInterrupt goes on."""
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
@@ -198,11 +211,18 @@ def _reply_live(session: ChatSession, user: str) -> str:
         def show(text: str) -> None:
             live.update(Text("dlm> " + text), refresh=True)
 
-        return session.reply(user, show=show)
+        try:
+            return session.reply(user, show=show)
+        except KeyboardInterrupt:
+            live.update(Text(f"dlm> {INTERRUPTED}"), refresh=True)  # over the partial canvas and the echoed ^C
+            raise
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="dlm chat", description="Chat with a lightning_dlm checkpoint in the terminal.")
+    parser = ArgumentParser(prog="dlm chat", description=(
+        "Chat with a lightning_dlm checkpoint in the terminal. /exit, Ctrl-D or Ctrl-C at the prompt ends the chat; "
+        "Ctrl-C while a reply decodes stops that reply (it is forgotten) and the prompt comes back; /reset forgets "
+        "the conversation."))
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with these options")
     parser.add_function_arguments(chat, as_group=False, skip={"trust_checkpoint", "live"})
     parser.add_argument("--live", action=ActionYesNo, default=True, help="show each reply denoising (on a terminal)")

@@ -31,7 +31,7 @@ def compare(runs: List[str], format: Literal["markdown", "csv", "json"] = "markd
         eval: the JSON of ``dlm eval --out`` on the runs' checkpoints (models named as the arms):
             each task's headline metric and its standard error become columns (and eval.png).
     """
-    from lightning_dlm.research.compare import add_eval, plot_eval, plot_runs, render, summarize
+    from lightning_dlm.research.compare import DAMAGED_MARK, add_eval, damaged_log_line, plot_eval, plot_runs, render, summarize
 
     folders = []
     for pattern in runs:
@@ -43,6 +43,10 @@ def compare(runs: List[str], format: Literal["markdown", "csv", "json"] = "markd
         else:
             folders.append(pattern)
     rows = summarize(folders)
+    for row in rows:  # a run with good logs and damaged ones: its row stands, marked, and each damaged file is named
+        for path, problem in row.damaged_logs.items():
+            print(f"warning: {damaged_log_line(path, problem)}: the row of '{row.arm}' is marked {DAMAGED_MARK} "
+                  f"(damaged_logs in csv/json) and shows only the records that could be read", file=sys.stderr)
     if eval:
         rows = add_eval(rows, eval)
     table = render(rows, format)

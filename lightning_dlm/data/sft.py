@@ -4,7 +4,7 @@ Records (JSON Lines files, ``.json`` lists, or a hub dataset) are either
 ``{"prompt": ..., "response": ...}`` or ``{"messages": [{"role": ..., "content": ...}, ...]}``
 (rendered with the tokenizer's chat template; only assistant turns are targets).
 
-Layout of one example (METHOD.md section 8): ``[BOS] prompt response EOS EOS ... EOS``:
+Layout of one example (the paper's SFT layout): ``[BOS] prompt response EOS EOS ... EOS``:
 
 * prompt tokens are never noised nor scored (``prompt_mask`` True there: the model's
   ``maskable_positions`` excludes them);
@@ -205,6 +205,10 @@ class SFTEncoder:
                 raise DLMError(f"{where}: field '{name}' must be a string")
         prompt, response = record[source.prompt_field], record[source.response_field]
         if self.template == "chat":
+            if not getattr(self.tokenizer, "chat_template", None):  # the records are fine: the option is not
+                raise DLMError(f"{where}: data.template chat renders prompt/response records with the tokenizer's chat "
+                               f"template, and this tokenizer has none: set data.template: plain (or use a chat "
+                               f"model's tokenizer)")
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             return [(self._ids(text), target) for text, target in chat_segments(self.tokenizer, messages, where)]
         bos = self.tokenizer.bos_token_id

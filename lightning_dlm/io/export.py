@@ -66,7 +66,7 @@ def write_export_folder(out: str, model, tokenizer, config: Dict[str, Any],
 def _check_saved_tokenizer(folder: str, mask_id: int) -> None:
     from transformers import AutoTokenizer
 
-    saved = AutoTokenizer.from_pretrained(folder).mask_token_id
+    saved = AutoTokenizer.from_pretrained(folder, trust_remote_code=False).mask_token_id
     if saved != mask_id:
         raise DLMError(f"the saved tokenizer's mask token id is {saved}, not {mask_id}: the tokenizer cannot name the mask token")
 

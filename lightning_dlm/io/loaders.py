@@ -52,6 +52,16 @@ class Loader:
         raise NotImplementedError
 
 
+def custom_code_refusal(path: str, err: BaseException):
+    """The one line for transformers refusing (``trust_remote_code=False``) a folder whose config.json or
+    tokenizer_config.json names its own Python code (``auto_map``), or None for any other error."""
+    if "custom code" not in str(err):
+        return None
+    return DLMError(f"refusing to load '{path}': its config.json or tokenizer_config.json names custom Python code "
+                    f"(auto_map), which lightning_dlm never runs from a model folder: load a folder written by dlm "
+                    f"export, or remove auto_map where transformers' own model class fits")
+
+
 def backbone_state_dict(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """The transformers model's own state dict (``net.model.`` removed) of a DiffusionLM state dict
     whose wrapper prefixes are already removed."""
@@ -75,8 +85,12 @@ class ExportedLoader(Loader):
 
         cfg = read_export_config(path)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            # never the folder's own Python files (auto_map): transformers would ask on a terminal, and run them on a yes
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError) as err:
+            refusal = custom_code_refusal(path, err)
+            if refusal is not None:
+                raise refusal from None
             first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
             raise DLMError(f"could not read the tokenizer in '{path}' ({first}): export the checkpoint again") from None
         mask_id = int(cfg["mask_token_id"])
@@ -102,10 +116,13 @@ class CheckpointLoader(Loader):
         meta = checkpoint[CHECKPOINT_KEY]
         if not meta.get("tokenizer_files"):
             raise DLMError("the checkpoint carries no tokenizer: train with model.backbone.tokenizer (or pretrained) set")
+        backbone = meta["backbone"]
+        # custom tokenizer code only where the checkpoint was trusted and its model needs remote code (see read_checkpoint)
+        remote = trust and isinstance(backbone, dict) and bool(backbone.get("trust_remote_code"))
         return StoredModel(int(meta["mask_token_id"]), bool(meta["mask_token_added"]),
                            diffusion=(checkpoint.get("hyper_parameters") or {}).get("diffusion") or {},
-                           tokenizer=tokenizer_from_files(meta["tokenizer_files"]),
-                           info=checkpoint_info(checkpoint, path), backbone=meta["backbone"],
+                           tokenizer=tokenizer_from_files(meta["tokenizer_files"], trust_remote_code=remote),
+                           info=checkpoint_info(checkpoint, path), backbone=backbone,
                            state=backbone_state_dict(checkpoint.pop("state_dict")))
 
 

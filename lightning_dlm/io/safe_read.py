@@ -95,6 +95,9 @@ def _looks_like_diffusion_file(path: str) -> bool:
 
 # --- reading files without running their code --------------------------------------------------------
 TRUST_HINT = "if you trust whoever wrote it, rerun with --trust_checkpoint (trust_checkpoint=True in Python) to unpickle it in full"
+#: the fix of a refused file where there is no --trust_checkpoint (dlm fit --ckpt_path, dlm validate / test)
+NO_TRUST_HINT = ("dlm fit, validate and test read only tensors and plain data from a checkpoint (they have no "
+                 "--trust_checkpoint): give a checkpoint written by dlm fit")
 
 # Types beyond torch.load(weights_only=True)'s defaults (tensors, dtypes, numbers, strings, lists,
 # tuples, dicts, OrderedDict, ...) that checkpoints of `dlm fit` hold: none. The hyper-parameters and
@@ -169,10 +172,10 @@ def _torch_file_kind(path: str, what: str) -> str:
     raise DLMError(f"'{path}' is not a PyTorch checkpoint (not written by torch.save): pass a .ckpt written by `dlm fit`")
 
 
-def load_checkpoint_file(path: str, trust: bool = False, what: str = "checkpoint") -> Any:
+def load_checkpoint_file(path: str, trust: bool = False, what: str = "checkpoint", hint: str = TRUST_HINT) -> Any:
     """The object in a file written by ``torch.save``, tensors memory-mapped. Only tensors and plain
     data are built unless ``trust``; whatever else the file pickles is refused with a one-line
-    :class:`DLMError`, as are missing, empty, truncated and foreign files."""
+    :class:`DLMError` (ending with ``hint``, the fix), as are missing, empty, truncated and foreign files."""
     if not os.path.exists(path):
         raise DLMError(f"{what} '{path}' does not exist: give the path of a .ckpt (or sharded checkpoint folder) written by `dlm fit`")
     if not os.path.isfile(path):
@@ -187,13 +190,24 @@ def load_checkpoint_file(path: str, trust: bool = False, what: str = "checkpoint
         raise
     except pickle.UnpicklingError as err:
         if not trust:
-            raise _unsafe_error(path, str(err), what) from None
+            raise _unsafe_error(path, str(err), what, hint) from None
         raise _damaged_error(path, err, what) from None
     except Exception as err:  # noqa: BLE001 - corrupt files raise many types
         raise _damaged_error(path, err, what) from None
 
 
-def _unsafe_error(path: str, text: str, what: str) -> DLMError:
+def refusal_of(path: str, err: BaseException, what: str = "checkpoint", hint: str = TRUST_HINT):
+    """The one-line refusal of a file that ``torch.load(weights_only=True)`` stopped at an object that
+    is not a tensor or plain data (unpickling it could run code), or None when ``err`` is anything
+    else (a damaged or truncated file)."""
+    text = str(err)
+    named = "GLOBAL" in text or ("WeightsUnpickler error" in text and "Unsupported operand" not in text)
+    if not isinstance(err, pickle.UnpicklingError) or not named:
+        return None
+    return _unsafe_error(path, str(err), what, hint)
+
+
+def _unsafe_error(path: str, text: str, what: str, hint: str = TRUST_HINT) -> DLMError:
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found is None and "Unsupported operand" in text:  # not a valid pickle: damaged, not dangerous
         return DLMError(f"could not read {what} '{path}' (its pickle is damaged): copy it again from the training run")
@@ -202,7 +216,7 @@ def _unsafe_error(path: str, text: str, what: str) -> DLMError:
     else:
         detail = text.split("WeightsUnpickler error:")[-1].strip().splitlines()
         holds = f"it holds an object that is not a tensor or plain data ({detail[0][:160] if detail else 'unknown'})"
-    return DLMError(f"refusing to load {what} '{path}': {holds}, and unpickling it could run code in the file; {TRUST_HINT}")
+    return DLMError(f"refusing to load {what} '{path}': {holds}, and unpickling it could run code in the file; {hint}")
 
 
 def _damaged_error(path: str, err: BaseException, what: str) -> DLMError:

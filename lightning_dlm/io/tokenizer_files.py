@@ -29,9 +29,11 @@ def tokenizer_to_files(tokenizer) -> Dict[str, str]:
     return files
 
 
-def tokenizer_from_files(files: Dict[str, str]):
+def tokenizer_from_files(files: Dict[str, str], trust_remote_code: bool = False):
     """The tokenizer of :func:`tokenizer_to_files`' mapping. Every name is checked (a plain file name)
-    and every content decoded before anything is written."""
+    and every content decoded before anything is written. The files' own Python code (a
+    tokenizer_config.json ``auto_map``) never runs unless ``trust_remote_code`` (a trusted checkpoint
+    whose model needs remote code): transformers would otherwise ask on a terminal, and run it on a yes."""
     if not isinstance(files, dict):
         raise DLMError("the checkpoint's tokenizer files are not a {name: content} mapping: the checkpoint is damaged")
     check_plain_names(files, "tokenizer file name", "the checkpoint")
@@ -47,4 +49,10 @@ def tokenizer_from_files(files: Dict[str, str]):
                 fh.write(content)
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(tmp)  # files we wrote and checked: no remote code, no hub
+        try:
+            return AutoTokenizer.from_pretrained(tmp, trust_remote_code=trust_remote_code)  # files checked above; no hub
+        except ValueError as err:
+            if "custom code" not in str(err):
+                raise
+            raise DLMError("the checkpoint's tokenizer names custom Python code (auto_map in its tokenizer_config.json), "
+                           "which lightning_dlm does not run from a checkpoint: give a checkpoint written by dlm fit") from None

@@ -20,7 +20,7 @@ from lightning_dlm.core.errors import DLMError
 from lightning_dlm.core.records import coerce_config
 from lightning_dlm.io.export import write_export_folder
 from lightning_dlm.io.format import DTYPE_CHOICES, export_config
-from lightning_dlm.io.loaders import StoredModel, read_stored
+from lightning_dlm.io.loaders import StoredModel, custom_code_refusal, read_stored
 from lightning_dlm.model.config import BackboneConfig
 from lightning_dlm.model.loading import resolve_hf_config
 from lightning_dlm.model.lora import apply_lora, merge_in_place, merged
@@ -87,9 +87,13 @@ def _exported_model(folder: str, dtype: Optional[torch.dtype]):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=config.dtype or torch.float32)
+        # never the folder's own Python files (auto_map): transformers would ask on a terminal, and run them on a yes
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=config.dtype or torch.float32, trust_remote_code=False)
     except (OSError, ValueError) as err:
+        refusal = custom_code_refusal(folder, err)
+        if refusal is not None:
+            raise refusal from None
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise DLMError(f"could not read the model in '{folder}' ({first}): export the checkpoint again") from None
     return model if dtype is None else model.to(dtype)

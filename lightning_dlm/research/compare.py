@@ -6,6 +6,11 @@ seen, optimiser steps and wall time; ``plot_runs`` draws ``val/nelbo`` against t
 ``train/loss`` against the step, one line per arm. Logs are read with ``tbparse`` (every event
 file under a run folder, all TensorBoard versions of a resumed run merged by step).
 
+TensorBoard's reader stops quietly at a truncated or corrupt record, so every event file's records
+are checked first (:func:`event_file_problem`: each record whole, its length and data checksums
+right): a run whose every event file is damaged is a one-line error naming the file; a run with
+some good files keeps its row, marked (``damaged_logs``), and ``dlm compare`` warns in one line.
+
 ``add_eval(rows, results.json)`` joins the results of ``dlm eval`` (models named as the arms):
 each task's headline metric with its standard error becomes a column, a model of the results
 that is no run becomes a row of its own, and ``plot_eval`` draws them as bars with error bars.
@@ -18,12 +23,15 @@ import io
 import json
 import math
 import os
+import struct
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from lightning_dlm.core.errors import DLMError
 
 FORMATS = ("markdown", "csv", "json")
+DAMAGED_MARK = "(damaged log)"  # after the arm of a row read from damaged TensorBoard logs (markdown)
 
 
 @dataclass
@@ -38,20 +46,83 @@ class RunSummary:
     folder: str
     # "<task> <metric>" -> (value, standard error or None), from dlm eval's results
     evals: Dict[str, Tuple[float, Optional[float]]] = field(default_factory=dict)
+    # event file -> what is wrong with it, for the damaged logs of a run that also has good ones (row marked)
+    damaged_logs: Dict[str, str] = field(default_factory=dict)
+
+
+_PROBLEMS: Dict[Tuple[str, int, int], Optional[str]] = {}  # (path, size, mtime): checked once per version of a file
+#: an event file that ends inside a record and changed less than this long ago is still being written
+#: (TensorBoard's writers flush every 120 s by default): its whole records are read, and it is not damaged
+STILL_WRITING_S = 600.0
+
+
+def event_file_problem(path: str) -> Optional[str]:
+    """What is wrong with a TensorBoard event file, or None: every record (a length, its checksum,
+    the data, its checksum: TFRecord framing) must be whole and match its checksums up to the file's
+    end. TensorBoard's own reader (and so tbparse) stops at the first bad record without a word."""
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key in _PROBLEMS:
+        return _PROBLEMS[key]
+    with open(path, "rb") as fh:
+        data = fh.read()
+    size, offset, records, problem, cut = len(data), 0, 0, None, False
+    while offset < size and problem is None:
+        where = f"record {records + 1}, at byte {offset:,} of {size:,}"
+        if size - offset < 12:
+            problem, cut = f"it ends inside the header of {where}", True
+            break
+        (length,) = struct.unpack_from("<Q", data, offset)
+        (length_crc,) = struct.unpack_from("<I", data, offset + 8)
+        end = offset + 12 + length
+        if masked_crc32c(data[offset:offset + 8]) != length_crc:
+            problem = f"the length of {where} fails its checksum" + ("" if records else ": not an event file")
+        elif end + 4 > size:
+            problem, cut = f"it ends inside {where} ({size - offset:,} of its {length + 16:,} bytes)", True
+        elif masked_crc32c(data[offset + 12:end]) != struct.unpack_from("<I", data, end)[0]:
+            problem = f"the data of {where} fails its checksum"
+        offset, records = end + 4, records + 1
+    if cut and time.time() - stat.st_mtime < STILL_WRITING_S:
+        problem = None  # a running fit's log: its writer flushes whole buffers, not whole records
+    _PROBLEMS[key] = problem
+    return problem
+
+
+def _event_files(run_dir: str) -> List[str]:
+    return sorted(os.path.join(root, name) for root, _, names in os.walk(run_dir) for name in names
+                  if name.startswith("events.out.tfevents."))
+
+
+def damaged_logs(run_dir: str) -> Dict[str, str]:
+    """{event file: what is wrong with it} for the damaged or cut-short event files under ``run_dir``."""
+    found = {path: event_file_problem(path) for path in _event_files(run_dir)}
+    return {path: problem for path, problem in found.items() if problem is not None}
+
+
+def damaged_log_line(path: str, problem: str) -> str:
+    return f"the TensorBoard log '{path}' is damaged or cut short ({problem})"
 
 
 def read_scalars(run_dir: str):
     """A DataFrame (step, tag, value, wall_time) of every scalar logged under ``run_dir``; when a
-    resumed run logged a step twice, the later write wins."""
+    resumed run logged a step twice, the later write wins. A run whose event files are all damaged
+    or cut short is a one-line error (see :func:`event_file_problem`)."""
     from tbparse import SummaryReader
 
     if not os.path.isdir(run_dir):
         raise DLMError(f"run folder '{run_dir}' does not exist: give folders written by dlm fit or dlm sweep")
-    events = [os.path.join(root, name) for root, _, names in os.walk(run_dir) for name in names
-              if name.startswith("events.out.tfevents.")]
+    events = _event_files(run_dir)
     if not events:
         raise DLMError(f"'{run_dir}' holds no TensorBoard logs (events.out.tfevents.*): give run folders of "
                        f"dlm fit / dlm sweep (their trainer.default_root_dir)")
+    damaged = damaged_logs(run_dir)
+    if len(damaged) == len(events):
+        path, problem = next(iter(damaged.items()))
+        more = f" (and {len(damaged) - 1} more event files of the run)" if len(damaged) > 1 else ""
+        raise DLMError(f"{damaged_log_line(path, problem)}{more}: copy the run folder again from where it ran, "
+                       f"or leave the run out of the comparison")
     frame = SummaryReader(run_dir, extra_columns={"wall_time"}).scalars
     if frame.empty:
         raise DLMError(f"the TensorBoard logs under '{run_dir}' hold no scalars: the run logged nothing yet")
@@ -76,6 +147,7 @@ def summarize_run(run_dir: str, arm: Optional[str] = None) -> RunSummary:
         steps=int(train.step.max()) + 1 if len(train) else None,
         wall_s=float(frame.wall_time.max() - frame.wall_time.min()) if len(frame) > 1 else None,
         folder=os.path.abspath(run_dir),
+        damaged_logs=damaged_logs(run_dir),
     )
 
 
@@ -168,18 +240,20 @@ def render(rows: Sequence[RunSummary], fmt: str = "markdown") -> str:
         return json.dumps([asdict(r) for r in rows], indent=2)
     extra = eval_columns(rows)
     header = ["arm", "val/nelbo", "se", "ppl bound", "tokens seen", "steps", "wall s", *extra]
-    cells = [[r.arm, _fmt(r.val_nelbo), _fmt(r.val_nelbo_se), _fmt(r.ppl_bound, 2), _fmt(r.tokens_seen),
-              _fmt(r.steps), _fmt(r.wall_s, 1), *[_fmt_se(r.evals.get(c)) for c in extra]] for r in rows]
+    cells = [[r.arm + (f" {DAMAGED_MARK}" if r.damaged_logs else ""), _fmt(r.val_nelbo), _fmt(r.val_nelbo_se),
+              _fmt(r.ppl_bound, 2), _fmt(r.tokens_seen), _fmt(r.steps), _fmt(r.wall_s, 1),
+              *[_fmt_se(r.evals.get(c)) for c in extra]] for r in rows]
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         flat = [name for c in extra for name in (c.replace(" ", "_"), c.replace(" ", "_") + "_se")]
+        damaged = any(r.damaged_logs for r in rows)  # a column only when some run has a damaged log
         writer.writerow(["arm", "val_nelbo", "val_nelbo_se", "ppl_bound", "tokens_seen", "steps", "wall_s", "folder",
-                         *flat])
+                         *flat, *(["damaged_logs"] if damaged else [])])
         for r in rows:
             values = [v for c in extra for v in (r.evals.get(c) or (None, None))]
             writer.writerow([r.arm, r.val_nelbo, r.val_nelbo_se, r.ppl_bound, r.tokens_seen, r.steps, r.wall_s,
-                             r.folder, *values])
+                             r.folder, *values, *([";".join(r.damaged_logs)] if damaged else [])])
         return buffer.getvalue().rstrip("\n")
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]

@@ -4,29 +4,70 @@ checkpoint files."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional
 
+from jsonargparse import ArgumentError
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.data import TextDataModule
+from lightning_dlm.io.format import SHARDED_META
+from lightning_dlm.io.safe_read import NO_TRUST_HINT, is_exported_folder, load_checkpoint_file
 from lightning_dlm.training.callbacks.checkpointing import StepCheckpoint
 from lightning_dlm.training.callbacks.progress import add_step_progress
 from lightning_dlm.training.checkpoint_io import AtomicCheckpointIO
 from lightning_dlm.training.distributed import check_devices
 from lightning_dlm.training.module import DiffusionLM
 from lightning_dlm.training.resume import check_resume
-from lightning_dlm.training.runs import isolate_run
+from lightning_dlm.training.runs import isolate_run, lock_run, release_run
 
 
 def _tokenizer_of(tokenizer: Optional[str], pretrained: Optional[str]) -> Optional[str]:
     return tokenizer or pretrained
 
 
+def check_ckpt_path(path: str) -> None:
+    """``dlm validate|test|predict --ckpt_path``: read as tensors and plain data before Lightning reads
+    it, so a missing, truncated, foreign or crafted file (one that pickles code) is one line, not
+    Lightning's traceback. (``fit --ckpt_path`` is checked by :func:`check_resume`.)"""
+    if not os.path.exists(path):
+        raise DLMError(f"--ckpt_path {path} does not exist: give a checkpoint written by dlm fit "
+                       f"(e.g. runs/<run>/checkpoints/last.ckpt)")
+    if is_exported_folder(path):
+        raise DLMError(f"--ckpt_path {path} is a folder written by dlm export, not a training checkpoint: give a .ckpt "
+                       f"written by dlm fit (an exported model is scored with dlm eval)")
+    sharded = os.path.isdir(path)
+    target = os.path.join(path, SHARDED_META) if sharded else path
+    if sharded and not os.path.isfile(target):
+        raise DLMError(f"--ckpt_path {path} is a folder but not a sharded checkpoint (no {SHARDED_META}): give a .ckpt file")
+    checkpoint = load_checkpoint_file(target, hint=NO_TRUST_HINT)  # tensors memory-mapped: cheap
+    if not isinstance(checkpoint, dict) or (not sharded and not isinstance(checkpoint.get("state_dict"), dict)):
+        raise DLMError(f"--ckpt_path {path} is not a checkpoint written by dlm fit (it holds no state_dict): "
+                       f"give runs/<run>/checkpoints/last.ckpt or a step file")
+
+
+def parse_error_line(err: BaseException, command: str) -> DLMError:
+    """jsonargparse's error (after the whole usage, many lines: every type it tried) as one line, the
+    key and the reason that matters, and a pointer to the help."""
+    lines = [line.strip().lstrip("- ").strip() for line in str(err).strip().splitlines() if line.strip()]
+    lines = lines or [type(err).__name__]
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:  # 'Parser key "trainer.callbacks":' says where, a later line what
+        # a class named in the config that does not load says most; else the first reason that is not a fallback tried
+        reason = next((f"{line.rstrip(':')}: {lines[i + 1]}" for i, line in enumerate(lines[:-1])
+                       if line.startswith("Problem with given class_path")), None)
+        reason = reason or next((line for line in lines[1:] if not line.startswith("Expected a path")), lines[1])
+        text = f"{text.rstrip(':')}: {reason}"
+    return DLMError(f"{text[:400]}: see {command} --help")
+
+
 class DLMCLI(LightningCLI):
     """LightningCLI with a step-based checkpoint callback and the tokenizer linked model -> data."""
+
+    command = "dlm"  # how the help is named in one-line parse errors ("see dlm fit --help")
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # a full last.ckpt to resume from, weights-only step files (checkpoint.keep_last_k: how many)
@@ -51,7 +92,18 @@ class DLMCLI(LightningCLI):
         # and a fresh fit into a folder that holds another run's checkpoints
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_devices(config.trainer)
+        # fit: the run folder is this run's until it ends (a second run into it stops with one line)
+        self._run_locks = lock_run(config, self.subcommand)
         isolate_run(config, self.subcommand)
+
+    _run_locks: list = []  # the run folder locks of fit, released when the CLI's run ends (__init__)
+
+    def __init__(self, *args, **kwargs) -> None:
+        try:
+            super().__init__(*args, **kwargs)
+        finally:  # the run ended, failed or was interrupted: its folders are free again
+            release_run(self._run_locks)
+            self._run_locks = []
 
     _resume_ckpt_path = None  # fit --ckpt_path, while hidden from LightningCLI (see parse_arguments)
 
@@ -61,8 +113,15 @@ class DLMCLI(LightningCLI):
         # hyper-parameters over the config, without a word and with no public hook to change it; it
         # finds no ckpt_path to read, and before_instantiate_classes puts the path back before anything
         # reads it. validate / test keep Lightning's behaviour (the checkpoint's options).
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:  # parser_kwargs exit_on_error=False: the error alone, without ~120 lines of usage
+            given = list(sys.argv[1:] if args is None else args) if isinstance(args, (list, tuple, type(None))) else []
+            subcommand = next((arg for arg in given if arg in self.subcommands()), None)
+            raise parse_error_line(err, f"{self.command} {subcommand}" if subcommand else self.command) from None
         subcommand = self.config.get("subcommand")
+        if subcommand in ("validate", "test", "predict") and self.config[subcommand].get("ckpt_path"):
+            check_ckpt_path(str(self.config[subcommand].ckpt_path))  # before LightningCLI reads it
         if subcommand != "fit" or not self.config[subcommand].get("ckpt_path"):
             return
         path = str(self.config[subcommand].ckpt_path)
@@ -86,16 +145,31 @@ def lightning_kwargs() -> dict:
     return dict(
         model_class=DiffusionLM,
         datamodule_class=TextDataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        # exit_on_error False: a bad option raises, and DLMCLI.parse_arguments says it in one line
+        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"default_root_dir": "runs"},
         seed_everything_default=0,
     )
 
 
+def _run_cli(cli_class, args: Optional[List[str]], **kwargs) -> None:
+    try:
+        cli_class(args=args, **kwargs)
+    except ArgumentError as err:  # parsed after parse_arguments: validate/test's checkpoint hyper-parameters
+        given = list(sys.argv[1:] if args is None else args)
+        raise parse_error_line(err, f"{cli_class.command} {given[0]}" if given else cli_class.command) from None
+
+
 def lightning_main(args: Optional[List[str]]) -> None:
     """``dlm fit|validate|test|predict``: ``args`` is the command line (None: LightningCLI reads sys.argv)."""
-    DLMCLI(args=args, **lightning_kwargs())
+    _run_cli(DLMCLI, args, **lightning_kwargs())
+
+
+class SFTCLI(DLMCLI):
+    """``dlm sft``'s CLI (its errors point to ``dlm sft fit --help``)."""
+
+    command = "dlm sft"
 
 
 def sft_main(args: List[str]) -> None:
@@ -105,4 +179,4 @@ def sft_main(args: List[str]) -> None:
 
     if not args or args[0] not in ("fit", "validate", "-h", "--help"):
         raise DLMError("usage: dlm sft fit --config experiments/sft/smollm2_arith.yaml (or dlm sft validate ...)")
-    DLMCLI(args=args, **{**lightning_kwargs(), "datamodule_class": SFTDataModule})
+    _run_cli(SFTCLI, args, **{**lightning_kwargs(), "datamodule_class": SFTDataModule})

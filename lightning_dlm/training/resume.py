@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from lightning_dlm.core.errors import DLMError
+from lightning_dlm.io.safe_read import NO_TRUST_HINT, refusal_of
 
 #: Keys under ``model.`` that may differ from the checkpoint on resume (prefixes end with ".").
 MUTABLE = (
@@ -94,6 +95,9 @@ def read_resume_checkpoint(path: str) -> Dict[str, Any]:
     try:
         checkpoint = torch.load(target, map_location="cpu", weights_only=True, mmap=os.path.isfile(path))
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one line
+        refused = refusal_of(target, err, hint=NO_TRUST_HINT)  # it holds code: refused, not damaged
+        if refused is not None:
+            raise refused from None
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise DLMError(f"--ckpt_path {path} is not a readable checkpoint ({first}): it may be truncated or not "
                        f"written by dlm fit; resume from an earlier checkpoint of the run") from None
