@@ -31,6 +31,7 @@ from lightning_dlm.core.errors import DLMError
 from lightning_dlm.training import runs
 from lightning_dlm.training.runs import LOCK_NAME, RunLock, existing_checkpoints, launching_rank, lock_run
 from tests.conftest import REPO
+from tests.test_sweep import SHORT, write_grid
 
 DEBUG = os.path.join(REPO, "experiments", "debug.yaml")
 HOST = socket.gethostname()
@@ -224,15 +225,7 @@ def test_step_files_a_kill_left_beyond_keep_last_k_go_at_the_next_save(tmp_path)
     assert step_of(folder / "last.ckpt") == 8
 
 
-# --- sweeps ---------------------------------------------------------------------------------------
-
-SHORT = {"trainer.max_steps": 4, "trainer.limit_val_batches": 1, "trainer.val_check_interval": 2,
-         "checkpoint.every_n_train_steps": 2, "trainer.enable_progress_bar": False}
-
-
-def write_grid(path, arms):
-    path.write_text(yaml.safe_dump(arms, sort_keys=False))
-    return str(path)
+# --- sweeps (SHORT and write_grid are test_sweep's) -----------------------------------------------
 
 
 def sweep(grid, out):
