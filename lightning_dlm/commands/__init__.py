@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List
 
-from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.errors import DLMError, first_line
 
 
 def parse_or_one_line(parser, args: List[str]):
@@ -13,5 +13,5 @@ def parse_or_one_line(parser, args: List[str]):
     try:
         return parser.parse_args(args)
     except Exception as err:  # noqa: BLE001 - jsonargparse's ArgumentError and kin: one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise DLMError(f"{parser.prog}: {first}: see {parser.prog} --help") from None

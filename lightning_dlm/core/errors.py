@@ -14,3 +14,13 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`DLMError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise DLMError(message)
+
+
+def first_line(err: BaseException, limit: int = 0, default: str = None) -> str:
+    """The first line of ``err``'s message (at most ``limit`` characters when ``limit``), for a
+    one-line error that quotes the cause; ``default`` (else the exception's type name) when empty."""
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__ if default is None else default
+    line = text.splitlines()[0]
+    return line[:limit] if limit else line

@@ -32,7 +32,7 @@ from typing import Any, Iterator, List, Optional, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.errors import DLMError, first_line
 from lightning_dlm.core.seeding import derive_seed
 
 PADDINGS = ("bucket", "fixed")
@@ -96,7 +96,7 @@ def read_records(source: SFTSource) -> List[tuple[str, dict]]:
 
         rows = datasets.load_dataset(source.path, source.name, split=source.split)
     except Exception as err:  # noqa: BLE001 - offline, unknown name: one line
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        first = first_line(err, 160)
         raise DLMError(f"could not load SFT dataset '{source.path}' ({first}): give a local .jsonl file or check the name") from None
     return [(f"{source.path}[{source.split}]:{i}", dict(row)) for i, row in enumerate(rows)]
 

@@ -18,7 +18,7 @@ from typing import Iterator, Literal, Optional, Sequence
 
 import datasets
 
-from lightning_dlm.core.errors import DLMError, require
+from lightning_dlm.core.errors import DLMError, first_line, require
 from lightning_dlm.core.seeding import epoch_seed
 
 #: File extension -> ``datasets`` packaged builder, for ``format: auto``.
@@ -167,10 +167,10 @@ def load_streaming(source: CorpusSource) -> datasets.IterableDataset:
         try:
             return datasets.load_dataset(source.path, source.name, split=source.split, streaming=True)
         except Exception as err:  # the hub raises many types; the user needs one line either way
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise DLMError(
                 f"cannot open hub dataset '{source.path}' (name={source.name}, split={source.split}): "
-                f"{first_line}; check the name, config and split, and that the hub is reachable"
+                f"{first}; check the name, config and split, and that the hub is reachable"
             ) from err
     files = resolve_files(source.path)
     builder = infer_format(source.path, files) if source.format == "auto" else source.format
@@ -180,8 +180,7 @@ def load_streaming(source: CorpusSource) -> datasets.IterableDataset:
     except StopIteration as err:  # e.g. the json builder on an empty file, while inferring features
         raise empty_corpus_error(source) from err
     except Exception as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DLMError(f"cannot read corpus '{source.path}' as {builder}: {first_line}; check the file or set format") from err
+        raise DLMError(f"cannot read corpus '{source.path}' as {builder}: {first_line(err)}; check the file or set format") from err
 
 
 def empty_corpus_error(source: CorpusSource) -> DLMError:

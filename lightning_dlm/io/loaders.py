@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.errors import DLMError, first_line
 from lightning_dlm.io.format import BACKBONE_PREFIX, CHECKPOINT_KEY, EXPORT_CONFIG, checkpoint_info
 from lightning_dlm.io.safe_read import is_exported_folder, read_checkpoint, read_export_config, require_exists
 from lightning_dlm.io.tokenizer_files import tokenizer_from_files
@@ -91,7 +91,7 @@ class ExportedLoader(Loader):
             refusal = custom_code_refusal(path, err)
             if refusal is not None:
                 raise refusal from None
-            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            first = first_line(err, 160)
             raise DLMError(f"could not read the tokenizer in '{path}' ({first}): export the checkpoint again") from None
         mask_id = int(cfg["mask_token_id"])
         if tokenizer.mask_token_id is not None and tokenizer.mask_token_id != mask_id:
@@ -140,7 +140,7 @@ class HubLoader(Loader):
 
             folder = snapshot_download(repo_id=path)
         except Exception as err:  # noqa: BLE001 - offline, unknown repo, ...: one line
-            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            first = first_line(err, 160)
             raise DLMError(f"could not fetch '{path}' from the Hugging Face hub ({first}): give a local .ckpt or exported "
                            f"folder, or check the name and your network access") from None
         if not os.path.isfile(os.path.join(folder, EXPORT_CONFIG)):

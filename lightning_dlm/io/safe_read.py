@@ -25,7 +25,7 @@ import sys
 import zipfile
 from typing import Any, Dict, Iterable
 
-from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.errors import DLMError, first_line
 from lightning_dlm.io.format import CHECKPOINT_KEY, DCP_METADATA, EXPORT_CONFIG, SHARDED_META
 
 # Wrapper modules that add a component to every parameter name: torch.compile (``_orig_mod``, also on
@@ -220,7 +220,7 @@ def _unsafe_error(path: str, text: str, what: str, hint: str = TRUST_HINT) -> DL
 
 
 def _damaged_error(path: str, err: BaseException, what: str) -> DLMError:
-    first = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    first = first_line(err, 160, default="")
     detail = f"{type(err).__name__}: {first}" if first else type(err).__name__
     return DLMError(f"could not read {what} '{path}' ({detail}): the file is damaged or truncated; copy it again from the training run")
 
@@ -448,7 +448,7 @@ def _consolidate_model(reader, path: str, trust: bool = False) -> Dict[str, Any]
     except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
         if refused:
             raise refused[0] from None
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        first = first_line(err, default="")
         raise DLMError(f"could not consolidate sharded checkpoint '{path}' ({type(err).__name__}: {first[:200]}): "
                        f"the folder is damaged") from None
     state: Dict[str, Any] = {}

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.errors import DLMError, first_line
 from lightning_dlm.model.config import BackboneConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,7 +37,7 @@ def check_source(name: str, what: str) -> None:
 
 
 def _hub_error(name: str, what: str, err: Exception) -> DLMError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = first_line(err)
     return DLMError(f"could not load {what} '{name}' ({first}): check the name or path and your network access")
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from lightning_dlm.core.config import DiffusionConfig
-from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.errors import DLMError, first_line
 from lightning_dlm.core.records import coerce_config
 from lightning_dlm.io.export import write_export_folder
 from lightning_dlm.io.format import DTYPE_CHOICES, export_config
@@ -94,7 +94,7 @@ def _exported_model(folder: str, dtype: Optional[torch.dtype]):
         refusal = custom_code_refusal(folder, err)
         if refusal is not None:
             raise refusal from None
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        first = first_line(err, 160)
         raise DLMError(f"could not read the model in '{folder}' ({first}): export the checkpoint again") from None
     return model if dtype is None else model.to(dtype)
 

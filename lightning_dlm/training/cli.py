@@ -4,7 +4,6 @@ checkpoint files."""
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import List, Optional
 
@@ -14,14 +13,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.data import TextDataModule
-from lightning_dlm.io.format import SHARDED_META
 from lightning_dlm.io.safe_read import NO_TRUST_HINT, is_exported_folder, load_checkpoint_file
 from lightning_dlm.training.callbacks.checkpointing import StepCheckpoint
 from lightning_dlm.training.callbacks.progress import add_step_progress
 from lightning_dlm.training.checkpoint_io import AtomicCheckpointIO
 from lightning_dlm.training.distributed import check_devices
 from lightning_dlm.training.module import DiffusionLM
-from lightning_dlm.training.resume import check_resume
+from lightning_dlm.training.resume import check_resume, ckpt_path_target
 from lightning_dlm.training.runs import isolate_run, lock_run, release_run
 
 
@@ -33,16 +31,11 @@ def check_ckpt_path(path: str) -> None:
     """``dlm validate|test|predict --ckpt_path``: read as tensors and plain data before Lightning reads
     it, so a missing, truncated, foreign or crafted file (one that pickles code) is one line, not
     Lightning's traceback. (``fit --ckpt_path`` is checked by :func:`check_resume`.)"""
-    if not os.path.exists(path):
-        raise DLMError(f"--ckpt_path {path} does not exist: give a checkpoint written by dlm fit "
-                       f"(e.g. runs/<run>/checkpoints/last.ckpt)")
     if is_exported_folder(path):
         raise DLMError(f"--ckpt_path {path} is a folder written by dlm export, not a training checkpoint: give a .ckpt "
                        f"written by dlm fit (an exported model is scored with dlm eval)")
-    sharded = os.path.isdir(path)
-    target = os.path.join(path, SHARDED_META) if sharded else path
-    if sharded and not os.path.isfile(target):
-        raise DLMError(f"--ckpt_path {path} is a folder but not a sharded checkpoint (no {SHARDED_META}): give a .ckpt file")
+    target = ckpt_path_target(path)  # the path, or a sharded folder's meta.pt
+    sharded = target != path
     checkpoint = load_checkpoint_file(target, hint=NO_TRUST_HINT)  # tensors memory-mapped: cheap
     if not isinstance(checkpoint, dict) or (not sharded and not isinstance(checkpoint.get("state_dict"), dict)):
         raise DLMError(f"--ckpt_path {path} is not a checkpoint written by dlm fit (it holds no state_dict): "

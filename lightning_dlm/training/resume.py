@@ -26,7 +26,8 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.errors import DLMError, first_line
+from lightning_dlm.io.format import SHARDED_META
 from lightning_dlm.io.safe_read import NO_TRUST_HINT, refusal_of
 
 #: Keys under ``model.`` that may differ from the checkpoint on resume (prefixes end with ".").
@@ -83,22 +84,29 @@ def compare_hparams(saved: Dict[str, Any], given: Dict[str, Any]) -> Tuple[List[
     return allowed, refused
 
 
-def read_resume_checkpoint(path: str) -> Dict[str, Any]:
-    """A ``dlm fit`` checkpoint given to ``--ckpt_path`` (a file, or a sharded folder's meta.pt),
-    tensors memory-mapped: one-line errors for a missing or unreadable one."""
+def ckpt_path_target(path: str) -> str:
+    """The file to read of a ``--ckpt_path``: the path itself, or a sharded folder's meta.pt; one
+    line for a missing path or a folder that is not a sharded checkpoint."""
     if not os.path.exists(path):
         raise DLMError(f"--ckpt_path {path} does not exist: give a checkpoint written by dlm fit "
                        f"(e.g. runs/<run>/checkpoints/last.ckpt)")
-    target = os.path.join(path, "meta.pt") if os.path.isdir(path) else path
+    target = os.path.join(path, SHARDED_META) if os.path.isdir(path) else path
     if not os.path.isfile(target):
-        raise DLMError(f"--ckpt_path {path} is a folder but not a sharded checkpoint (no meta.pt): give a .ckpt file")
+        raise DLMError(f"--ckpt_path {path} is a folder but not a sharded checkpoint (no {SHARDED_META}): give a .ckpt file")
+    return target
+
+
+def read_resume_checkpoint(path: str) -> Dict[str, Any]:
+    """A ``dlm fit`` checkpoint given to ``--ckpt_path`` (a file, or a sharded folder's meta.pt),
+    tensors memory-mapped: one-line errors for a missing or unreadable one."""
+    target = ckpt_path_target(path)
     try:
         checkpoint = torch.load(target, map_location="cpu", weights_only=True, mmap=os.path.isfile(path))
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one line
         refused = refusal_of(target, err, hint=NO_TRUST_HINT)  # it holds code: refused, not damaged
         if refused is not None:
             raise refused from None
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        first = first_line(err, 160)
         raise DLMError(f"--ckpt_path {path} is not a readable checkpoint ({first}): it may be truncated or not "
                        f"written by dlm fit; resume from an earlier checkpoint of the run") from None
     if not isinstance(checkpoint, dict):
