@@ -112,10 +112,12 @@ class DiffusionEvaluator(Evaluator):
 
     @classmethod
     def matches(cls, path: str) -> bool:
-        """A file (a causal LM is a folder or hub name), or a folder holding a diffusion checkpoint."""
+        """A file (a causal LM is a folder or hub name), a folder holding a diffusion checkpoint, or a
+        released diffusion LM's folder or hub name (:mod:`lightning_dlm.io.releases`)."""
+        from lightning_dlm.io.releases import is_release
         from lightning_dlm.io.safe_read import is_diffusion_checkpoint
 
-        return os.path.isfile(path) or is_diffusion_checkpoint(path)
+        return os.path.isfile(path) or is_diffusion_checkpoint(path) or is_release(path)
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: str = "float32", name: str = "",

@@ -9,7 +9,7 @@ a model, and nothing runs code from the files (see :mod:`.safe_read`).
 Registered, in the order they are tried: ``hub`` (a hub name of an exported model; downloads, then
 reads it as ``exported``), ``exported`` (a folder written by ``dlm export``), ``checkpoint`` (a
 ``.ckpt`` file or a sharded checkpoint folder written by ``dlm fit``). :func:`register_loader`
-adds one in front of them.
+adds one in front of them: :mod:`lightning_dlm.io.releases` registers the released diffusion LMs.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ class StoredModel:
 
 
 class Loader:
-    """One kind of source: ``matches(path)`` cheaply (no weights read), then ``read(path, trust)``."""
+    """One kind of source: ``matches(path)`` cheaply (no weights read), then ``read(path, trust)``.
+    ``release``: a released diffusion LM's folder layout (also read from a hub download)."""
 
     name = "loader"
+    release = False
 
     def matches(self, path: str) -> bool:
         raise NotImplementedError
@@ -127,7 +129,8 @@ class CheckpointLoader(Loader):
 
 
 class HubLoader(Loader):
-    """A hub name (``owner/name``, not a local path) of an exported model; needs the network."""
+    """A hub name (``owner/name``, not a local path) of an exported model or of a released diffusion
+    LM (a loader whose ``release`` is true reads the downloaded folder); needs the network."""
 
     name = "hub"
 
@@ -141,12 +144,16 @@ class HubLoader(Loader):
             folder = snapshot_download(repo_id=path)
         except Exception as err:  # noqa: BLE001 - offline, unknown repo, ...: one line
             first = first_line(err, 160)
-            raise DLMError(f"could not fetch '{path}' from the Hugging Face hub ({first}): give a local .ckpt or exported "
-                           f"folder, or check the name and your network access") from None
-        if not os.path.isfile(os.path.join(folder, EXPORT_CONFIG)):
-            raise DLMError(f"hub model '{path}' has no {EXPORT_CONFIG}: it is not a lightning_dlm export (an AR model "
-                           f"loads with transformers' AutoModelForCausalLM)")
-        return ExportedLoader().read(folder, trust)
+            raise DLMError(f"could not fetch '{path}' from the Hugging Face hub ({first}): give a local .ckpt, exported folder or "
+                           f"released diffusion LM folder, or check the name and your network access") from None
+        if os.path.isfile(os.path.join(folder, EXPORT_CONFIG)):
+            return ExportedLoader().read(folder, trust)
+        for loader in LOADERS:  # a released diffusion LM's own layout (lightning_dlm.io.releases)
+            if getattr(loader, "release", False) and loader.matches(folder):
+                return loader.read(folder, trust)
+        raise DLMError(f"hub model '{path}' has no {EXPORT_CONFIG} and is none of the released diffusion LMs "
+                       f"lightning_dlm reads: it is not a diffusion model (an AR model loads with transformers' "
+                       f"AutoModelForCausalLM)")
 
 
 LOADERS: List[Loader] = [HubLoader(), ExportedLoader(), CheckpointLoader()]

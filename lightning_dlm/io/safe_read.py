@@ -402,11 +402,16 @@ def _set_path(root: Dict[str, Any], path, value: Any) -> Dict[str, Any]:
     return root
 
 
+#: where a sharded folder keeps the model's weights: Lightning's FSDPStrategy (FSDP1) writes ``model``,
+#: its ModelParallelStrategy (FSDP2, lightning_dlm.training.fsdp2) ``state_dict``
+MODEL_ENTRIES = ("model", "state_dict")
+
+
 def _consolidate_model(reader, path: str, trust: bool = False) -> Dict[str, Any]:
     """The full (unsharded) model state dict, read in this one process on the CPU.
 
     torch.distributed.checkpoint's public ``load`` (``no_dist``: this process alone) into CPU
-    tensors allocated from the index, for the ``model`` entry only: the optimizer states, twice the
+    tensors allocated from the index, for the model's entry only (:data:`MODEL_ENTRIES`): the optimizer states, twice the
     model's size for AdamW, are never read (what torch's ``format_utils.dcp_to_torch_save`` does
     for the whole checkpoint). The index's flattened keys are loaded as they are and nested again
     from its ``planner_data``. Tensors are read by torch with ``weights_only=True``; non-tensor
@@ -438,7 +443,7 @@ def _consolidate_model(reader, path: str, trust: bool = False) -> Dict[str, Any]
         flat: Dict[str, Any] = {}
         for key, info in metadata.state_dict_metadata.items():
             at = tuple(planner_data.get(key) or (key,))
-            if at[0] != "model":
+            if at[0] not in MODEL_ENTRIES:
                 continue
             where[key] = at
             flat[key] = torch.empty(info.size, dtype=info.properties.dtype) if isinstance(info, TensorStorageMetadata) else None
@@ -454,7 +459,7 @@ def _consolidate_model(reader, path: str, trust: bool = False) -> Dict[str, Any]
     state: Dict[str, Any] = {}
     for key, at in where.items():
         _set_path(state, at, loaded.get(key, flat[key]))
-    model = state.get("model")
+    model = next((state[entry] for entry in MODEL_ENTRIES if entry in state), None)
     if not isinstance(model, dict) or not model:
         raise DLMError(f"sharded checkpoint '{path}' holds no model weights (no 'model' entry): was it written by `dlm fit`?")
     return model
@@ -477,6 +482,8 @@ def read_export_config(path: str) -> Dict[str, Any]:
 
 def _not_diffusion_folder(path: str) -> DLMError:
     return DLMError(
-        f"'{path}' is not a diffusion model (a Hugging Face folder without {EXPORT_CONFIG}): export a lightning_dlm "
-        f"checkpoint with `dlm export`; for an AR model use transformers' AutoModelForCausalLM.from_pretrained"
+        f"'{path}' is not a diffusion model (a Hugging Face folder without {EXPORT_CONFIG}, and none of the released "
+        f"diffusion LMs lightning_dlm reads: DiffuGPT, DiffuLLaMA, Dream, LLaDA, Fast-dLLM v2, Tiny-A2D): export a "
+        f"lightning_dlm checkpoint with `dlm export`, or download a release in full (config.json, weights, tokenizer "
+        f"files); for an AR model use transformers' AutoModelForCausalLM.from_pretrained"
     )

@@ -11,7 +11,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from lightning_dlm.core.errors import DLMError, first_line
-from lightning_dlm.model.config import BackboneConfig
+from lightning_dlm.io.checksums import verify_folder
+from lightning_dlm.io.releases import release_of
+from lightning_dlm.model.config import BackboneConfig, MaskTokenConfig
+from lightning_dlm.model.llada import LLaDAConfig  # noqa: F401 - registers LLaDA's class with transformers' Auto classes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,7 +31,9 @@ def _looks_local(name: str) -> bool:
 
 
 def check_source(name: str, what: str) -> None:
-    """Fail early on a local path that does not exist."""
+    """Fail early on a local path that does not exist, or on a shipped folder whose files differ
+    from the checksums kept beside it (:mod:`lightning_dlm.io.checksums`)."""
+    verify_folder(os.path.expanduser(name))
     if _looks_local(name) and not os.path.exists(os.path.expanduser(name)):
         raise DLMError(
             f"{what} path '{name}' does not exist: run `make assets` for the demo assets, "
@@ -55,8 +60,13 @@ def resolve_hf_config(cfg: BackboneConfig) -> PretrainedConfig:
         except ValueError as err:
             raise DLMError(f"bad backbone.config: {err}") from None
     check_source(cfg.pretrained, "model")
+    release = release_of(cfg.pretrained)
     try:
-        config = AutoConfig.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code)
+        if release is not None:  # a released diffusion LM: its config as our class's (never its auto_map)
+            published = release.model_config(cfg.pretrained)
+            config = AutoConfig.for_model(published.pop("model_type"), **published)
+        else:
+            config = AutoConfig.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise _hub_error(cfg.pretrained, "model", err) from None
     if not cfg.from_scratch:
@@ -122,7 +132,9 @@ def load_causal_lm(cfg: BackboneConfig) -> PreTrainedModel:
     _check_attn(cfg.attn_implementation)
     dtype = DTYPES[cfg.dtype]
     kwargs = dict(attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
-    if cfg.pretrained is not None and not cfg.from_scratch:
+    if cfg.pretrained is not None and not cfg.from_scratch and release_of(cfg.pretrained) is not None:
+        model = release_causal_lm(cfg, resolve_hf_config(cfg), dtype)
+    elif cfg.pretrained is not None and not cfg.from_scratch:
         config = resolve_hf_config(cfg)  # the pretrained config with the allowed overrides (refuses others)
         try:
             model, info = AutoModelForCausalLM.from_pretrained(cfg.pretrained, config=config, dtype=dtype,
@@ -136,10 +148,49 @@ def load_causal_lm(cfg: BackboneConfig) -> PreTrainedModel:
     return model
 
 
+def release_causal_lm(cfg: BackboneConfig, config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The released diffusion LM ``cfg.pretrained`` (:mod:`lightning_dlm.io.releases`) as ``config``'s
+    class: built on the meta device, then given the release's own tensors (renamed where its layout
+    differs), so nothing is initialised twice; a weight missing or left over is an error unless
+    ``allow_missing`` names it."""
+    from accelerate import init_empty_weights
+
+    state = release_of(cfg.pretrained).state_dict(cfg.pretrained)
+    for key, value in state.items():
+        if value.is_floating_point():
+            state[key] = value.to(dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    check_loading_info(cfg, {"missing_keys": missing, "unexpected_keys": result.unexpected_keys})
+    return model
+
+
+def mask_token_config(cfg: BackboneConfig, tokenizer) -> MaskTokenConfig:
+    """``cfg.mask_token``, or for a released diffusion LM its own mask token (reused, never added): a
+    ``mask_token`` block that names another is refused in one line."""
+    release = release_of(cfg.pretrained) if cfg.pretrained else None
+    if release is None:
+        return cfg.mask_token
+    mask_id = int(release.mask_token(cfg.pretrained, release.published_config(cfg.pretrained) or {}, tokenizer))
+    given = cfg.mask_token
+    if given == MaskTokenConfig() or (given.mode == "reuse" and (
+            given.id == mask_id or (given.id is None and tokenizer.get_vocab().get(given.token) == mask_id))):
+        return MaskTokenConfig(mode="reuse", id=mask_id)
+    raise DLMError(f"model.backbone.pretrained '{cfg.pretrained}' is the {release.title} release, whose mask token is "
+                   f"{tokenizer.convert_ids_to_tokens(mask_id)!r} (id {mask_id}), but model.backbone.mask_token asks "
+                   f"for another: drop the mask_token block (the release's own is reused)")
+
+
 def load_tokenizer(source: Optional[str], trust_remote_code: bool = False):
     if source is None:
         raise DLMError("no tokenizer given: set backbone.tokenizer (or backbone.pretrained) to a hub name or folder")
     check_source(source, "tokenizer")
+    release = release_of(source)
+    if release is not None:  # a released diffusion LM's tokenizer through a transformers class (never its auto_map)
+        return release.tokenizer(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

@@ -2,9 +2,10 @@
 ``save_pretrained`` hands one to the export writer.
 
 The files are read by :mod:`lightning_dlm.io.loaders` (an exported folder, a ``.ckpt`` or sharded
-checkpoint folder written by ``dlm fit``, or a hub name of an exported model); a checkpoint's
-transformers model is assembled here on the meta device from the checkpoint's own tensors (no
-random initialisation, no second copy of the weights).
+checkpoint folder written by ``dlm fit``, a released diffusion LM's folder
+(:mod:`lightning_dlm.io.releases`), or a hub name of either); a checkpoint's or a release's
+transformers model is assembled here on the meta device from its own tensors (no random
+initialisation, no second copy of the weights).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from lightning_dlm.core.records import coerce_config
 from lightning_dlm.io.export import write_export_folder
 from lightning_dlm.io.format import DTYPE_CHOICES, export_config
 from lightning_dlm.io.loaders import StoredModel, custom_code_refusal, read_stored
+from lightning_dlm.io.releases import release_of  # registers the released diffusion LMs' loaders, too
+from lightning_dlm.model import llada  # noqa: F401 - registers LLaDA's class with transformers' Auto classes
 from lightning_dlm.model.config import BackboneConfig
 from lightning_dlm.model.loading import resolve_hf_config
 from lightning_dlm.model.lora import apply_lora, merge_in_place, merged
@@ -114,14 +117,45 @@ def assemble(stored: StoredModel, factory: Callable[..., Any], dtype: Optional[t
                    info=stored.info)
 
 
+def refuse_remote_code(what: str) -> DLMError:
+    """The one line for a ``trust_remote_code`` request (``what`` names where it came from)."""
+    return DLMError(f"{what}: trust_remote_code is refused, lightning_dlm never runs a model folder's own Python "
+                    f"code; drop it (the released diffusion LMs load through lightning_dlm's own classes, "
+                    f"see lightning_dlm.io.releases)")
+
+
+def check_backbone(cfg: BackboneConfig, diffusion: DiffusionConfig) -> BackboneConfig:
+    """Before anything is built or written: refuse ``model.backbone.trust_remote_code: true``, and a
+    released diffusion LM (:mod:`lightning_dlm.io.releases`) trained under other conventions than
+    ``diffusion`` says (shift, attention, block size): it would train to a convention the weights
+    do not have."""
+    if cfg.trust_remote_code:
+        raise refuse_remote_code("model.backbone.trust_remote_code: true")
+    release = release_of(cfg.pretrained) if cfg.pretrained and not cfg.from_scratch else None
+    if release is None:
+        return cfg
+    wanted = release.conventions(release.published_config(cfg.pretrained) or {})
+    keys = ["shift", "attention"] + (["block_size"] if wanted.get("attention") == "block" else [])
+    for key in keys:
+        if key in wanted and getattr(diffusion, key) != wanted[key]:
+            value = str(wanted[key]).lower() if isinstance(wanted[key], bool) else wanted[key]
+            raise DLMError(f"model.backbone.pretrained '{cfg.pretrained}' is the {release.title} release, trained with "
+                           f"{key}: {value}, but model.diffusion sets {key}: {getattr(diffusion, key)}: set "
+                           f"--model.diffusion.{key} {value}")
+    return cfg
+
+
 def load_model(path: str, factory: Callable[..., Any], trust_checkpoint: bool = False,
-               dtype: Optional[torch.dtype] = None):
-    """The model at ``path`` (any source :mod:`lightning_dlm.io.loaders` reads) on the CPU."""
+               dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False):
+    """The model at ``path`` (any source :mod:`lightning_dlm.io.loaders` reads) on the CPU.
+    ``trust_remote_code`` is refused (one line): nothing here runs a folder's own code."""
+    if trust_remote_code:
+        raise refuse_remote_code(f"loading '{path}'")
     return assemble(read_stored(str(path), trust=trust_checkpoint), factory, dtype)
 
 
-def save_model(model, folder: str, dtype: str = "keep", progress: Optional[Callable[[str], None]] = None) -> str:
-    """Write ``model`` (a :class:`DiffusionModel`) in the export format (see :mod:`lightning_dlm.io.export`)."""
+def _to_save(model, dtype: str):
+    """The transformers model to write (LoRA merged, in ``dtype``) and its dtype."""
     if dtype not in DTYPE_CHOICES:
         raise DLMError(f"unknown dtype '{dtype}': choose one of {', '.join(DTYPE_CHOICES)}")
     if model.tokenizer is None:
@@ -130,6 +164,27 @@ def save_model(model, folder: str, dtype: str = "keep", progress: Optional[Calla
     target = DTYPE_CHOICES[dtype] or next(hf_model.parameters()).dtype
     if target != next(hf_model.parameters()).dtype:
         hf_model = copy.deepcopy(hf_model).to(target)
+    return hf_model, target
+
+
+def save_model(model, folder: str, dtype: str = "keep", progress: Optional[Callable[[str], None]] = None) -> str:
+    """Write ``model`` (a :class:`DiffusionModel`) in the export format (see :mod:`lightning_dlm.io.export`)."""
+    hf_model, target = _to_save(model, dtype)
     tokenizer = name_mask_token(model.tokenizer, model.mask_token_id)
     config = export_config(model.mask_token_id, tokenizer, model.mask_token_added, model.diffusion, target, model.info)
     return write_export_folder(folder, hf_model, tokenizer, config, progress)
+
+
+def save_causal_lm(model, folder: str, dtype: str = "keep", progress: Optional[Callable[[str], None]] = None) -> str:
+    """Write the causal LM of an AR run (``model.objective: ar``) as a plain transformers folder
+    (``is_causal: true``, no ``diffusion_config.json``): a pretrained model like any on the hub,
+    which ``model.backbone.pretrained`` then adapts. A diffusion model is refused: its weights
+    expect bidirectional attention and masked inputs, so a causal-LM folder would mislabel it."""
+    if model.objective != "ar":
+        raise DLMError(f"the checkpoint was trained with model.objective: {model.objective}, not ar: export it "
+                       f"without --causal_lm (a diffusion LM is no causal LM)")
+    hf_model, _ = _to_save(model, dtype)
+    if hf_model is model.model:
+        hf_model = copy.deepcopy(hf_model)  # the flag below must not change the caller's model
+    hf_model.config.is_causal = True
+    return write_export_folder(folder, hf_model, model.tokenizer, None, progress)
