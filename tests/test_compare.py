@@ -96,3 +96,61 @@ def test_eval_results_join_the_table_by_arm_with_standard_errors(runs, tmp_path,
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+@pytest.fixture(scope="module")
+def thinned(tmp_path_factory):
+    """A run whose train logs (every 5 steps) miss both validations (every 4 steps, of 8)."""
+    folder = tmp_path_factory.mktemp("thinned") / "arm"
+    main(["fit", "--config", DEBUG, "--trainer.max_steps", "8", "--trainer.val_check_interval", "4",
+          "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "5", "--trainer.enable_progress_bar",
+          "false", "--trainer.default_root_dir", str(folder)])
+    return folder
+
+
+def test_steps_and_tokens_come_from_the_validation_events(thinned, tmp_path, capsys, monkeypatch):
+    import matplotlib.axes
+
+    frame = read_scalars(str(thinned))
+    assert frame[frame.tag == "train/tokens_seen"].step.tolist() == [4]  # the train logs hold step 5 only
+    at_val = frame[frame.tag == "val/tokens_seen"]  # what the training logs with each validation
+    assert at_val.step.tolist() == [3, 7] and at_val.value.tolist() == [4 * BATCH * SEQ, 8 * BATCH * SEQ]
+    main(["compare", str(thinned), "--format", "json"])
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["steps"] == 8 and row["tokens_seen"] == 8 * BATCH * SEQ
+    assert row["val_nelbo"] == pytest.approx(frame[frame.tag == "val/nelbo"].value.tolist()[-1])
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+
+    def record(ax, x, y, *args, **kwargs):
+        drawn.append((ax.get_xlabel() or None, list(x), list(y)))
+        return original(ax, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", record)
+    main(["compare", str(thinned), "--out", str(tmp_path / "cmp")])
+    nelbo = frame[frame.tag == "val/nelbo"].value.tolist()
+    # the first line drawn is val_nelbo.png's: the validations after 4 and 8 steps, at their tokens
+    assert drawn[0][1] == [4 * BATCH * SEQ, 8 * BATCH * SEQ] and drawn[0][2] == pytest.approx(nelbo)
+
+
+def test_logs_without_tokens_at_validation_take_the_train_logs_rate(tmp_path):
+    """Logs of runs from before val/tokens_seen: tokens per step of the train logs times the steps."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(str(tmp_path), name="", version=0)
+    logger.log_metrics({"val/nelbo": 6.0}, step=3)
+    logger.log_metrics({"train/tokens_seen": 2560.0, "train/loss": 6.1}, step=4)
+    logger.log_metrics({"val/nelbo": 5.5}, step=7)
+    logger.finalize("success")
+    (row,) = summarize([str(tmp_path)])
+    assert (row.steps, row.tokens_seen, row.val_nelbo) == (8, 4096.0, 5.5)
+    from lightning_dlm.research.compare import validation_points
+
+    points = validation_points(read_scalars(str(tmp_path)))
+    assert [(p.steps, p.tokens) for p in points] == [(4, 2048.0), (8, 4096.0)]
+    logger = TensorBoardLogger(str(tmp_path), name="", version=1)  # a newer log: its own count wins
+    logger.log_metrics({"val/nelbo": 5.9, "val/tokens_seen": 1900.0}, step=3)
+    logger.finalize("success")
+    points = validation_points(read_scalars(str(tmp_path)))
+    assert [(p.steps, p.tokens) for p in points] == [(4, 1900.0), (8, 4096.0)]
+    assert [p.nelbo for p in points] == pytest.approx([5.9, 5.5])  # float32 in the event file

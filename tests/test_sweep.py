@@ -76,13 +76,68 @@ def test_slurm_dry_run_writes_the_job_array(tmp_path, capsys):
     script = (out / "slurm" / "array.sbatch").read_text()
     assert script.startswith("#!/bin/bash")
     for line in ("#SBATCH --array=0-2%3", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --time=120", "#SBATCH --job-name=dlm-sweep"):
-        assert line in script, line
-    assert "-m submitit.core._submit" in script
+                 "#SBATCH --time=120", "#SBATCH --job-name=dlm-sweep", "#SBATCH --nodes=1"):
+        assert line in script.splitlines(), line
+    # one task per GPU, all started by srun: every task is one rank of the arm's dlm fit (Lightning's SLURM mode)
+    assert "#SBATCH --ntasks-per-node=8" in script.splitlines()
+    (launch,) = [line for line in script.splitlines() if "-m submitit.core._submit" in line]
+    assert launch.startswith("srun ") and "%A_%a_%t_log.out" in launch  # a log per task
     assert sorted(os.listdir(out)) == ["schedule=cosine", "schedule=linear", "schedule=loglinear", "slurm"]
     assert not any((out / arm / "DONE").exists() for arm in os.listdir(out))  # nothing ran
     # submitit reconfigures logging when imported (it shuts every handler down): never in this process
     assert "submitit" not in sys.modules
+
+
+def test_slurm_cpu_arms_run_one_task(tmp_path):
+    from lightning_dlm.research.sweep import slurm_script
+
+    script = slurm_script([str(tmp_path / "a")], str(tmp_path), None, 0, 60, 4).splitlines()
+    assert "#SBATCH --ntasks-per-node=1" in script and "#SBATCH --cpus-per-task=4" in script
+    assert not any("--gpus-per-node" in line for line in script)
+
+
+def test_the_dry_run_script_is_what_submitit_submits(tmp_path, monkeypatch):
+    """submitit's own rendering of the job (through a stand-in ``sbatch`` that keeps the script it is
+    given, and a stand-in ``srun``, which submitit looks for) is the dry run's script, line for line."""
+    from lightning_dlm.research.sweep import slurm_script, submit_slurm
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\ncp "$1" "$KEEP_SCRIPT"\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for name in ("sbatch", "srun"):
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("KEEP_SCRIPT", str(tmp_path / "submitted.sbatch"))
+    folders = [str(tmp_path / "sweep" / arm) for arm in ("a", "b")]
+    for folder in folders:
+        os.makedirs(folder)
+    assert submit_slurm(folders, str(tmp_path / "sweep"), "gpu", 8, 120, 8) == "4242"
+    submitted = (tmp_path / "submitted.sbatch").read_text()
+    assert submitted == slurm_script(folders, str(tmp_path / "sweep"), "gpu", 8, 120, 8)
+    assert "#SBATCH --ntasks-per-node=8" in submitted.splitlines()
+
+
+def test_other_tasks_of_a_multi_gpu_arm_run_their_rank_without_the_lock(tmp_path, monkeypatch):
+    """SLURM_PROCID > 0: the arm's fit runs (as that rank) while rank 0 holds the arm's lock; only
+    rank 0 writes DONE."""
+    from lightning_dlm.research import sweep as sweep_module
+    from lightning_dlm.training.runs import RunLock
+
+    folder = tmp_path / "arm"
+    folder.mkdir()
+    ran = tmp_path / "ran"
+    monkeypatch.setattr(sweep_module, "arm_command",
+                        lambda f: [sys.executable, "-c", f"open({str(ran)!r}, 'w').write('rank 1')"])
+    held = RunLock(str(folder), command="dlm sweep", fix="wait").acquire()  # rank 0's lock
+    try:
+        monkeypatch.setenv("SLURM_PROCID", "1")
+        assert sweep_module.run_arm(str(folder)) == 0
+        assert ran.read_text() == "rank 1" and not (folder / "DONE").exists()
+    finally:
+        held.release()
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert sweep_module.run_arm(str(folder)) == 0 and (folder / "DONE").is_file()  # rank 0: lock, run, DONE
 
 
 def test_grid_forms_and_names(tmp_path):

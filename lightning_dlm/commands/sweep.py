@@ -32,9 +32,10 @@ def sweep(config: str, grid: str, out: Optional[str] = None, launcher: Literal["
         out: the sweep folder (default: runs/<grid file name>); each arm is a folder in it.
         launcher: local (one arm after another, here) or slurm (one job array through submitit).
         partition: SLURM partition (slurm).
-        gpus: GPUs per arm (slurm).
+        gpus: GPUs per arm (slurm): the arm runs one task per GPU, each a rank of its dlm fit, so the
+            arm's trainer.devices must equal it.
         time: time limit of an arm in minutes (slurm).
-        cpus: CPUs per arm (slurm).
+        cpus: CPUs per task, i.e. per GPU (slurm).
         dry_run: slurm: write the job array's sbatch script to <out>/slurm/array.sbatch, submit nothing.
     """
     from lightning_dlm.research.sweep import DONE, load_grid, prepare, run_arm, slurm_script, submit_slurm

@@ -1,10 +1,12 @@
 """Read the TensorBoard logs of several runs and put them side by side.
 
 ``summarize(run_dirs)`` gives one row per run (arm): the final ``val/nelbo`` with its standard
-error (``val/nelbo_se``, over the validation batches), the perplexity bound exp(NELBO), tokens
-seen, optimiser steps and wall time; ``plot_runs`` draws ``val/nelbo`` against tokens seen and
-``train/loss`` against the step, one line per arm. Logs are read with ``tbparse`` (every event
-file under a run folder, all TensorBoard versions of a resumed run merged by step).
+error (``val/nelbo_se``, over the validation batches), the perplexity bound exp(NELBO), the
+optimiser steps and tokens seen at that validation (read from the validation events, not from the
+train logs, which ``log_every_n_steps`` thins) and wall time; ``plot_runs`` draws ``val/nelbo``
+against the tokens seen at each validation and ``train/loss`` against the step, one line per arm.
+Logs are read with ``tbparse`` (every event file under a run folder, all TensorBoard versions of a
+resumed run merged by step).
 
 TensorBoard's reader stops quietly at a truncated or corrupt record, so every event file's records
 are checked first (:func:`event_file_problem`: each record whole, its length and data checksums
@@ -134,17 +136,58 @@ def _last(frame, tag: str) -> Optional[float]:
     return float(rows.value.iloc[-1]) if len(rows) else None
 
 
+@dataclass
+class ValidationPoint:
+    """One validation of a run: after ``steps`` optimiser steps and ``tokens`` training tokens."""
+
+    steps: int
+    tokens: Optional[float]
+    nelbo: float
+
+
+def validation_points(frame) -> List[ValidationPoint]:
+    """The run's validations, read from the validation events themselves: a ``val/nelbo`` event at
+    TensorBoard step ``s`` was written after ``s + 1`` optimiser steps (Lightning numbers the steps
+    of a fit's logs from 0), and ``val/tokens_seen`` at the same step is the number of training
+    tokens seen then (the training module logs it with every validation). The train logs are
+    written every ``log_every_n_steps`` only, so they need not hold the step of a validation: for
+    logs written before ``val/tokens_seen`` existed, the tokens are the train logs' tokens per step
+    (``train/tokens_seen`` over its steps, at the last train log up to the validation, else the
+    first) times the validation's steps: exact for fixed-size batches."""
+    val = frame[frame.tag == "val/nelbo"]
+    at_val = frame[frame.tag == "val/tokens_seen"].set_index("step").value
+    train = frame[frame.tag == "train/tokens_seen"].set_index("step").value
+    points = []
+    for step, nelbo in zip(val.step.tolist(), val.value.tolist()):
+        tokens: Optional[float] = None
+        if step in at_val.index:
+            tokens = float(at_val[step])
+        elif len(train):
+            before = train[train.index <= step]
+            known_step, known = (before.index[-1], before.iloc[-1]) if len(before) else (train.index[0], train.iloc[0])
+            tokens = float(known) / (int(known_step) + 1) * (int(step) + 1)
+        points.append(ValidationPoint(steps=int(step) + 1, tokens=tokens, nelbo=float(nelbo)))
+    return points
+
+
 def summarize_run(run_dir: str, arm: Optional[str] = None) -> RunSummary:
+    """The run's row: its last validation (val/nelbo and its standard error) with the steps and tokens
+    of that validation (:func:`validation_points`); a run that never validated: its last train log."""
     frame = read_scalars(run_dir)
-    nelbo = _last(frame, "val/nelbo")
+    points = validation_points(frame)
+    nelbo = points[-1].nelbo if points else None
     train = frame[frame.tag.str.startswith("train/")]
+    if points:
+        tokens, steps = points[-1].tokens, points[-1].steps
+    else:
+        tokens, steps = _last(frame, "train/tokens_seen"), (int(train.step.max()) + 1 if len(train) else None)
     return RunSummary(
         arm=arm or os.path.basename(os.path.normpath(run_dir)),
         val_nelbo=nelbo,
         val_nelbo_se=_last(frame, "val/nelbo_se"),
         ppl_bound=math.exp(min(nelbo, 700.0)) if nelbo is not None else None,
-        tokens_seen=_last(frame, "train/tokens_seen"),
-        steps=int(train.step.max()) + 1 if len(train) else None,
+        tokens_seen=tokens,
+        steps=steps,
         wall_s=float(frame.wall_time.max() - frame.wall_time.min()) if len(frame) > 1 else None,
         folder=os.path.abspath(run_dir),
         damaged_logs=damaged_logs(run_dir),
@@ -275,15 +318,15 @@ def plot_runs(run_dirs: Sequence[str], out_dir: str, arms: Optional[Sequence[str
     for name, tag, xlabel in [("val_nelbo", "val/nelbo", "tokens seen"), ("train_loss", "train/loss", "step")]:
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for arm, frame in zip(arms, frames):
-            rows = frame[frame.tag == tag]
-            if rows.empty:
+            if xlabel == "tokens seen":  # each validation at the tokens seen when it ran
+                points = [p for p in validation_points(frame) if p.tokens is not None]
+                x, y = [p.tokens for p in points], [p.nelbo for p in points]
+            else:
+                rows = frame[frame.tag == tag]
+                x, y = rows.step.to_numpy(), rows.value.to_numpy()
+            if not len(x):
                 continue
-            x = rows.step.to_numpy()
-            if xlabel == "tokens seen":
-                tokens = frame[frame.tag == "train/tokens_seen"].set_index("step").value
-                x = [tokens.get(s, tokens[tokens.index <= s].iloc[-1] if (tokens.index <= s).any() else 0)
-                     for s in rows.step]
-            ax.plot(x, rows.value.to_numpy(), marker="o" if len(rows) < 30 else None, label=arm)
+            ax.plot(x, y, marker="o" if len(x) < 30 else None, label=arm)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(tag + (" (nats per token, a bound)" if tag == "val/nelbo" else ""))
         ax.grid(alpha=0.3)

@@ -7,6 +7,12 @@
 here: submitit renders it only inside a submission, on a machine with ``srun``); ``submit`` submits
 it through submitit's public executor API (each array task runs
 :func:`lightning_dlm.research.sweep.run_arm` on one arm) and prints the array's job id.
+
+An arm with several GPUs runs one task per GPU (``--ntasks-per-node`` = ``gpus``, all started by
+``srun``), as Lightning's SLURM support expects: every task is one rank of the arm's ``dlm fit``
+(its rank, world size and master address come from the SLURM environment), so the arm's
+``trainer.devices`` must be ``gpus`` (Lightning refuses a mismatch when the fit starts). ``cpus`` is
+per task.
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ SIGNAL_DELAY_S = 90  # submitit's default: SIGUSR2 this long before the time lim
 
 def _folder(spec: dict) -> str:
     return os.path.abspath(os.path.join(spec["out"], "slurm"))  # submitit's executor folder (made absolute)
+
+
+def tasks_per_node(spec: dict) -> int:
+    """One task per GPU (``srun`` starts them; each runs the arm's ``dlm fit`` as one rank, which
+    Lightning's SLURM environment reads from ``SLURM_PROCID`` / ``SLURM_NTASKS``), one for a CPU arm."""
+    return max(1, int(spec["gpus"] or 0))
 
 
 def sbatch_script(spec: dict) -> str:
@@ -43,6 +55,7 @@ def sbatch_script(spec: dict) -> str:
         "time": spec["time"],
         "wckey": "submitit",
     }
+    options["ntasks-per-node"] = tasks_per_node(spec)
     if spec["gpus"]:
         options["gpus-per-node"] = spec["gpus"]
     if spec.get("partition"):
@@ -65,6 +78,7 @@ def main(spec: dict) -> str:
     folders = spec["folders"]
     executor = submitit.AutoExecutor(folder=_folder(spec), cluster="slurm")
     executor.update_parameters(slurm_partition=spec["partition"], gpus_per_node=spec["gpus"] or None,
+                               tasks_per_node=tasks_per_node(spec),
                                timeout_min=spec["time"], cpus_per_task=spec["cpus"], name=JOB_NAME,
                                slurm_array_parallelism=len(folders), slurm_signal_delay_s=SIGNAL_DELAY_S)
     jobs = executor.map_array(run_arm, folders)

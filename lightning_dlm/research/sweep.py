@@ -20,6 +20,11 @@ own overrides win)::
       - name: no_shift
         model.diffusion.shift: false
 
+That map may also hold ``seeds``, a list of seeds: every arm is then repeated once per seed as
+``<arm>.seed<N>`` with ``seed_everything``, ``model.seed`` (initialisation, noise draws) and
+``data.seed`` (the document order where ``data.shuffle_buffer`` > 0; with 0 every seed reads the
+corpus in its file order) set to N; ``dlm compare --by_seed`` averages the repeats.
+
 Each arm becomes ``<out>/<arm>/`` holding ``config.yaml`` (the resolved config, written by the
 CLI's own ``--print_config``, so a key that is not a config key is refused before anything runs),
 ``arm.json`` (its overrides and the base config's hash) and, once its fit has ended, ``DONE``.
@@ -47,7 +52,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from lightning_dlm.core.errors import DLMError
-from lightning_dlm.training.runs import LOCK_FD_ENV, RunLock
+from lightning_dlm.training.runs import LOCK_FD_ENV, RunLock, launching_rank
 
 DONE, RECORD, CONFIG = "DONE", "arm.json", "config.yaml"
 
@@ -85,6 +90,28 @@ def _read_yaml(path: str) -> Any:
         raise DLMError(f"grid '{path}' is not a UTF-8 text file: give a YAML file") from None
 
 
+SEED_KEYS = ("seed_everything", "model.seed", "data.seed")
+SEED_SUFFIX = re.compile(r"\.seed(-?\d+)$")
+
+
+def seed_arm_name(name: str, seed: int) -> str:
+    return f"{name}.seed{seed}"
+
+
+def split_seed(name: str):
+    """``(arm, seed)`` of a repeated arm's name (``full.seed2`` -> ``("full", 2)``), else ``(name, None)``."""
+    match = SEED_SUFFIX.search(name)
+    return (name[:match.start()], int(match.group(1))) if match else (name, None)
+
+
+def _seeds(path: str, value: Any) -> List[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise DLMError(f"grid '{path}': seeds must be a non-empty list of integers (e.g. seeds: [0, 1, 2])")
+    if len(set(value)) != len(value):
+        raise DLMError(f"grid '{path}': seeds lists a seed twice: give each seed once")
+    return list(value)
+
+
 def plain_arm_name(name: str) -> bool:
     """A plain folder name: letters, digits and ``. _ , = + -``; not ``.`` or ``..``, not starting
     with ``-`` (it would read as an option)."""
@@ -99,7 +126,10 @@ def load_grid(path: str) -> List[Arm]:
     if not grid:
         raise DLMError(f"grid '{path}' is empty: give at least one key with values, or one named arm")
     common: Dict[str, Any] = {}
-    if isinstance(grid, dict) and "arms" in grid and set(grid) <= {"arms", "common"}:
+    seeds: Optional[List[int]] = None
+    if isinstance(grid, dict) and "arms" in grid and set(grid) <= {"arms", "common", "seeds"}:
+        if "seeds" in grid:
+            seeds = _seeds(path, grid["seeds"])
         common = grid.get("common") or {}
         if not isinstance(common, dict):
             raise DLMError(f"grid '{path}': common must be a map of config key -> value")
@@ -129,6 +159,14 @@ def load_grid(path: str) -> List[Arm]:
     else:
         raise DLMError(f"grid '{path}' must be a map of key -> list of values, or a list of named arms")
     arms = [Arm(arm.name, {**common, **arm.overrides}) for arm in arms]
+    if seeds is not None:
+        for arm in arms:
+            pinned = [key for key in SEED_KEYS if key in arm.overrides]
+            if pinned:
+                raise DLMError(f"grid '{path}': arm '{arm.name}' sets {pinned[0]} while the grid repeats every arm over "
+                               f"seeds: remove {pinned[0]} from the arm (or drop seeds)")
+        arms = [Arm(seed_arm_name(arm.name, seed), {**arm.overrides, **{key: seed for key in SEED_KEYS}})
+                for seed in seeds for arm in arms]  # seed by seed: a sweep cut short has every arm of its first seeds
     names = [arm.name for arm in arms]
     for arm in arms:
         if not plain_arm_name(arm.name):
@@ -217,9 +255,12 @@ def run_arm(folder: str) -> int:
     The arm's folder is locked for the arm's lifetime (:class:`~lightning_dlm.training.runs.RunLock`,
     handed to its ``dlm fit``): the same arm running elsewhere (another ``dlm sweep`` of this
     folder) is one line. On Ctrl-C the arm's ``dlm fit`` (which has the SIGINT too, or is passed
-    it) stops gracefully; then the KeyboardInterrupt goes on."""
+    it) stops gracefully; then the KeyboardInterrupt goes on. The other tasks of a multi-GPU SLURM
+    arm (``SLURM_PROCID`` > 0) run their rank of the fit only: rank 0 locks and writes DONE."""
     if os.path.isfile(os.path.join(folder, DONE)):
         return 0
+    if not launching_rank():  # another task of a multi-GPU SLURM arm: a rank of the fit rank 0 locked
+        return subprocess.call(arm_command(folder))
     lock = RunLock(folder, command="dlm sweep",
                    fix="wait for it to end, or give this sweep another --out").acquire()
     try:

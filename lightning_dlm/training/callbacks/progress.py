@@ -223,7 +223,8 @@ class StepProgress(TQDMProgressBar):
         total = self.total_steps()
         step = self.trainer.global_step
         parts = [f"validation at step {step}/{total}" if total else f"validation at step {step}"]
-        metrics = {k: _scalar(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val")}
+        metrics = {k: _scalar(v) for k, v in self.trainer.callback_metrics.items()
+                   if k.startswith("val") and not k.endswith("/tokens_seen")}  # the step says it already
         for key in sorted(metrics, key=lambda k: (not k.endswith("nelbo"), k)):
             if metrics[key] is not None:
                 parts.append(f"{key} {format_metric(metrics[key])}")
