@@ -9,13 +9,14 @@ import sys
 import pytest
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.strategies import FSDPStrategy
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from lightning_dlm.cli import main
 from lightning_dlm.data import TextDataModule
 from lightning_dlm.model import DiffusionModel, resolve_hf_config
+from lightning_dlm.model.layers import decoder_layer_classes, decoder_layers
 from lightning_dlm.training.cli import DLMCLI
+from lightning_dlm.training.fsdp2 import FSDP2Strategy
 from lightning_dlm.training.module import DiffusionLM
 from tests.conftest import REPO
 
@@ -75,14 +76,13 @@ def test_every_config_parses_and_builds_on_meta(path):
     limit = getattr(hf_config, "max_position_embeddings", None) or hf_config.n_positions
     assert cfg.data.seq_len <= limit
     strategy = cfg.trainer.strategy
-    if isinstance(strategy, Namespace):  # e.g. FSDP for 7B: the strategy object must build
-        assert strategy.class_path.endswith("FSDPStrategy")
-        built = FSDPStrategy(**strategy.init_args.as_dict())
-        assert built.kwargs["auto_wrap_policy"] is not None
-        # the wrap and checkpointing policies name the decoder layer class this model is made of
-        layers = [m for m in model.modules() if isinstance(m, tuple(strategy.init_args.auto_wrap_policy))]
+    if isinstance(strategy, Namespace):  # e.g. FSDP2 for 7B: the strategy object must build
+        assert strategy.class_path == "lightning_dlm.training.fsdp2.FSDP2Strategy"
+        built = FSDP2Strategy(**strategy.init_args.as_dict())
+        # the shard (and checkpointing) unit: the decoder layer class this model is made of, taken
+        # from its own _no_split_modules when the config names none
+        layers = decoder_layers(model, decoder_layer_classes(model, built.wrap_classes))
         assert len(layers) == hf_config.num_hidden_layers
-        assert strategy.init_args.activation_checkpointing_policy == strategy.init_args.auto_wrap_policy
     callbacks = [c.class_path for c in cfg.trainer.callbacks or []]
     assert callbacks.count("lightning_dlm.training.callbacks.TrainingThroughput") == 1  # tokens/s and MFU in every run
 
@@ -104,9 +104,11 @@ def test_7b_config_builds_on_meta_with_the_papers_size_and_mask_token():
     assert sum(p.numel() for p in net.parameters()) == 6_738_415_616
     assert net.mask_token_id == 811 and not net.mask_token_added and net.vocab_size == 32_000
     assert all(p.device.type == "meta" and p.dtype == torch.float32 for p in net.parameters())
-    strategy = FSDPStrategy(**cfg.trainer.strategy.init_args.as_dict())
-    assert strategy.sharding_strategy.name == "FULL_SHARD" and strategy._state_dict_type == "sharded"
-    units = [m for m in net.modules() if isinstance(m, tuple(cfg.trainer.strategy.init_args.auto_wrap_policy))]
+    strategy = FSDP2Strategy(**cfg.trainer.strategy.init_args.as_dict())
+    assert strategy.activation_checkpointing and strategy.param_dtype == torch.bfloat16 and strategy.replicas == 1
+    assert strategy.wrap_classes == []  # from the model: LlamaDecoderLayer
+    units = decoder_layers(net, decoder_layer_classes(net))
+    assert {type(u).__name__ for u in units} == {"LlamaDecoderLayer"}
     # 32 decoder-layer units of 202M parameters (what a GPU all-gathers at a time) and the root unit
     # (embeddings, LM head, final norm) hold every parameter once
     assert len(units) == 32 and {sum(p.numel() for p in u.parameters()) for u in units} == {202_383_360}
@@ -120,14 +122,14 @@ def test_fsdp_overrides_compose_hybrid_shard_and_float32_reduction():
                 "--config", os.path.join(overrides, "fsdp_hybrid_shard.yaml"),
                 "--config", os.path.join(overrides, "fsdp_fp32_reduce.yaml"), instantiate=True)
     strategy = cfg.trainer.strategy
-    assert isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy.name == "HYBRID_SHARD"
-    assert strategy._state_dict_type == "sharded" and strategy.kwargs["auto_wrap_policy"]  # kept from the base
-    mixed = strategy.mixed_precision_config
-    assert (mixed.param_dtype, mixed.reduce_dtype, mixed.buffer_dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
-    # without the override: FULL_SHARD, and bf16-mixed reduces in bf16 (Lightning's FSDP precision plugin)
+    assert isinstance(strategy, FSDP2Strategy) and strategy.replicas == 8  # HSDP: 8 replicas of a node's shards
+    assert strategy.activation_checkpointing  # kept from the base
+    mixed = strategy.mixed_precision_policy()
+    assert (mixed.param_dtype, mixed.reduce_dtype) == (torch.bfloat16, torch.float32)
+    # without the overrides: one shard group, gradients reduced in the parameters' bf16
     plain = parse(os.path.join(REPO, "experiments", "diffullama_7b.yaml"), instantiate=True)
-    assert plain.trainer.strategy.sharding_strategy.name == "FULL_SHARD"
-    assert plain.trainer.strategy.mixed_precision is None and plain.trainer.precision == "bf16-mixed"
+    assert plain.trainer.strategy.replicas == 1
+    assert plain.trainer.strategy.mixed_precision_policy().reduce_dtype is None and plain.trainer.precision == "bf16-mixed"
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +210,9 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize("config, extra, expected", [
-    ("diffullama_7b.yaml", [], "trainer.strategy FSDP needs CUDA GPUs and this machine has none"),
+    ("diffullama_7b.yaml", [], "trainer.strategy fsdp2 needs CUDA GPUs and this machine has none"),
+    ("debug.yaml", ["--trainer.strategy", "fsdp2", "--trainer.accelerator", "auto"],
+     "trainer.strategy fsdp2 needs CUDA GPUs and this machine has none"),
     ("debug.yaml", ["--trainer.strategy", "fsdp"], "trainer.strategy FSDP needs CUDA GPUs and this machine has none"),
     ("diffugpt_s.yaml", [], "trainer.accelerator is gpu but no CUDA GPU is visible"),
 ])
