@@ -26,6 +26,21 @@ still runs:
 4. ``fit``: a few steps of ``dlm fit`` through the CLI (the path a user takes), SmolLM2 shape,
    ``bf16-mixed``, FlexAttention, annealing then bidirectional, with validation and a checkpoint.
 
+Issue 23's parts and rows (``--new-rows`` runs only these, sized for one lease):
+
+5. ``decode``: block decoding eager against CUDA graphs (``graphs=True``), against AR
+   ``generate`` eager and ``generate(cache_implementation="static")`` with transformers' compiled
+   forward (benchmarks/decode_graphs.py); the micro model's quality rows when it exists.
+6. ``fsdp2``: ``dlm fit --trainer.strategy fsdp2`` on one device ("skipped: FSDP2 path missing"
+   in a checkout without lightning_dlm.training.fsdp2).
+7. ``flex``: the BlockMask's full / partial / empty blocks of each annealing mask kind at the
+   training length, and the annealing step of each kind on FlexAttention and on the dense mask.
+8. the train part's groups (``--train-groups``): ``base`` (the rows above), ``compiled`` (eager vs
+   compiled decoder layers), ``liger`` (Liger's RMSNorm / SwiGLU and the fused row CE), ``fused``
+   (compiled + Liger; with fused AdamW, the 1B MFU target >= 45 %), ``memory`` (peak memory per
+   token at a 128K vocabulary, fused row CE vs the plain LM head, target <= 0.7x). Liger rows
+   are listed as skipped without CUDA or liger-kernel; the dry run traces the compiled variants.
+
 Tables are printed as markdown and written with a JSON of every figure to ``--out``. Exit
 status: 0 all passed, 1 a parity check failed, 2 a part failed to run.
 
@@ -71,13 +86,18 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import train_step  # noqa: E402
 
-PARTS = ("tests", "sample", "fit", "train")  # the longest last: a run cut short keeps the others
+PARTS = ("tests", "sample", "decode", "fit", "fsdp2", "flex", "train")  # the longest last: a run cut short keeps the others
+#: issue 23's rows, in one command (``--new-rows``): the parts, the train groups and the shape
+NEW_ROWS = dict(parts=("tests", "decode", "fsdp2", "flex", "train"), train_groups="compiled,liger,fused,memory",
+                shapes="llama-1b,llama-1b-128k", tests_files="test_cuda_kernels.py", decode_batches="1",
+                train_steps=4, train_warmup=2)
 TINY_TOKENIZER = REPO / "data" / "fixtures" / "tiny_tokenizer"
 TINY_CORPUS = REPO / "data" / "fixtures" / "tiny_corpus.txt"
 TINY_CORPUS_VAL = REPO / "data" / "fixtures" / "tiny_corpus_val.txt"
 # Packages the lent GPU machine lacks, by the part that needs them (make gpu-wheels fetches them).
-NEEDS = {"fit": ("datasets", "jsonargparse", "omegaconf")}
+NEEDS = {"fit": ("datasets", "jsonargparse", "omegaconf"), "fsdp2": ("datasets", "jsonargparse", "omegaconf")}
 TARGET_AFTER, TARGET_ANNEAL_FLEX, TARGET_MFU_1B = 0.97, 0.90, 0.40
+TARGET_MFU_1B_FUSED, TARGET_FUSED_CE_MEMORY, TARGET_GRAPHS = 0.45, 0.7, 3.0
 
 
 # --- plumbing ---------------------------------------------------------------------------------------
@@ -163,7 +183,7 @@ def part_tests(args, device, part: Part) -> None:
     xml = Path(args.out) / "cuda_tests.xml"
     # Only the CUDA test module: the others import packages a GPU machine may lack (datasets).
     cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
-           f"--junitxml={xml}", "-o", "addopts=", str(REPO / "tests" / "test_cuda.py")]
+           f"--junitxml={xml}", "-o", "addopts=", *(str(REPO / "tests" / name) for name in args.tests_files.split(","))]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.tests_timeout, env=child_env())
     (Path(args.out) / "cuda_tests.log").write_text(proc.stdout + proc.stderr)
     if not xml.exists():
@@ -195,6 +215,16 @@ def part_tests(args, device, part: Part) -> None:
 # --- part 2: the training step --------------------------------------------------------------------
 
 VARIANT_KEYS = ["causal", "anneal-dense", "anneal-flex", "after", "after-flex", "block-dense", "block-flex"]
+#: the train part's groups of step variants (each with the causal step, the ratios' base), on a GPU
+#: and in the CPU dry run (no FlexAttention backward there: its variants run in the flex part)
+TRAIN_GROUPS = {
+    "base": VARIANT_KEYS,
+    "compiled": ["causal", "causal-compiled", "after", "after-compiled"],
+    "liger": ["causal", "causal-liger", "after-liger"],
+    "fused": ["causal", "causal-compiled-liger", "after-compiled-liger"],  # the MFU target's step
+    "memory": ["causal", "after", "after-liger"],
+}
+TRAIN_GROUPS_CPU = dict(TRAIN_GROUPS, base=["causal", "anneal-dense", "after", "block-dense"])
 # flex steps: the SDPA twin's count
 FLOP_TWIN = {"anneal-flex": "anneal-dense", "after-flex": "after", "block-flex": "block-dense"}
 
@@ -251,34 +281,84 @@ def fit_batch(shape: str, seq_len: int, device, candidates: List[int]) -> int:
     raise PartError(f"shape {shape} at seq_len {seq_len} does not fit the GPU's memory even at batch {candidates[-1]}")
 
 
+def measure_variants(shape: str, batch: int, seq_len: int, keys: List[str], device, args, peak,
+                     forward_only: bool = False) -> List[dict]:
+    """Time, count and weigh the step variants ``keys`` (causal added: the ratios' base) on one
+    copy of the weights: one dict per variant."""
+    targs = step_args(shape, batch, seq_len, keys, device, args.train_steps, args.train_warmup)
+    targs.forward_only = forward_only
+    targs.compile_backend = args.compile_backend
+    targs.flex_eager = forward_only and device.type == "cpu"  # the dry run: FlexAttention unfused, not compiled
+    variants = train_step.make_variants(targs, device)
+    names = {v: k for k, v in train_step.VARIANTS.items()}
+    flops = {}
+    for name, step in variants.items():
+        key = names[name]
+        if key not in FLOP_TWIN and not forward_only:
+            flops[key] = count_flops(step)
+    memory = {names[name]: peak_memory(step, device) for name, step in variants.items()}
+    times = train_step.time_round_robin(variants, targs.warmup, targs.steps, device)
+    summary = train_step.summarize(times, batch * seq_len, {})
+    base = next(r for r in summary if r["variant"] == train_step.CAUSAL)
+    out = []
+    for r in summary:
+        key = names[r["variant"]]
+        step_flops = flops.get(FLOP_TWIN.get(key, key))
+        mfu = step_flops / (r["ms_median"] / 1e3) / peak if (step_flops and peak) else None
+        mem = memory.get(key)
+        out.append(dict(key=key, variant=r["variant"], batch=batch, seq_len=seq_len, tokens_per_s=r["tokens_per_s"],
+                        ms_median=r["ms_median"], speed_vs_ar=base["ms_median"] / r["ms_median"],
+                        paired_ratio=r["paired_ratio"], flops_per_step=step_flops, mfu=mfu, peak_memory_gib=mem,
+                        peak_mib_per_token=None if mem is None else mem * 1024 / (batch * seq_len),
+                        params=targs.params, status="measured"))
+    del variants
+    free_memory()
+    return out
+
+
+def train_plan(args, gpu: bool):
+    """(shape, seq_len, batch candidates, group) rows of the train part, in order."""
+    groups = [g for g in args.train_groups.split(",") if g]
+    unknown = [g for g in groups if g not in TRAIN_GROUPS]
+    if unknown:
+        raise PartError(f"unknown train group(s) {', '.join(unknown)}: choose from {', '.join(TRAIN_GROUPS)}")
+    shapes = ([("smollm2-135m", 2048, [16, 8, 4]), ("llama-1b", 2048, [8, 4, 2, 1])] if gpu
+              else [("tiny", 64, [2])])
+    if args.shapes:
+        shapes = [s for s in shapes if s[0] in args.shapes.split(",")]
+    plan = [(shape, seq, cands, group) for shape, seq, cands in shapes for group in groups if group != "memory"]
+    if "memory" in groups:  # the 128K-vocabulary shape: the fused row CE's memory against the plain head
+        plan.append(("llama-1b-128k", 2048, [4, 2, 1]) + ("memory",) if gpu else ("tiny", 64, [2], "memory"))
+    return plan
+
+
 def part_train(args, device, part: Part) -> None:
+    """The training step: AR against diffusion, eager against compiled layers against Liger kernels
+    (groups ``base``, ``compiled``, ``liger``, ``memory``), tokens/s, MFU, peak memory per token."""
     from lightning_dlm.training.callbacks.throughput import device_peak_flops
 
     gpu = device.type == "cuda"
-    keys = VARIANT_KEYS if gpu else ["causal", "anneal-dense", "after", "block-dense"]
     if not gpu:
-        part.notes.append("dry run: FlexAttention has no backward on the CPU, so its step variants run on the GPU only")
-    plan = ([("smollm2-135m", 2048, [16, 8, 4]), ("llama-1b", 2048, [8, 4, 2, 1])] if gpu
-            else [("tiny", 64, [2])])
-    if args.shapes:
-        plan = [p for p in plan if p[0] in args.shapes.split(",")]
+        part.notes.append("dry run: FlexAttention has no backward on the CPU (its variants run in the flex part, "
+                          "forward only); compiled variants are traced (backend eager), not code-generated")
     peak = device_peak_flops(device, torch.bfloat16 if gpu else torch.float32)
-    rows, ok = [], True
-    for shape, seq_len, candidates in plan:
+    liger_ok = gpu and importlib.util.find_spec("liger_kernel") is not None
+    rows, ok, batches = [], True, {}
+    for shape, seq_len, candidates, group in train_plan(args, gpu):
+        keys = list(TRAIN_GROUPS[group] if gpu else TRAIN_GROUPS_CPU[group])
+        skipped = [k for k in keys if k in train_step.LIGER_KEYS and not liger_ok]
+        keys = [k for k in keys if k not in skipped]
+        for key in skipped:
+            why = "needs CUDA" if not gpu else "liger-kernel not installed (make gpu-wheels carries it)"
+            part.figures.setdefault(shape, {})[key] = dict(status=f"skipped: {why}")
+            rows.append([shape, group, "-", train_step.VARIANTS[key], "-", "-", "-", "-", "-", "-", f"skipped: {why}"])
+        if not [k for k in keys if k != "causal"]:
+            continue
         free_memory()
         try:
-            batch = fit_batch(shape, seq_len, device, candidates)
-            targs = step_args(shape, batch, seq_len, keys, device, args.train_steps, args.train_warmup)
-            variants = train_step.make_variants(targs, device)
-            names = {v: k for k, v in train_step.VARIANTS.items()}
-            flops = {}
-            for name, step in variants.items():
-                key = names[name]
-                if key not in FLOP_TWIN:
-                    flops[key] = count_flops(step)
-            memory = {names[name]: peak_memory(step, device) for name, step in variants.items()}
-            times = train_step.time_round_robin(variants, targs.warmup, targs.steps, device)
-            summary = train_step.summarize(times, batch * seq_len, {})
+            if shape not in batches:  # the memory group's shape runs at its first batch (memory is the figure)
+                batches[shape] = candidates[0] if group == "memory" else fit_batch(shape, seq_len, device, candidates)
+            measured = measure_variants(shape, batches[shape], seq_len, keys, device, args, peak)
         except PartError as err:
             part.notes.append(str(err))
             ok = False
@@ -286,39 +366,153 @@ def part_train(args, device, part: Part) -> None:
         except Exception as err:  # noqa: BLE001
             if not is_oom(err):
                 raise
-            part.notes.append(f"shape {shape}: out of GPU memory at batch {batch} x {seq_len}: lower the batch")
+            part.notes.append(f"shape {shape} ({group}): out of GPU memory at batch {batches.get(shape)} x {seq_len}")
             ok = False
+            free_memory()
             continue
-        base = next(r for r in summary if r["variant"] == train_step.CAUSAL)
-        for r in summary:
-            key = names[r["variant"]]
-            med_s = r["ms_median"] / 1e3
-            step_flops = flops.get(FLOP_TWIN.get(key, key))
-            mfu = step_flops / med_s / peak if (step_flops and peak) else None
-            speed = base["ms_median"] / r["ms_median"]  # tokens/s relative to the AR step
+        for r in measured:
+            key = r["key"]
+            if key == "causal" and key in part.figures.get(shape, {}):
+                continue  # the base of every group: reported once
             target = {"after": TARGET_AFTER, "after-flex": TARGET_AFTER, "anneal-flex": TARGET_ANNEAL_FLEX}.get(key)
-            meets = None if target is None or not gpu else speed >= target
-            rows.append([shape, f"{batch}x{seq_len}", r["variant"], r["tokens_per_s"], f"{speed:.3f}",
+            meets = None if target is None or not gpu else r["speed_vs_ar"] >= target
+            part.figures.setdefault(shape, {}).setdefault(key, dict(r, target=target, meets_target=meets, group=group))
+            part.figures[shape].setdefault("groups", {})[group] = [m["key"] for m in measured]
+            rows.append([shape, group, f"{r['batch']}x{seq_len}", r["variant"], r["tokens_per_s"], f"{r['speed_vs_ar']:.3f}",
                          "-" if target is None else f">= {target}", "-" if meets is None else ("yes" if meets else "NO"),
-                         "-" if mfu is None else f"{100 * mfu:.1f}%",
-                         "-" if memory.get(key) is None else f"{memory[key]:.1f}"])
-            part.figures.setdefault(shape, {})[key] = dict(
-                batch=batch, seq_len=seq_len, tokens_per_s=r["tokens_per_s"], ms_median=r["ms_median"],
-                speed_vs_ar=speed, paired_ratio=r["paired_ratio"], target=target, meets_target=meets,
-                flops_per_step=step_flops, mfu=mfu, peak_memory_gib=memory.get(key), params=targs.params,
-            )
+                         "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+                         "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f}",
+                         "-" if r["peak_mib_per_token"] is None else f"{r['peak_mib_per_token']:.3f}"])
+    for shape, figures in part.figures.items():
         if gpu and shape == "llama-1b":
-            best = max((f["mfu"] or 0) for f in part.figures[shape].values())
-            part.figures[shape]["mfu_target_met"] = best >= TARGET_MFU_1B
-        del variants
-        free_memory()
+            best = max(((f.get("mfu") or 0) for f in figures.values() if isinstance(f, dict) and "mfu" in f), default=0)
+            figures["mfu_target_met"] = best >= TARGET_MFU_1B_FUSED
+        plain, fused = figures.get("after", {}), figures.get("after-liger", {})
+        if plain.get("peak_mib_per_token") and fused.get("peak_mib_per_token"):
+            figures["fused_ce_memory_ratio"] = fused["peak_mib_per_token"] / plain["peak_mib_per_token"]
+            part.notes.append(f"{shape}: peak memory per token, Liger + fused row CE / plain: "
+                              f"{figures['fused_ce_memory_ratio']:.2f} (target <= {TARGET_FUSED_CE_MEMORY} at 128K vocab)")
     part.tables.append(markdown(
-        ["shape", "batch", "step", "tokens/s", "x AR", "target", "ok", "MFU", "peak GiB"], rows))
+        ["shape", "group", "batch", "step", "tokens/s", "x AR", "target", "ok", "MFU", "peak GiB", "peak MiB/token"],
+        rows))
     if peak is None:
         part.notes.append(f"no peak FLOP/s known for {device.type}: MFU not computed")
     else:
         part.notes.append(f"MFU against a peak of {peak / 1e12:.0f} TFLOP/s per device (bf16 dense)")
     part.status = "passed" if ok else "error"
+
+
+# --- the flex part: FlexAttention annealing by mask kind -----------------------------------------
+
+FLEX_KINDS = ("random", "right_context")
+
+
+def part_flex(args, device, part: Part) -> None:
+    """FlexAttention annealing by mask kind: the BlockMask's full / partial / empty blocks of each
+    kind at the training length, and the annealing step of each kind on flex and on the dense mask,
+    against the AR step (target: flex annealing >= 0.9x AR)."""
+    from lightning_dlm.core.annealing import annealing_mask
+    from lightning_dlm.model.flex_masks import block_counts, flex_block_mask
+    from lightning_dlm.training.callbacks.throughput import device_peak_flops
+
+    gpu = device.type == "cuda"
+    length = 2048 if gpu else 1024
+    rows = []
+    for kind in FLEX_KINDS:
+        for ratio in (0.25, 0.5, 0.75):
+            counts = block_counts(flex_block_mask(1, length, annealing_mask(kind, ratio, 1234), device=device))
+            rows.append([kind, ratio, length, counts["full"], counts["partial"], counts["empty"],
+                         f"{(counts['full'] + counts['partial']) / counts['total']:.2f}",
+                         f"{counts['partial'] / counts['total']:.2f}"])
+            part.figures.setdefault("blocks", {})[f"{kind}@{ratio}"] = counts
+    part.tables.append(markdown(["mask", "ratio", "L", "full blocks", "partial (mask_mod per score)", "empty (skipped)",
+                                 "share computed", "share masked"], rows))
+    shape, seq_len, batch = ("llama-1b", 2048, 8) if gpu else ("tiny", 64, 2)
+    if args.shapes and gpu:
+        shape = next((s for s in ("llama-1b", "smollm2-135m") if s in args.shapes.split(",")), shape)
+        batch = 16 if shape == "smollm2-135m" else batch
+    keys = ["causal", "anneal-dense", "anneal-flex", "anneal-dense-right", "anneal-flex-right"]
+    peak = device_peak_flops(device, torch.bfloat16 if gpu else torch.float32)
+    measured = measure_variants(shape, batch, seq_len, keys, device, args, peak, forward_only=not gpu)
+    steps, ok = [], True
+    for r in measured:
+        target = TARGET_ANNEAL_FLEX if r["key"] in ("anneal-flex", "anneal-flex-right") else None
+        meets = None if target is None or not gpu else r["speed_vs_ar"] >= target
+        part.figures.setdefault("steps", {})[r["key"]] = dict(r, target=target, meets_target=meets)
+        steps.append([shape, f"{batch}x{seq_len}", r["variant"], r["tokens_per_s"], f"{r['speed_vs_ar']:.3f}",
+                      "-" if target is None else f">= {target}", "-" if meets is None else ("yes" if meets else "NO")])
+    part.tables.append(markdown(["shape", "batch", "step", "tokens/s", "x AR", "target", "ok"], steps))
+    if not gpu:
+        part.notes.append("dry run: forward + loss only (FlexAttention has no CPU backward); the times say nothing")
+    part.notes.append("the paper's recipe opens each future pair independently (`random`, the reference code); "
+                      "`right_context` opens a contiguous run of the same expected size (the paper's prose)")
+    part.status = "passed" if ok else "error"
+
+
+# --- the decode part: block decoding eager vs CUDA graphs vs AR ---------------------------------------
+
+def part_decode(args, device, part: Part) -> None:
+    """Block decoding eager against CUDA graphs, against AR generate eager and AR static + compiled;
+    the micro model's quality rows when it exists."""
+    import decode_graphs
+    from transformers import AutoTokenizer
+
+    gpu = device.type == "cuda"
+    shape, length, block, per_block = ("smollm2-135m", 256, 32, 8) if gpu else ("tiny", 16, 8, 4)
+    batches = [int(b) for b in args.decode_batches.split(",")] if gpu else [1, 2]
+    backend = True if gpu else "eager"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    net, causal = decode_graphs.random_block_model(shape, device, dtype, block)
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER))
+    rows = decode_graphs.decode_rows(net, causal, tokenizer, device, length, batches, per_block, backend)
+    table = []
+    for r in rows:
+        table.append([r["decoder"], r["batch"], r["tokens_per_s"], f"{r['vs_ar_compiled']:.2f}",
+                      f"{r['graphs_vs_eager']:.2f}" if "graphs_vs_eager" in r else "-", r["forward_passes"],
+                      "-" if r["same_tokens"] is None else ("yes" if r["same_tokens"] else "no")])
+    part.tables.append(markdown(["decoder", "batch", "tokens/s", "x AR compiled", "graphs x eager", "forward passes",
+                                 "same tokens as eager"], table))
+    one = next(r for r in rows if r["batch"] == 1 and "graphs_vs_eager" in r)
+    part.figures.update(shape=shape, length=length, dtype=str(dtype), rows=rows,
+                        graphs_vs_eager_batch1=one["graphs_vs_eager"],
+                        graphs_target_met=(one["graphs_vs_eager"] >= TARGET_GRAPHS) if gpu else None)
+    part.notes.append(f"{shape} shape, random init (speed only), {dtype}, {length} new tokens, blocks of {block}, "
+                      f"{per_block} steps a block, greedy confidence order; target graphs >= {TARGET_GRAPHS}x eager "
+                      f"at batch 1")
+    if not all(r["same_tokens"] in (None, True) for r in rows):
+        part.notes.append("tokens differ between the eager and the graph rows here: bf16 rounding on random weights "
+                          "(near-ties); the fp32 parity is tests/test_cuda_kernels.py")
+    quality = decode_graphs.quality_rows(device, length, per_block, backend)
+    if quality is None:
+        part.notes.append(f"quality rows skipped: {decode_graphs.MICRO_MODEL.relative_to(REPO)} or "
+                          f"{decode_graphs.MICRO_BLOCK.relative_to(REPO)} missing (the micro model of 'A world the "
+                          f"CPU can finish'): build them, carry them, rerun --parts decode")
+        part.figures["quality"] = "skipped: micro model missing"
+    else:
+        part.tables.append(markdown(["decoder (micro model, batch 1)", "tokens/s", "x AR compiled", "gen PPL",
+                                     "distinct-2", "entropy"],
+                                    [[q["decoder"], q["tokens_per_s"], f"{q.get('vs_ar_compiled', 1.0):.2f}",
+                                      q["gen_ppl"], q["distinct_2"], q["entropy"]] for q in quality]))
+        part.figures["quality"] = quality
+    part.status = "passed"
+
+
+# --- the fsdp2 part: dlm fit under FSDP2 on one device ---------------------------------------------
+
+def fsdp2_available() -> bool:
+    """Whether this checkout has the FSDP2 path (``--trainer.strategy fsdp2``)."""
+    return importlib.util.find_spec("lightning_dlm.training.fsdp2") is not None
+
+
+def part_fsdp2(args, device, part: Part) -> None:
+    """A few steps of ``dlm fit --trainer.strategy fsdp2`` on one device (the FSDP2 path's plumbing:
+    fully_shard units, mixed precision, DCP checkpoint), through the CLI."""
+    if not fsdp2_available():
+        part.status = "skipped"
+        part.notes.append("skipped: FSDP2 path missing (lightning_dlm.training.fsdp2)")
+        return
+    run_fit(args, device, part, strategy="fsdp2")
+
 
 
 # --- part 3: sampling -----------------------------------------------------------------------------
@@ -450,20 +644,31 @@ def read_scalars(root: Path) -> Dict[str, List[tuple]]:
 
 
 def part_fit(args, device, part: Part) -> None:
+    run_fit(args, device, part)
+
+
+def run_fit(args, device, part: Part, strategy: Optional[str] = None) -> None:
+    """``dlm fit`` through the CLI (with ``strategy``: that ``--trainer.strategy``, the SDPA path),
+    its logs, losses and checkpoints checked."""
     import yaml
 
     work = tempfile.TemporaryDirectory(prefix="dlm_gpu_suite_fit_")  # checkpoints stay out of --out
     root = Path(work.name)
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(fit_config(args, device, root), sort_keys=False))
+    settings = fit_config(args, device, root)
+    if strategy is not None:
+        settings["trainer"]["strategy"] = strategy
+        settings["model"]["backbone"]["attn_implementation"] = "sdpa"
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
+    log = f"{part.name}.log"
     cmd = [sys.executable, "-m", "lightning_dlm", "fit", "--config", str(config)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.fit_timeout, env=child_env())
     seconds = time.perf_counter() - start
-    (Path(args.out) / "fit.log").write_text(proc.stdout + proc.stderr)
+    (Path(args.out) / log).write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         last = [line for line in (proc.stdout + proc.stderr).strip().splitlines() if line.strip()][-1:]
-        raise PartError(f"`dlm fit` exited {proc.returncode}: {last[0] if last else ''} (see fit.log)")
+        raise PartError(f"`dlm fit` exited {proc.returncode}: {last[0] if last else ''} (see {log})")
     scalars = read_scalars(root)
     ckpts = sorted(p.name for p in (root / "checkpoints").glob("*.ckpt"))
 
@@ -478,7 +683,7 @@ def part_fit(args, device, part: Part) -> None:
                                  "checkpoints"], [row]))
     part.figures.update(steps=args.fit_steps, seconds=seconds, losses=losses, val_nelbo=scalars.get("val/nelbo"),
                         tokens_per_s=scalars.get("perf/tokens_per_s"), checkpoints=ckpts,
-                        attn=fit_config(args, device, root)["model"]["backbone"]["attn_implementation"])
+                        attn=settings["model"]["backbone"]["attn_implementation"], strategy=strategy or "auto")
     problems = []
     if not losses or not all(map(lambda v: v == v and abs(v) < 1e4, (v for _, v in losses))):
         problems.append("train/loss missing or not finite")
@@ -492,7 +697,8 @@ def part_fit(args, device, part: Part) -> None:
     part.status = "passed"
 
 
-PART_FUNCS = {"tests": part_tests, "train": part_train, "sample": part_sample, "fit": part_fit}
+PART_FUNCS = {"tests": part_tests, "train": part_train, "sample": part_sample, "fit": part_fit, "decode": part_decode,
+              "fsdp2": part_fsdp2, "flex": part_flex}
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -521,9 +727,24 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, default=6, help="timed steps per training variant")
     p.add_argument("--train-warmup", type=int, default=3, help="untimed rounds (FlexAttention compiles here)")
     p.add_argument("--fit-steps", type=int, default=20, help="steps of the dlm fit part (half annealing)")
+    p.add_argument("--train-groups", default=",".join(TRAIN_GROUPS),
+                   help=f"train part: groups of step variants, from {', '.join(TRAIN_GROUPS)}")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the compiled train variants (the dry run traces: eager)")
+    p.add_argument("--new-rows", action="store_true",
+                   help="issue 23's rows only: parts " + ",".join(NEW_ROWS["parts"]) + ", train groups "
+                        + NEW_ROWS["train_groups"] + ", the 1B shapes")
+    p.add_argument("--tests-files", default="test_cuda.py,test_cuda_kernels.py",
+                   help="tests part: the CUDA test files under tests/ (light imports: the GPU box lacks datasets)")
+    p.add_argument("--decode-batches", default="1,16", help="decode part: the batches (the graph target is batch 1)")
     p.add_argument("--tests-timeout", type=int, default=240, help="seconds for the CUDA tests")
     p.add_argument("--fit-timeout", type=int, default=240, help="seconds for the dlm fit part")
     args = p.parse_args(argv)
+    if args.new_rows:
+        args.parts, args.train_groups = ",".join(NEW_ROWS["parts"]), NEW_ROWS["train_groups"]
+        args.shapes = args.shapes or NEW_ROWS["shapes"]
+        args.tests_files, args.decode_batches = NEW_ROWS["tests_files"], NEW_ROWS["decode_batches"]
+        args.train_steps, args.train_warmup = NEW_ROWS["train_steps"], NEW_ROWS["train_warmup"]
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     unknown = [x for x in parts if x not in PARTS]
     if unknown:
@@ -531,6 +752,7 @@ def parse_args(argv=None):
     args.parts = parts
     if args.dry_run:
         args.train_steps, args.train_warmup, args.fit_steps = 2, 1, 4
+        args.compile_backend = "eager" if args.compile_backend == "inductor" else args.compile_backend
     return args
 
 

@@ -25,6 +25,13 @@ Variants of one optimiser step, on the same weights, batch, sequence length and 
   About twice the positions of a bidirectional step: its ratio to the AR step is reported, with
   no target.
 
+* issue 23's variants: ``causal-compiled`` / ``after-compiled`` (each decoder layer compiled,
+  ``--compile-backend``), ``causal-liger`` / ``after-liger`` (Liger's RMSNorm and SwiGLU modules;
+  the diffusion step also with the fused row cross-entropy), ``causal-compiled-liger`` /
+  ``after-compiled-liger`` (both), ``anneal-dense-right`` / ``anneal-flex-right`` (the annealing
+  step with the ``right_context`` mask). Every variant's AdamW is the one training builds
+  (``fused=True`` on CUDA).
+
 PyTorch's FlexAttention has no backward pass on the CPU: there the flex variants run only with
 ``--forward-only`` (every variant then times forward + loss under ``torch.no_grad()``), and
 transformers compiles the flex kernel for the CPU on first use (during warm-up; ``--flex-eager``
@@ -74,11 +81,18 @@ from lightning_dlm.core.blocks import block_times  # noqa: E402
 from lightning_dlm.model import BackboneConfig, MaskTokenConfig, resolve_hf_config  # noqa: E402
 from lightning_dlm.objectives.block import block_loss_terms  # noqa: E402
 from lightning_dlm.training.module import DiffusionLM  # noqa: E402
+from lightning_dlm.training.optim import fused_adamw  # noqa: E402
 
 DEFAULT_MODEL = REPO / "assets" / "smollm2-135m"
 CAUSAL, ANNEALING, AFTER = "causal LM", "diffusion (annealing, dense mask)", "diffusion (after annealing)"
 ANNEALING_FLEX, AFTER_FLEX = "diffusion (annealing, flex_attention)", "diffusion (after annealing, flex_attention)"
 BLOCK, BLOCK_FLEX = "block diffusion (2L pass, dense mask)", "block diffusion (2L pass, flex_attention)"
+CAUSAL_COMPILED, AFTER_COMPILED = "causal LM, compiled layers", "diffusion (after annealing), compiled layers"
+CAUSAL_LIGER, AFTER_LIGER = "causal LM, Liger kernels", "diffusion (after annealing), Liger kernels + fused row CE"
+AFTER_COMPILED_LIGER = "diffusion (after annealing), compiled + Liger"
+CAUSAL_COMPILED_LIGER = "causal LM, compiled + Liger"
+ANNEALING_RIGHT = "diffusion (annealing, dense mask, right_context)"
+ANNEALING_FLEX_RIGHT = "diffusion (annealing, flex_attention, right_context)"
 BLOCK_SIZE = 32
 # --variants keys -> table names
 VARIANTS = {
@@ -89,7 +103,18 @@ VARIANTS = {
     "after-flex": AFTER_FLEX,
     "block-dense": BLOCK,
     "block-flex": BLOCK_FLEX,
+    # issue 23: compiled decoder layers, Liger's fused kernels, the annealing mask kinds on flex
+    "causal-compiled": CAUSAL_COMPILED,
+    "after-compiled": AFTER_COMPILED,
+    "causal-liger": CAUSAL_LIGER,
+    "after-liger": AFTER_LIGER,
+    "after-compiled-liger": AFTER_COMPILED_LIGER,
+    "causal-compiled-liger": CAUSAL_COMPILED_LIGER,
+    "anneal-dense-right": ANNEALING_RIGHT,
+    "anneal-flex-right": ANNEALING_FLEX_RIGHT,
 }
+#: variants that need Liger-Kernel (CUDA only)
+LIGER_KEYS = ("causal-liger", "after-liger", "after-compiled-liger", "causal-compiled-liger")
 DEFAULT_VARIANTS = "causal,anneal-dense,after"
 TARGETS = {ANNEALING: 1.15, AFTER: 1.05, ANNEALING_FLEX: 1.15, AFTER_FLEX: 1.05}
 ANNEAL_RATIO = 0.5
@@ -112,6 +137,11 @@ SHAPES = {
     # A ~1.1B LLaMA (TinyLlama-1.1B's shape: 22 layers, hidden 2048, GQA 32/4, vocab 32000).
     "llama-1b": dict(
         model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
+    ),
+    # llama-1b with Llama-3's 128K vocabulary: where the LM head's logits dominate the memory
+    "llama-1b-128k": dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=False,
     ),
     # A tiny LLaMA for dry runs on the CPU.
@@ -148,6 +178,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time forward + loss under no_grad (no backward / optimiser step); needed for flex on the CPU")
     p.add_argument("--flex-eager", action="store_true",
                    help="run FlexAttention unfused (torch.compiler.set_stance('force_eager')) instead of compiled")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of the *-compiled variants (eager: traced only, a quick CPU check)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p.parse_args(argv)
@@ -283,9 +315,35 @@ def block_step(module, optimizer, x0, generator, autocast) -> torch.Tensor:
     return loss
 
 
+def variant_copies(keys, causal, module, device, backend: str):
+    """The compiled / Liger copies of the causal model and the diffusion module the keys need
+    (deep copies: the same weights, their own optimiser state)."""
+    from lightning_dlm.model.compiled import compile_decoder_layers
+    from lightning_dlm.model.fused_kernels import apply_liger, swap_liger_modules
+
+    copies = {}
+    for key, liger, compiled in (("causal-compiled", False, True), ("causal-liger", True, False),
+                                 ("causal-compiled-liger", True, True)):
+        if key in keys:
+            copies[key] = copy.deepcopy(causal)
+            if liger:
+                swap_liger_modules(copies[key])
+            if compiled:
+                compile_decoder_layers(copies[key], device, backend)
+    for key, liger, compiled in (("after-compiled", False, True), ("after-liger", True, False),
+                                 ("after-compiled-liger", True, True)):
+        if key in keys:
+            copies[key] = copy.deepcopy(module)
+            if liger:
+                apply_liger(copies[key].net, device)
+            if compiled:
+                compile_decoder_layers(copies[key].net.model, device, backend)
+    return copies
+
+
 def make_variants(args, device) -> Dict[str, Callable[[], torch.Tensor]]:
     keys = pick_variants(args.variants)
-    flex = any(k.endswith("flex") for k in keys)
+    flex = any("flex" in k for k in keys)
     if flex and device.type == "cpu" and not args.forward_only:
         raise SystemExit("error: PyTorch's FlexAttention has no backward pass on the CPU: add --forward-only, "
                          "or run the flex variants with --device cuda")
@@ -296,12 +354,16 @@ def make_variants(args, device) -> Dict[str, Callable[[], torch.Tensor]]:
         if flexed is not None:
             check_attention(causal, flexed.net, device)
     args.params = count_params(causal)
+    copies = variant_copies(keys, causal, module, device, getattr(args, "compile_backend", "inductor"))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     x0 = torch.randint(0, backbone.vocab_size, (args.batch_size, args.seq_len), generator=gen, device=device)
     autocast = autocast_for(args, device)
-    optimizer = (lambda model: None) if args.forward_only else (lambda model: torch.optim.AdamW(model.parameters(), lr=LR))
+    # the optimiser training builds: fused AdamW on CUDA (lightning_dlm.training.optim.fused_adamw)
+    optimizer = (lambda model: None) if args.forward_only else (
+        lambda model: torch.optim.AdamW(model.parameters(), lr=LR, fused=fused_adamw(model.parameters())))
     opt_causal, opt_diff = optimizer(causal), optimizer(backbone)
     opt_flex = optimizer(flexed.net) if flexed is not None else None
+    opts = {k: optimizer(m if k.startswith("causal") else m.net) for k, m in copies.items()}
     kind = args.anneal_mask
     steps = {
         "causal": lambda: causal_step(causal, opt_causal, x0, autocast),
@@ -311,7 +373,14 @@ def make_variants(args, device) -> Dict[str, Callable[[], torch.Tensor]]:
         "after-flex": lambda: diffusion_step(flexed, opt_flex, x0, 1.0, gen, autocast, kind),
         "block-dense": lambda: block_step(module, opt_diff, x0, gen, autocast),
         "block-flex": lambda: block_step(flexed, opt_flex, x0, gen, autocast),
+        "anneal-dense-right": lambda: diffusion_step(module, opt_diff, x0, ANNEAL_RATIO, gen, autocast, "right_context"),
+        "anneal-flex-right": lambda: diffusion_step(flexed, opt_flex, x0, ANNEAL_RATIO, gen, autocast, "right_context"),
     }
+    for key, model in copies.items():
+        if key.startswith("causal"):
+            steps[key] = lambda m=model, o=opts[key]: causal_step(m, o, x0, autocast)
+        else:
+            steps[key] = lambda m=model, o=opts[key]: diffusion_step(m, o, x0, 1.0, gen, autocast, kind)
     return {VARIANTS[k]: in_context(steps[k], args) for k in keys}
 
 

@@ -25,15 +25,24 @@ def test_dry_run_runs_every_part_and_writes_its_tables(tmp_path):
     proc, report, out = _run(tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     parts = report["parts"]
-    assert list(parts) == ["tests", "sample", "fit", "train"]
+    assert list(parts) == ["tests", "sample", "decode", "fit", "fsdp2", "flex", "train"]
     # no GPU here: the CUDA tests are collected and skipped, never silently absent
     assert parts["tests"]["status"] == "skipped"
     assert parts["tests"]["figures"]["skipped"] >= 13 and parts["tests"]["figures"]["failed"] == 0
-    train = parts["train"]["figures"]["tiny"]
-    assert set(train) == {"causal", "anneal-dense", "after", "block-dense"}
-    for row in train.values():
+    train = dict(parts["train"]["figures"]["tiny"])
+    groups = train.pop("groups")
+    measured = {k: v for k, v in train.items() if v["status"] == "measured"}
+    assert set(measured) == {"causal", "anneal-dense", "after", "block-dense", "causal-compiled", "after-compiled"}
+    assert groups["compiled"] == ["causal", "after", "causal-compiled", "after-compiled"]
+    # no GPU: the Liger rows are listed and skipped, never silently absent
+    assert {k: v["status"] for k, v in train.items() if k not in measured} == {
+        k: "skipped: needs CUDA" for k in ("causal-liger", "after-liger", "causal-compiled-liger", "after-compiled-liger")}
+    for row in measured.values():
         assert row["tokens_per_s"] > 0 and row["batch"] == 2 and row["seq_len"] == 64
         assert row["flops_per_step"] > 0  # counted by the throughput callback's counter
+    # regional compilation changes no arithmetic: the same FLOPs as the eager step
+    assert train["after-compiled"]["flops_per_step"] == train["after"]["flops_per_step"]
+    assert train["causal-compiled"]["flops_per_step"] == train["causal"]["flops_per_step"]
     # the dense annealing mask adds work, never removes matmuls: its count is at least the AR step's
     assert train["anneal-dense"]["flops_per_step"] >= 0.5 * train["causal"]["flops_per_step"]
     assert train["causal"]["speed_vs_ar"] == 1.0
@@ -50,11 +59,26 @@ def test_dry_run_runs_every_part_and_writes_its_tables(tmp_path):
     cached = [r for r in rows if "dual cache" in r["decoder"]]
     baseline = [r for r in rows if "baseline" in r["decoder"]]
     assert all(c["forward_passes"] < b["forward_passes"] for c, b in zip(cached, baseline))
+    decode = parts["decode"]["figures"]["rows"]
+    assert [r["decoder"].split(",")[0] for r in decode] == ["block model", "block model", "AR generate", "AR generate"] * 2
+    assert all(r["same_tokens"] for r in decode if r["same_tokens"] is not None)  # graphs path = eager, token for token
+    assert [r["batch"] for r in decode] == [1] * 4 + [2] * 4 and all(r["tokens_per_s"] > 0 for r in decode)
+    assert parts["decode"]["figures"]["quality"] == "skipped: micro model missing" or parts["decode"]["figures"][
+        "quality"][1]["tokens_per_s"] > 0
+    flex = parts["flex"]["figures"]
+    assert flex["blocks"]["random@0.5"]["empty"] == 0 and flex["blocks"]["right_context@0.5"]["empty"] > 0
+    assert flex["blocks"]["right_context@0.5"]["partial"] < flex["blocks"]["random@0.5"]["partial"] / 2
+    assert set(flex["steps"]) == {"causal", "anneal-dense", "anneal-flex", "anneal-dense-right", "anneal-flex-right"}
+    fsdp2 = parts["fsdp2"]
+    assert fsdp2["status"] == "passed" or fsdp2["notes"] == ["skipped: FSDP2 path missing (lightning_dlm.training.fsdp2)"]
+    if fsdp2["status"] == "passed":
+        assert fsdp2["figures"]["strategy"] == "fsdp2" and fsdp2["figures"]["checkpoints"]
     fit = parts["fit"]["figures"]
     assert fit["steps"] == 4 and len(fit["losses"]) >= 2 and fit["checkpoints"]
     assert all(p["status"] in ("passed", "skipped") for p in parts.values())
     text = (out / "suite.md").read_text()
-    assert "## train: passed" in text and "| shape | batch | step |" in text and "## summary" in text
+    assert "## train: passed" in text and "| shape | group | batch | step |" in text and "## summary" in text
+    assert "## decode: passed" in text and "## flex: passed" in text
 
 
 def test_a_failing_part_is_reported_and_the_rest_still_runs(tmp_path, monkeypatch):

@@ -10,13 +10,17 @@ from typing import Any, Dict, List, Literal, Optional
 class MaskTokenConfig:
     """How the absorbing [MASK] token is provided.
 
-    ``mode: add`` appends a new token (embedding rows resized; the new row initialised at the mean
-    of the old rows, plus Gaussian noise of std ``init_noise_std``). ``mode: reuse`` takes an
-    existing vocabulary entry, by ``id`` or by ``token`` string (the paper reused GPT-2 id 10541
-    and LLaMA id 811).
+    ``mode: auto`` (the default) applies the mask-token rule of
+    :func:`lightning_dlm.model.mask_token.provide_mask_token`: ``id`` if given, else ``token`` if the
+    vocabulary holds it, else the tokenizer's own unused mask or reserved token (Gemma's
+    ``<mask>``, Llama-3's ``<|reserved_special_token_0|>``, ...), else ``token`` is added.
+    ``mode: add`` appends a new token (embedding rows resized where the matrix has no spare row; the
+    new row initialised at the mean of the old rows, plus Gaussian noise of std ``init_noise_std``).
+    ``mode: reuse`` takes an existing vocabulary entry, by ``id`` or by ``token`` string (the paper
+    reused GPT-2 id 10541 and LLaMA id 811).
     """
 
-    mode: Literal["add", "reuse"] = "add"
+    mode: Literal["auto", "add", "reuse"] = "auto"
     token: str = "<|mask|>"
     id: Optional[int] = None
     init_noise_std: float = 0.0
@@ -64,6 +68,11 @@ class BackboneConfig:
         allow_missing: weight names (``fnmatch`` patterns) that may be missing from, or left unused in,
             ``pretrained``'s files; any other missing, unexpected or mis-shaped weight is an error, so a
             wrong folder never trains a randomly initialised network without a word.
+        compile: compile each decoder layer with ``torch.compile`` for training (regional compilation,
+            :mod:`lightning_dlm.model.compiled`); the weights and checkpoints are the eager model's.
+        kernels: ``plain`` (transformers' own modules) or ``liger``: Liger-Kernel's fused RMSNorm and
+            SwiGLU modules and its fused linear cross-entropy on the scored rows
+            (:mod:`lightning_dlm.model.fused_kernels`; CUDA only, ``pip install lightning_dlm[liger]``).
     """
 
     pretrained: Optional[str] = None
@@ -77,6 +86,8 @@ class BackboneConfig:
     trust_remote_code: bool = False
     lora: Optional[LoraOptions] = None
     allow_missing: Optional[List[str]] = None
+    compile: bool = False
+    kernels: Literal["plain", "liger"] = "plain"
 
     @property
     def tokenizer_source(self) -> Optional[str]:

@@ -30,6 +30,7 @@ import inspect
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, PreTrainedModel
 
@@ -37,15 +38,24 @@ from lightning_dlm.core.annealing import AnnealMask, additive_attention_mask, ca
 from lightning_dlm.core.blocks import block_attention_allowed, block_mask_mod, block_positions
 from lightning_dlm.core.config import DiffusionConfig
 from lightning_dlm.core.errors import DLMError
+from lightning_dlm.core.loss import drop_logit, drop_logit_ce
 from lightning_dlm.core.schedules import NoiseSchedule, get_schedule
 from lightning_dlm.model.config import BackboneConfig
 from lightning_dlm.model.flex_masks import FLEX, block_mask_from_mod, check_flex_call, check_flex_support, flex_block_mask
-from lightning_dlm.model.loading import load_causal_lm, max_positions, resolve_hf_config
+from lightning_dlm.model.loading import load_causal_lm, mask_token_config, max_positions, resolve_hf_config
 from lightning_dlm.model.mask_token import provide_mask_token
 from lightning_dlm.model.pretrained import load_model, save_model
 from lightning_dlm.model.sharded_loading import build_empty_causal_lm
 
 Allowed = Union[AnnealMask, torch.Tensor, None]
+
+
+def _row_logits_at(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(N, K) float32 logits of the LM head ``head`` (a linear layer) for hidden states (N, H) at the
+    token ids ``ids`` (N, K) only."""
+    z = torch.einsum("nh,nkh->nk", hidden.float(), head.weight[ids].float())
+    bias = getattr(head, "bias", None)
+    return z if bias is None else z + bias[ids].float()
 
 
 def position_ids_from_padding(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -85,11 +95,14 @@ class DiffusionModel(nn.Module):
         self.mask_token_id = int(mask_token_id)
         self.mask_token_added = bool(mask_token_added)
         self.diffusion = diffusion if diffusion is not None else DiffusionConfig()
+        self.diffusion.subs_on(self.mask_token_added)  # subs: true with a reused mask token is refused in one line
         self.tokenizer = tokenizer
         self.info: Dict[str, Any] = dict(info or {})
         self._row_logits_exact: Optional[bool] = None  # decided by check_row_logits
         # whether the model computes its LM head at chosen positions only (decided once, not per step)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # (hidden (N, H), LM head, targets (N,)) -> CE (N,) without the logits (backbone.kernels: liger)
+        self.fused_row_ce = None
         # A diffusion LM attends both ways: transformers builds bidirectional masks from this flag.
         self.model.config.is_causal = False
 
@@ -109,7 +122,7 @@ class DiffusionModel(nn.Module):
         model = build_empty_causal_lm(cfg) if empty else load_causal_lm(cfg)
         if cfg.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        mask_id, added = provide_mask_token(model, tokenizer, cfg.mask_token, seed)
+        mask_id, added = provide_mask_token(model, tokenizer, mask_token_config(cfg, tokenizer), seed)
         if cfg.lora is not None:  # adapters (and the mask row) train; merged into the weights on export
             from lightning_dlm.model.lora import apply_lora
 
@@ -119,12 +132,15 @@ class DiffusionModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, map_location: Union[str, torch.device] = "cpu",
-                        trust_checkpoint: bool = False) -> "DiffusionModel":
+                        trust_checkpoint: bool = False, trust_remote_code: bool = False) -> "DiffusionModel":
         """The model of a folder written by ``dlm export`` / :meth:`save_pretrained`, a ``.ckpt``
-        or sharded checkpoint folder written by ``dlm fit``, or a hub name of an exported model;
-        in eval mode on ``map_location``. Loading runs no code from the files unless
-        ``trust_checkpoint`` (see :func:`lightning_dlm.io.safe_read.load_checkpoint_file`)."""
-        model = load_model(str(path), cls, trust_checkpoint=trust_checkpoint).to(map_location).eval()
+        or sharded checkpoint folder written by ``dlm fit``, a released diffusion LM's folder
+        (DiffuGPT, DiffuLLaMA, Dream, LLaDA, Fast-dLLM v2, Tiny-A2D: :mod:`lightning_dlm.io.releases`),
+        or a hub name of an exported model or a release; in eval mode on ``map_location``. Loading
+        runs no code from the files unless ``trust_checkpoint`` (see
+        :func:`lightning_dlm.io.safe_read.load_checkpoint_file`); ``trust_remote_code=True`` is refused."""
+        model = load_model(str(path), cls, trust_checkpoint=trust_checkpoint,
+                           trust_remote_code=trust_remote_code).to(map_location).eval()
         model.check_row_logits()
         return model
 
@@ -281,6 +297,29 @@ class DiffusionModel(nn.Module):
                                         document_ids=document_ids)
             return self.lm_head(hidden[rows])
         return self(input_ids, attention_mask=attention_mask, allowed=allowed, document_ids=document_ids)[rows]
+
+    def scored_ce(self, input_ids: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor] = None, allowed: Allowed = None,
+                  document_ids: Optional[torch.Tensor] = None, drop_id: Optional[int] = None) -> torch.Tensor:
+        """Cross-entropy (N,), fp32, of the rows ``rows`` (B, L) marks against ``targets`` (N,): from
+        :meth:`scored_logits`, or, with a fused row cross-entropy (``backbone.kernels: liger``), from
+        the rows' hidden states and the LM head without materialising their logits. ``drop_id``: the
+        softmax leaves that token out (SUBS, :func:`~lightning_dlm.core.loss.drop_logit`; on the fused
+        path from the target's and that token's logits, :func:`~lightning_dlm.core.loss.drop_logit_ce`)."""
+        if self.fused_row_ce is not None and self.row_logits_exact:
+            hidden = self.hidden_states(input_ids, attention_mask=attention_mask, allowed=allowed,
+                                        document_ids=document_ids)[rows]
+            head = self.model.get_output_embeddings()
+            ce = self.fused_row_ce(hidden, head, targets)
+            if drop_id is None:
+                return ce
+            z = _row_logits_at(head, hidden, torch.stack([targets, torch.full_like(targets, drop_id)], 1))
+            return drop_logit_ce(ce, z[:, 0], z[:, 1])
+        logits = self.scored_logits(input_ids, rows, attention_mask=attention_mask, allowed=allowed,
+                                    document_ids=document_ids)
+        if drop_id is not None:
+            logits = drop_logit(logits, drop_id)
+        return F.cross_entropy(logits.float(), targets, reduction="none")
 
     # --- the block diffusion layout (diffusion.attention: block) -------------------------------
     def two_copy_mask(self, length: int, block_size: int, attention_mask: Optional[torch.Tensor],

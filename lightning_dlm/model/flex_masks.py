@@ -21,7 +21,7 @@ PyTorch's FlexAttention is forward-only there: it has no CPU backward.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -123,6 +123,20 @@ def block_mask_from_mod(mask_mod: MaskMod, rows: int, q_len: int, kv_len: int, d
             _compiled_create_block_mask = torch.compile(flex.create_block_mask)
         create = _compiled_create_block_mask
     return create(mask_mod, rows, None, q_len, kv_len, device=device, BLOCK_SIZE=block_size)
+
+
+def block_counts(block_mask, row: int = 0) -> Dict[str, int]:
+    """How a ``BlockMask`` splits the (query block, key block) grid of batch row ``row`` (head 0):
+    ``full`` blocks run without evaluating the mask_mod, ``partial`` ones evaluate it on every
+    score, ``empty`` ones are skipped. ``create_block_mask`` decides each block from the mask_mod
+    itself, so a mask whose blocks are all-open or all-closed (``right_context``, causal,
+    bidirectional) is skipped or run unmasked there without anything else to do; the ``random``
+    annealing mask leaves every block on or above the diagonal partial."""
+    partial = int(block_mask.kv_num_blocks[row, 0].sum())
+    full = int(block_mask.full_kv_num_blocks[row, 0].sum()) if block_mask.full_kv_num_blocks is not None else 0
+    q_blocks, kv_blocks = block_mask.kv_num_blocks.shape[-1], block_mask.kv_indices.shape[-1]
+    total = q_blocks * kv_blocks
+    return dict(full=full, partial=partial, empty=total - full - partial, total=total)
 
 
 def check_flex_support(model_class: Optional[type], model_config) -> None:

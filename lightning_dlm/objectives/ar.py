@@ -13,7 +13,7 @@ import torch
 
 from lightning_dlm.core.annealing import causal_allowed
 from lightning_dlm.core.corruption import maskable_positions
-from lightning_dlm.core.loss import loss_terms_from_rows, scored_rows
+from lightning_dlm.core.loss import loss_terms_from_ce, scored_rows
 from lightning_dlm.objectives.base import Objective, StepTerms, register_objective
 
 
@@ -22,10 +22,10 @@ def causal_terms(net, x0, attention_mask=None, document_ids=None, protected=None
     clean input). Returns (LossTerms, targets (B, L))."""
     targets = maskable_positions(x0.shape, True, attention_mask, protected=protected, device=x0.device)
     sources, labels = scored_rows(x0, targets, shift=True)
-    logits = net.scored_logits(x0, sources, attention_mask=attention_mask,
-                               allowed=causal_allowed(x0.shape[1], x0.device), document_ids=document_ids)
-    ones = torch.ones(labels.shape, device=logits.device)
-    return loss_terms_from_rows(logits, labels, ones, targets.sum()), targets
+    ce = net.scored_ce(x0, sources, labels, attention_mask=attention_mask,
+                       allowed=causal_allowed(x0.shape[1], x0.device), document_ids=document_ids)
+    ones = torch.ones(labels.shape, device=ce.device)
+    return loss_terms_from_ce(ce, ones, targets.sum()), targets
 
 
 @register_objective("ar")

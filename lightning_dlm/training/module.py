@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, replace
-from functools import partial
 from typing import Any, Dict, Optional
 
 import lightning as L
@@ -30,12 +29,21 @@ from lightning_dlm.io.format import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from lightning_dlm.io.safe_read import read_checkpoint
 from lightning_dlm.io.tokenizer_files import tokenizer_from_files, tokenizer_to_files
 from lightning_dlm.model import BackboneConfig, DiffusionModel, MaskTokenConfig, load_tokenizer
+from lightning_dlm.model.compiled import compile_decoder_layers
+from lightning_dlm.model.fused_kernels import KERNELS, LIGER, apply_liger
+from lightning_dlm.model.layers import decoder_layer_classes
 from lightning_dlm.model.loading import max_positions, resolve_hf_config
-from lightning_dlm.model.sharded_loading import broadcast_into_sharded, loads_pretrained_weights, materialize_meta
+from lightning_dlm.model.pretrained import check_backbone
+from lightning_dlm.model.sharded_loading import loads_pretrained_weights, materialize_empty, read_pretrained_shards
 from lightning_dlm.objectives import build_objective
 from lightning_dlm.training.distributed import clip_grad_norm_sharded
+from lightning_dlm.training.fsdp2 import FSDP2Strategy, free_gathered_root, shard_diffusion_model
 from lightning_dlm.training.optim import OptimConfig, build_optimizer, lr_multiplier
 from lightning_dlm.training.resume import apply_optim_changes, compare_hparams
+
+#: logged with every validation: the training tokens seen when it ran (its x-axis in dlm compare;
+#: the train logs, thinned by log_every_n_steps, need not hold the validation's step)
+VAL_TOKENS = "val/tokens_seen"
 
 
 class DiffusionLM(L.LightningModule):
@@ -65,6 +73,7 @@ class DiffusionLM(L.LightningModule):
         super().__init__()
         self.backbone_cfg = coerce_config(BackboneConfig, backbone)
         self.diffusion_cfg = coerce_config(DiffusionConfig, diffusion).check()
+        check_backbone(self.backbone_cfg, self.diffusion_cfg)  # no trust_remote_code; a release's own conventions
         self.optim_cfg = coerce_config(OptimConfig, optim).check()
         if val_t_levels < 1:
             raise DLMError(f"val_t_levels must be >= 1, got {val_t_levels}")
@@ -84,7 +93,7 @@ class DiffusionLM(L.LightningModule):
         self.val_t_levels = val_t_levels
         self.schedule = self.objective_impl.schedule
         self.net: Optional[DiffusionModel] = None
-        self._pending_weights = False  # sharded load: weights still to be broadcast into the shards
+        self._row_check_pending = False  # FSDP2: check_row_logits once the shards hold the weights
         self._first_nonfinite: Optional[torch.Tensor] = None  # first step with a nan/inf loss (device)
         self.tokenizer = None
         self.tokens_seen = 0
@@ -97,70 +106,87 @@ class DiffusionLM(L.LightningModule):
     def configure_model(self) -> None:
         """Build the backbone once (also called by Lightning for sharded strategies).
 
-        Under FSDP with several ranks, pretrained weights are not read by every rank: the
-        backbone is built empty (parameters on the meta device), FSDP materialises each unit
-        sharded, and rank 0 broadcasts the weights into the shards when the run starts
-        (:meth:`_load_pending_weights`), so a node holds about one copy of them in CPU memory.
+        Under FSDP2 (:class:`~lightning_dlm.training.fsdp2.FSDP2Strategy`) the backbone is sharded
+        here, one ``fully_shard`` unit per decoder layer, and a pretrained one is built on the meta
+        device with each rank reading only its own shards of the safetensors
+        (:meth:`_configure_fsdp2`). Under Lightning's FSDP1 ``FSDPStrategy`` with no
+        ``auto_wrap_policy``, the units are the model's own decoder layers (``_no_split_modules``).
         """
         if self.net is not None:
             return
         cfg = self.backbone_cfg
         if cfg.tokenizer_source is not None:
             self.tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.trust_remote_code)
-        empty = self._sharded_load()
-        self.net = DiffusionModel.from_config(cfg, self.tokenizer, seed=self.seed, empty=empty,
-                                              diffusion=self.diffusion_cfg)
-        if empty:
-            strategy = self.trainer.strategy
-            strategy.kwargs.setdefault("param_init_fn", partial(materialize_meta, device=strategy.root_device))
-            self._pending_weights = True
-        else:
-            self.net.check_row_logits()  # now, not inside the first (FLOP-counted) training step
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):
+            self._configure_fsdp2(strategy)
+            return
+        self.net = DiffusionModel.from_config(cfg, self.tokenizer, seed=self.seed, diffusion=self.diffusion_cfg)
+        if isinstance(strategy, FSDPStrategy) and "auto_wrap_policy" not in strategy.kwargs:
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            strategy.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(set(decoder_layer_classes(self.net)))
+        self.net.check_row_logits()  # now, not inside the first (FLOP-counted) training step
+        self._apply_runtime_options(self.net)
         # from_pretrained returns eval mode, and Lightning keeps the mode it finds: dropout-bearing
         # models would silently train without dropout.
         self.net.train()
 
-    def _sharded_load(self) -> bool:
-        """Whether to build empty and broadcast rank 0's weights (FSDP, several ranks, pretrained)."""
-        if self._trainer is None or not loads_pretrained_weights(self.backbone_cfg):
-            return False
-        strategy = self.trainer.strategy
-        return isinstance(strategy, FSDPStrategy) and strategy.world_size > 1
+    def _configure_fsdp2(self, strategy: FSDP2Strategy) -> None:
+        """The backbone sharded by ``fully_shard``: built empty when it loads pretrained weights, each
+        rank then reading its own shards (not when resuming: the DCP checkpoint brings them)."""
+        cfg = self.backbone_cfg
+        if cfg.lora is not None:
+            raise DLMError("model.backbone.lora is not supported under trainer.strategy fsdp2 yet: train LoRA "
+                           "adapters with --trainer.strategy ddp (or auto), which holds the frozen base once per GPU")
+        pretrained = loads_pretrained_weights(cfg)
+        net = DiffusionModel.from_config(cfg, self.tokenizer, seed=self.seed, empty=pretrained, diffusion=self.diffusion_cfg)
+        self._apply_runtime_options(net)  # before fully_shard, as torchtitan compiles each block first
+        shard_diffusion_model(net, strategy.shard_mesh, strategy.wrap_classes, strategy.mixed_precision_policy(),
+                              strategy.reshard_after_forward, strategy.activation_checkpointing)
+        if pretrained:
+            materialize_empty(net, strategy.root_device)
+            if not self.trainer.ckpt_path:
+                read_pretrained_shards(net.model, cfg, net.mask_token_id, net.mask_token_added, seed=self.seed)
+        self.net = net
+        self._row_check_pending = True  # a collective forward: once the weights are in (on_fit_start & co.)
+        self.net.train()
 
-    def _load_pending_weights(self) -> None:
-        """Rank 0 reads the pretrained weights (mask token applied) and broadcasts them into the
-        FSDP shards; skipped when the run resumes (the checkpoint brings every weight)."""
-        if not self._pending_weights:
-            return
-        self._pending_weights = False
-        if self.trainer.ckpt_path:
-            return
-        source = None
-        if self.global_rank == 0:
-            cfg = self.backbone_cfg
-            tokenizer = load_tokenizer(cfg.tokenizer_source, cfg.trust_remote_code) if cfg.tokenizer_source else None
-            full = DiffusionModel.from_config(cfg, tokenizer, seed=self.seed)
-            exact = [full.check_row_logits()]  # decided on the whole model, before it is sharded
-            source = full.model.state_dict()
-        else:
-            exact = [None]
-        broadcast_into_sharded(self.trainer.strategy.model, source, prefix="net.model.")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast_object_list(exact, src=0)
-        self.net.row_logits_exact = exact[0]
-        del source
+    def _run_device(self, net: DiffusionModel) -> torch.device:
+        """The device this module trains on: the strategy's, else where its parameters are."""
+        if self._trainer is not None:
+            return self.trainer.strategy.root_device
+        return next(net.parameters()).device
+
+    def _apply_runtime_options(self, net: DiffusionModel) -> None:
+        """``backbone.kernels: liger`` (Liger's fused modules and row cross-entropy) and
+        ``backbone.compile`` (each decoder layer compiled), each refused in one line where it
+        cannot run; applied after the row-logits check, which runs the plain eager model."""
+        cfg = self.backbone_cfg
+        if cfg.kernels not in KERNELS:
+            raise DLMError(f"unknown backbone.kernels '{cfg.kernels}': choose one of {', '.join(KERNELS)}")
+        if cfg.kernels == LIGER:
+            apply_liger(net, self._run_device(net))
+        if cfg.compile:
+            compile_decoder_layers(net.model, self._run_device(net))
+
+    def _check_rows_once(self) -> None:
+        if self._row_check_pending:
+            self._row_check_pending = False
+            self.net.check_row_logits()
+            free_gathered_root(self.net)  # the check ran no backward, which would have freed them
 
     def on_fit_start(self) -> None:
-        self._load_pending_weights()
+        self._check_rows_once()
 
     def on_validation_start(self) -> None:
-        self._load_pending_weights()
+        self._check_rows_once()
 
     def on_test_start(self) -> None:
-        self._load_pending_weights()
+        self._check_rows_once()
 
     def on_predict_start(self) -> None:
-        self._load_pending_weights()
+        self._check_rows_once()
 
     @property
     def mask_token_id(self) -> int:
@@ -280,6 +306,8 @@ class DiffusionLM(L.LightningModule):
         if batches >= 2:  # a standard error needs two batches at least
             self.log(f"{prefix}/nelbo_se", (spread / (batches - 1)).sqrt().float(), sync_dist=False)
         self.log(f"{prefix}/ppl_bound", torch.exp(value), sync_dist=False)
+        if prefix == "val":  # the x-axis of this validation, at its own step (dlm compare reads it)
+            self.log(VAL_TOKENS, float(self.tokens_seen), sync_dist=False)
         for name in ("nelbo", "nelbo_sq", "batches"):
             getattr(self, f"{prefix}_{name}").reset()
 
@@ -330,6 +358,7 @@ class DiffusionLM(L.LightningModule):
             from_scratch=False,
             tokenizer=None,
             mask_token=replace(self.backbone_cfg.mask_token, mode="reuse", id=net.mask_token_id),
+            compile=False, kernels="plain",  # how this run trained, not what a reader of the weights needs
         )
         checkpoint[CHECKPOINT_KEY]["backbone"] = asdict(restore)
 

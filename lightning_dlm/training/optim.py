@@ -86,6 +86,17 @@ def param_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fused_adamw(params) -> Optional[bool]:
+    """``fused=True`` (one multi-tensor CUDA kernel for the whole update, what torchtitan uses) when
+    every parameter is a floating-point CUDA tensor (DTensor shards of FSDP2 included); else None,
+    torch's default (the foreach implementation on CUDA, the loop on the CPU: the update a CPU run
+    or test has always made)."""
+    params = list(params)
+    if params and all(p.device.type == "cuda" and torch.is_floating_point(p) for p in params):
+        return True
+    return None
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: Optional[int]):
     """AdamW and a per-step LambdaLR; ``total_steps`` is required unless the schedule is constant."""
     if cfg.lr_schedule not in DECAYS:
@@ -95,9 +106,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: Optional[in
         raise DLMError(
             f"the {cfg.lr_schedule} lr schedule needs a length: set trainer.max_steps or model.optim.total_steps"
         )
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
-        fused=None,
-    )
+    groups = param_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
+                                  fused=fused_adamw([p for g in groups for p in g["params"]]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, total or 1))
     return optimizer, scheduler

@@ -6,7 +6,7 @@ replaced by the checkpoint's, and a config of another model width resumed withou
 resumed ``fit`` compares the checkpoint's hyper-parameters with the config, key by key:
 
 * options that may change (:data:`MUTABLE`: the optimiser and its learning-rate schedule, the
-  validation levels, how the backbone runs: attention kernel, gradient checkpointing, where the
+  validation levels, how the backbone runs: attention kernel, gradient checkpointing, compile, kernels, where the
   weights or tokenizer were read from) take the config's value, and each change is printed;
 * any other difference (model shape, objective, mask token, the noise seed) stops the run with a
   one-line error naming the key. (Data-order settings are checked by the datamodule.)
@@ -33,8 +33,11 @@ from lightning_dlm.io.safe_read import NO_TRUST_HINT, refusal_of
 #: Keys under ``model.`` that may differ from the checkpoint on resume (prefixes end with ".").
 MUTABLE = (
     "optim.", "val_t_levels", "backbone.attn_implementation", "backbone.gradient_checkpointing",
-    "backbone.pretrained", "backbone.tokenizer", "backbone.trust_remote_code",
+    "backbone.pretrained", "backbone.tokenizer", "backbone.trust_remote_code", "backbone.compile",
+    "backbone.kernels",
 )
+#: backbone options a checkpoint may predate, at the value it was trained with (how the backbone ran)
+BACKBONE_DEFAULTS = {"backbone.compile": False, "backbone.kernels": "plain"}
 
 Change = Tuple[str, Any, Any]
 
@@ -75,6 +78,7 @@ def compare_hparams(saved: Dict[str, Any], given: Dict[str, Any]) -> Tuple[List[
     old, new = flatten(_plain(saved)), flatten(_plain(given))
     # an option a checkpoint predates (e.g. diffusion.attention) was trained at its default
     defaults = flatten({"diffusion": _plain(asdict(DiffusionConfig()))}) if "diffusion" in _plain(saved) else {}
+    defaults.update(BACKBONE_DEFAULTS if "backbone" in _plain(saved) else {})
     allowed, refused = [], []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, defaults.get(key)), new.get(key)
