@@ -405,7 +405,10 @@ def hand_training_nelbo(module, batch, schedule, shift, anneal_ratio_=1.0):
     if anneal_ratio_ < 1.0:
         allowed = RandomAnnealMask(anneal_ratio_, derive_seed(module.seed, int(batch["index"]), 0, 2)).dense(x0.shape[1])
     with torch.no_grad():
-        logits = module.net(xt, attention_mask=batch.get("attention_mask"), allowed=allowed).double().tolist()
+        logits = module.net(xt, attention_mask=batch.get("attention_mask"), allowed=allowed).double()
+    if cfg.subs_on(module.net.mask_token_added):  # SUBS: the added mask token is no candidate of any target
+        logits[..., module.mask_token_id] = float("-inf")
+    logits = logits.tolist()
     total, _, scored = hand_nelbo(logits, x0.tolist(), masked, [hand_weight(schedule, v) for v in t], shift)
     targets = sum(map(sum, maskable))
     assert 0 < scored < targets  # some targets masked, some not: the normalizations and selections differ

@@ -64,6 +64,9 @@ def check_block_options(cfg) -> None:
     if cfg.complementary_masks and cfg.schedule != "linear":
         raise DLMError(f"complementary_masks needs the linear schedule (the complement of rate t is rate 1 - t), got "
                        f"schedule: {cfg.schedule}")
+    if cfg.complementary_masks and not cfg.eps < 0.5:
+        raise DLMError(f"complementary_masks draws t from [eps, 1 - eps] (both copies' times floored at eps): "
+                       f"model.diffusion.eps must be < 0.5, got {cfg.eps}")
     schedule = normalize_schedule(cfg.block_size_schedule)
     if not schedule:
         return
@@ -170,7 +173,8 @@ def corrupt_positions(x0: torch.Tensor, t_pos: torch.Tensor, mask_id: int, sched
 
 
 def complement(x0: torch.Tensor, masked: torch.Tensor, maskable: torch.Tensor, t_pos: torch.Tensor, mask_id: int):
-    """The complementary draw: the maskable slots not masked, at time 1 - t (linear schedule)."""
+    """The complementary draw: the maskable slots not masked, at time 1 - t (linear schedule). The
+    block objective draws t in [eps, 1 - eps] when it uses it, so 1 - t is floored at eps as t is."""
     other = maskable & ~masked
     return torch.where(other, torch.full_like(x0, mask_id), x0), other, 1.0 - t_pos
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from lightning_dlm.core.errors import DLMError
 
-NORMALIZATIONS = ("elbo", "masked")
+NORMALIZATIONS = ("elbo", "masked", "unweighted")
 
 
 @dataclass
@@ -28,6 +28,8 @@ class LossTerms:
             return self.weighted_sum / _at_least_one(self.num_targets)
         if normalization == "masked":
             return self.weighted_sum / self.num_scored.clamp_min(1)
+        if normalization == "unweighted":  # Fast-dLLM v2: the plain mean CE of the masked tokens, no w(t)
+            return self.ce_sum / self.num_scored.clamp_min(1)
         raise DLMError(f"unknown loss normalization '{normalization}': choose one of {NORMALIZATIONS}")
 
 
@@ -51,6 +53,24 @@ def scored_rows(x0: torch.Tensor, masked: torch.Tensor, shift: bool = True):
     return sources, x0[:, 1:][masked[:, 1:]]
 
 
+def drop_logit(logits: torch.Tensor, token_id: int) -> torch.Tensor:
+    """SUBS (MDLM, Sahoo et al. 2024; BD3-LM): ``logits`` (..., V) in float32 with the column
+    ``token_id`` (the added mask token) at -inf, so that the softmax runs over the other tokens.
+    Exact for the loss: no target is ever the mask token."""
+    out = logits.float().clone()
+    out[..., token_id] = float("-inf")
+    return out
+
+
+def drop_logit_ce(ce: torch.Tensor, target_logit: torch.Tensor, dropped_logit: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy (N,) with one column dropped from the softmax (:func:`drop_logit`), from the
+    full cross-entropy ``ce`` and the rows' logits of the target and of the dropped column (for a
+    fused cross-entropy that never materialises the logits):
+    ``log Z' = log Z + log(1 - p_drop)``, ``log Z = ce + z_target``, ``p_drop = exp(z_drop - log Z)``."""
+    log_p_drop = dropped_logit.float() - (ce.float() + target_logit.float())
+    return ce.float() + torch.log(-torch.expm1(log_p_drop))
+
+
 def loss_terms_from_rows(
     row_logits: torch.Tensor,
     targets: torch.Tensor,
@@ -60,11 +80,16 @@ def loss_terms_from_rows(
     """:class:`LossTerms` from the logits of the scored rows only (N, V), as given by
     :func:`scored_rows`; ``row_weights`` (N,) is w(t_b) of each row's sequence and
     ``num_targets`` the number of real target positions of the batch."""
-    ce = F.cross_entropy(row_logits.float(), targets, reduction="none")
+    return loss_terms_from_ce(F.cross_entropy(row_logits.float(), targets, reduction="none"), row_weights, num_targets)
+
+
+def loss_terms_from_ce(ce: torch.Tensor, row_weights: torch.Tensor, num_targets: Union[int, torch.Tensor]) -> LossTerms:
+    """:class:`LossTerms` from the cross-entropy (N,) of the scored rows (e.g. a fused
+    linear cross-entropy that never materialises the logits); as :func:`loss_terms_from_rows`."""
     return LossTerms(
         weighted_sum=(row_weights.float() * ce).sum(),
         ce_sum=ce.sum(),
-        num_scored=torch.tensor(targets.numel(), device=ce.device),
+        num_scored=torch.tensor(ce.numel(), device=ce.device),
         num_targets=num_targets,
     )
 

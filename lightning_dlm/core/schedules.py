@@ -177,19 +177,23 @@ def sample_t(
     method: str = "uniform",
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    high: float = 1.0,
 ) -> torch.Tensor:
-    """Draw one time per sequence in ``[eps, 1)``.
+    """Draw one time per sequence in ``[eps, high)`` (``high`` 1 unless a caller floors 1 - t too,
+    e.g. the complementary masks: ``high = 1 - eps``).
 
-    ``uniform``: i.i.d. U(eps, 1); ``antithetic``: pairs (u, 1 - u); ``stratified``: one draw in
-    each of ``batch_size`` equal strata. All three are unbiased for E_t; the last two lower the
-    variance of the batch estimate.
+    ``uniform``: i.i.d. U(eps, high); ``antithetic``: pairs (u, 1 - u) across the batch;
+    ``stratified``: one draw in each of ``batch_size`` equal strata. All three are unbiased for
+    E_t; the last two lower the variance of the batch estimate. Note: BD3-LM's ``antithetic``
+    option is what is called ``stratified`` here (its draws are (k + u) / n, one per stratum);
+    ours is the classic antithetic pairing.
     """
     if method not in T_SAMPLERS:
         raise DLMError(f"unknown t sampling '{method}': choose one of {sorted(T_SAMPLERS)}")
-    if not 0 <= eps < 1:
-        raise DLMError(f"eps must be in [0, 1), got {eps}")
+    if not 0 <= eps < high <= 1:
+        raise DLMError(f"t must be drawn from [eps, high) with 0 <= eps < high <= 1, got eps {eps}, high {high}")
     u = torch.rand(batch_size, generator=generator, device=device)
-    return eps + (1.0 - eps) * T_SAMPLERS[method](u)
+    return eps + (high - eps) * T_SAMPLERS[method](u)
 
 
 def t_grid(levels: int, eps: float = 1e-3) -> torch.Tensor:

@@ -33,7 +33,7 @@ from lightning_dlm.core.blocks import block_sources
 from lightning_dlm.core.corruption import maskable_positions
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.core.seeding import make_generator
-from lightning_dlm.evaluation.scoring import diffusion_row_nll
+from lightning_dlm.evaluation.scoring import diffusion_row_nll, subs_logits
 
 
 def _summary(estimates: torch.Tensor, tokens: int, bound: bool) -> Dict[str, float]:
@@ -133,7 +133,7 @@ def block_nelbo(net, blocks: torch.Tensor, block_size: int, shift: bool = True, 
                         weight[b, pick] = len(g) / k  # n_b * mean over the k masked = sum * n_b / k
                 xt = torch.where(masked, torch.full_like(x0, net.mask_token_id), x0)
                 sources, slots = block_sources(masked, block_size, shift)
-                logits = net.block_scored_logits(x0, xt, sources, block_size)
+                logits = subs_logits(net, net.block_scored_logits(x0, xt, sources, block_size))
                 row = sources.nonzero()[:, 0]
                 ce = F.cross_entropy(logits.float(), x0[row, slots], reduction="none").double().cpu()
                 w = weight[row.cpu(), slots.cpu()]

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_dlm.core.blocks import block_sources
-from lightning_dlm.core.loss import scored_rows
+from lightning_dlm.core.loss import drop_logit, scored_rows
+from lightning_dlm.objectives.base import subs_drop_id
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = 0) -> Iterator[List[int]]:
@@ -59,8 +60,16 @@ def diffusion_row_nll(net, x0: torch.Tensor, xt: torch.Tensor, masked: torch.Ten
     runs on the scored positions only when that is exact).
     """
     sources, targets = scored_rows(x0, masked, shift)
-    logits = net.scored_logits(xt, sources, attention_mask=attention_mask)
+    logits = subs_logits(net, net.scored_logits(xt, sources, attention_mask=attention_mask))
     return per_row_nll(logits, targets, sources, want_greedy)
+
+
+def subs_logits(net, logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` as the model's objective scores them: the added mask token's column at -inf when
+    SUBS is on (``net.diffusion.subs``, :func:`~lightning_dlm.objectives.base.subs_drop_id`)."""
+    diffusion = getattr(net, "diffusion", None)  # a stand-in model without a diffusion config: no SUBS
+    drop = None if diffusion is None else subs_drop_id(diffusion, net)
+    return logits if drop is None else drop_logit(logits, drop)
 
 
 def per_row_nll(logits: torch.Tensor, targets: torch.Tensor, sources: torch.Tensor, want_greedy: bool = False):
@@ -107,5 +116,5 @@ def block_row_nll(net, x0: torch.Tensor, xt: torch.Tensor, masked: torch.Tensor,
     """:func:`diffusion_row_nll` for a block model: per row, the
     CE sum of the masked tokens (each block given the clean blocks before it) and their count."""
     sources, slots = block_sources(masked, block_size, shift)
-    logits = net.block_scored_logits(x0, xt, sources, block_size, attention_mask)
+    logits = subs_logits(net, net.block_scored_logits(x0, xt, sources, block_size, attention_mask))
     return per_row_nll(logits, x0[sources.nonzero()[:, 0], slots], sources, want_greedy)

@@ -97,6 +97,12 @@ class GridObjective(Objective):
         return total / (levels * num_targets), int(num_targets)  # one host sync per batch: an int weight
 
 
+def subs_drop_id(diffusion: DiffusionConfig, net) -> Optional[int]:
+    """The token id SUBS leaves out of the softmax of every target's log-probability (the added
+    mask token), or None when SUBS is off (``diffusion.subs``; auto: on for an added mask token)."""
+    return net.mask_token_id if diffusion.subs_on(net.mask_token_added) else None
+
+
 #: ``model.objective`` name -> {``diffusion.attention`` it is for (None: any) -> Objective class}
 OBJECTIVES: Dict[str, Dict[Optional[str], Type[Objective]]] = {}
 

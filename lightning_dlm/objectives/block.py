@@ -19,22 +19,23 @@ import torch
 
 from lightning_dlm.core.blocks import block_size_at, block_sources, block_times, complement, corrupt_positions
 from lightning_dlm.core.corruption import maskable_positions
-from lightning_dlm.core.loss import loss_terms_from_rows
+from lightning_dlm.core.loss import drop_logit, loss_terms_from_rows
 from lightning_dlm.core.schedules import sample_t
 from lightning_dlm.core.seeding import make_generator
-from lightning_dlm.objectives.base import GridObjective, StepTerms, register_objective
+from lightning_dlm.objectives.base import GridObjective, StepTerms, register_objective, subs_drop_id
 
 
 def block_loss_terms(net, x0: torch.Tensor, t_pos: torch.Tensor, schedule, block_size: int, shift: bool = True,
                      generator=None, attention_mask: Optional[torch.Tensor] = None,
                      document_ids: Optional[torch.Tensor] = None, complementary: bool = False,
-                     protected: Optional[torch.Tensor] = None):
+                     protected: Optional[torch.Tensor] = None, drop_id: Optional[int] = None):
     """The block objective: returns ``(LossTerms, masked, maskable)``.
 
     ``t_pos`` (B, L) is the time of every position (per sequence or per block, see
     :func:`~lightning_dlm.core.blocks.block_times`); masks are drawn from ``generator``. With
     ``complementary`` the batch is doubled with the complementary masks at time 1 - t, and the
-    number of targets doubles with it (the loss is the mean of the two estimates).
+    number of targets doubles with it (the loss is the mean of the two estimates). ``drop_id``:
+    the token SUBS leaves out of the softmax (the added mask token), None = the full softmax.
     """
     maskable = maskable_positions(x0.shape, shift, attention_mask, protected=protected, device=x0.device)
     xt, masked, _ = corrupt_positions(x0, t_pos, net.mask_token_id, schedule, maskable, generator)
@@ -50,6 +51,8 @@ def block_loss_terms(net, x0: torch.Tensor, t_pos: torch.Tensor, schedule, block
         num_targets = 2 * num_targets
     sources, slots = block_sources(all_masked, block_size, shift)
     logits = net.block_scored_logits(ids0, xt, sources, block_size, pad, docs)
+    if drop_id is not None:
+        logits = drop_logit(logits, drop_id)
     row = sources.nonzero()[:, 0]
     targets = ids0[row, slots]
     weights = schedule.weight(times[row, slots].float())
@@ -67,14 +70,24 @@ class BlockObjective(GridObjective):
         x0 = batch["input_ids"]
         size = block_size_at(step, cfg.block_size, cfg.block_size_schedule)
         generator = make_generator(self.seed, counter, rank, device=x0.device)
-        draw = lambda n: sample_t(n, cfg.eps, cfg.t_sampling, generator, x0.device)  # noqa: E731
-        t_pos = block_times(x0.shape[0], x0.shape[1], size, cfg.block_t == "block", draw)
+        t_pos = self.train_times(x0.shape[0], x0.shape[1], size, generator, x0.device)
         terms, masked, maskable = block_loss_terms(net, x0, t_pos, self.schedule, size, cfg.shift, generator,
                                                    batch.get("attention_mask"), batch.get("document_ids"),
-                                                   cfg.complementary_masks, batch.get("prompt_mask"))
+                                                   cfg.complementary_masks, batch.get("prompt_mask"),
+                                                   subs_drop_id(cfg, net))
         return StepTerms(terms, masked, maskable, 1.0, {"train/block_size": float(size)})
+
+    def train_times(self, batch: int, length: int, block_size: int, generator=None, device=None) -> torch.Tensor:
+        """(B, L) training time of every position. t is in [eps, 1); with the complementary masks
+        it is in [eps, 1 - eps), so that the complementary copy's time 1 - t is floored at eps too
+        (its ELBO weight 1 / (1 - t) at most 1 / eps, as the primary copy's)."""
+        cfg = self.cfg
+        high = 1.0 - cfg.eps if cfg.complementary_masks else 1.0
+        draw = lambda n: sample_t(n, cfg.eps, cfg.t_sampling, generator, device, high=high)  # noqa: E731
+        return block_times(batch, length, block_size, cfg.block_t == "block", draw)
 
     def level_terms(self, net, x0, t, attention_mask, generator, document_ids, protected):
         """The sum over blocks of block NELBOs at time ``t`` (B,) for every position."""
         return block_loss_terms(net, x0, t[:, None].expand(x0.shape), self.schedule, self.cfg.block_size,
-                                self.cfg.shift, generator, attention_mask, document_ids, False, protected)[0]
+                                self.cfg.shift, generator, attention_mask, document_ids, False, protected,
+                                subs_drop_id(self.cfg, net))[0]

@@ -4,17 +4,19 @@ causal-to-bidirectional attention annealing.
 Its loss is the absorbing-state negative ELBO: every masked target position i is scored by
 w(t) * CE, w(t) = -alpha'(t) / (1 - alpha(t)), its prediction read at i - 1 with the shift (the
 AR alignment) or at i without. ``elbo`` normalisation divides the sum by the number of real
-target positions (padding and protected prompts excluded), ``masked`` by the number scored.
+target positions (padding and protected prompts excluded), ``masked`` by the number scored;
+``unweighted`` is the plain mean CE of the scored tokens (Fast-dLLM v2). With SUBS
+(``diffusion.subs``, on for an added mask token) the mask token's logit is left out of the softmax.
 """
 
 from __future__ import annotations
 
 from lightning_dlm.core.annealing import anneal_ratio, annealing_mask
 from lightning_dlm.core.corruption import corrupt, maskable_positions
-from lightning_dlm.core.loss import loss_terms_from_rows, scored_rows
+from lightning_dlm.core.loss import loss_terms_from_ce, scored_rows
 from lightning_dlm.core.schedules import sample_t
 from lightning_dlm.core.seeding import derive_seed, make_generator
-from lightning_dlm.objectives.base import GridObjective, StepTerms, register_objective
+from lightning_dlm.objectives.base import GridObjective, StepTerms, register_objective, subs_drop_id
 
 
 @register_objective("diffusion")
@@ -34,10 +36,10 @@ class DiffusionObjective(GridObjective):
         xt, masked = corrupt(x0, t, net.mask_token_id, self.schedule, maskable, generator)
         num_targets = maskable.sum()  # real target positions (no padding), a tensor: no host sync
         sources, targets = scored_rows(x0, masked, shift)
-        logits = net.scored_logits(xt, sources, attention_mask=attention_mask, allowed=allowed,
-                                   document_ids=document_ids)
+        ce = net.scored_ce(xt, sources, targets, attention_mask=attention_mask, allowed=allowed,
+                           document_ids=document_ids, drop_id=subs_drop_id(self.cfg, net))
         weights = self.schedule.weight(t.float()).to(x0.device)[:, None].expand_as(sources)[sources]
-        return loss_terms_from_rows(logits, targets, weights, num_targets), masked, maskable
+        return loss_terms_from_ce(ce, weights, num_targets), masked, maskable
 
     def train_terms(self, net, batch, *, step, counter, rank):
         """t and the masks drawn from (seed, counter, rank), the annealing mask a hash of its own

@@ -12,6 +12,11 @@ training; the block holding the end of the prompt is completed first):
   shift, its last position's logits predict the first slot of the next block (the first slot of
   a block reads the last clean token of the block before it, as in training).
 
+The first slot. A block's first undecided slot is decided by the strategy with the other slots
+(the default, ``first_slot="strategy"``); Fast-dLLM v2 instead commits it greedily (the argmax of
+its prediction from the last committed token) before the block's denoising:
+``first_slot="greedy"`` does that.
+
 ``kv_cache=False`` runs the same computation without a cache (every step over the whole
 committed prefix and the block, block-causal pattern): the reference the cached run equals
 token for token. ``sub_block`` decodes a block in sub-blocks left to right (Fast-dLLM v2);
@@ -33,7 +38,7 @@ row's generated region in the same columns (``Decoded.target_span``).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from transformers import Cache
@@ -41,6 +46,7 @@ from transformers import Cache
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.sampling.denoisers import copy_kv
 from lightning_dlm.sampling.engine import Decoded, DecodeRun, SamplerConfig, eos_done
+from lightning_dlm.sampling.static_blocks import StaticBlockPasses, check_static_shapes
 
 
 def _block_causal_mask(net, positions: torch.Tensor, real: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -83,12 +89,25 @@ class _Rows:
 def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: SamplerConfig, *, block_size: int,
                  schedule, seeds: Sequence[int], shift: bool = True, eos_id: Optional[int] = None, pad_id: int = 0,
                  suppress_ids: Sequence[int] = (), kv_cache: bool = True, sub_block: Optional[int] = None,
-                 sub_block_cache: bool = False) -> Decoded:
+                 sub_block_cache: bool = False, graphs: Union[bool, str, None] = False,
+                 first_slot: str = "strategy") -> Decoded:
     """Decode ``length`` tokens after every prefix (token ids, each at least one token with the
     shift). ``config.steps`` is the number of steps per block; ``config.block_size`` / ``cache``
     are not used here (the block size is ``block_size``; the cache is exact). Returns a
     :class:`~lightning_dlm.sampling.engine.Decoded` whose ``ids`` are the rows as a canvas
-    (left-padded with ``pad_id``, which also fills a row right of its EOS with ``stop_at_eos``)."""
+    (left-padded with ``pad_id``, which also fills a row right of its EOS with ``stop_at_eos``).
+
+    ``graphs``: True runs the passes over a static KV cache, compiled by inductor (CUDA graphs on a
+    GPU: :mod:`lightning_dlm.sampling.static_blocks`), with the same tokens as the eager decode; a
+    string names another ``torch.compile`` backend (``eager``: traced, no kernels generated; a quick
+    check), ``"none"`` the static cache run eagerly. It needs a fixed batch (refused in one line
+    otherwise).
+
+    ``first_slot``: ``strategy`` (default) decides a block's first undecided slot with the others,
+    by the strategy; ``greedy`` commits it first, the argmax of its prediction (read from the last
+    committed token) before the block's denoising steps, as Fast-dLLM v2's decoder does (its
+    ``batch_sample`` appends the argmax of the last position's logits as the next block's first
+    token). The greedy slot is not counted in ``stats.steps`` / ``committed_per_step``."""
     device = next(net.parameters()).device
     run = DecodeRun(config, schedule, seeds, len(prefixes), device, eos_id, suppress_ids)
     if not shift:
@@ -100,10 +119,19 @@ def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: Sa
         raise DLMError(f"sub_block {sub_block} must be >= 1 and divide the block size {block_size}")
     if sub_block_cache and (sub_block is None or not kv_cache):
         raise DLMError("sub_block_cache needs sub_block and the KV cache (kv_cache=True)")
+    if first_slot not in ("strategy", "greedy"):
+        raise DLMError(f"first_slot must be strategy or greedy (Fast-dLLM v2's argmax first slot), got '{first_slot}'")
     B, sub, n, stats, clean_logits = block_size, sub_block or block_size, len(prefixes), run.stats, run.clean
     rows = _Rows(prefixes, length, B, net.mask_token_id, device)
     active = list(range(n))
     cmax = max(rows.first_block)
+    static: Optional[StaticBlockPasses] = None  # graphs=True: the fixed-shape passes
+    if graphs:
+        check_static_shapes(rows.first_block, rows.last_block, stop_at_eos=config.stop_at_eos, kv_cache=kv_cache,
+                            sub_block=sub_block, sub_block_cache=sub_block_cache)
+        blocks = rows.last_block[0] - rows.first_block[0] + 1
+        backend = "inductor" if graphs is True else (None if graphs == "none" else str(graphs))
+        static = StaticBlockPasses(net, n, (cmax + blocks) * B, B, backend=backend)
 
     # --- prefill: the whole prompt blocks of every row (left-padded to cmax blocks) ---------------
     kv: Optional[Cache] = None  # the committed blocks' keys/values
@@ -118,13 +146,18 @@ def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: Sa
             ids[r, width - m:] = rows.tokens[r, :m]
             real[r, width - m:] = 1
         positions = (real.cumsum(1) - 1).clamp_min(0)
-        mask = _block_causal_mask(net, positions, real, B)
-        logits, kv = net.cached_forward(ids, mask, positions, torch.tensor([width - 1], device=device), use_cache=True)
+        if static is not None:
+            last = static.prefill(ids, real, positions)
+        else:
+            mask = _block_causal_mask(net, positions, real, B)
+            logits, kv = net.cached_forward(ids, mask, positions, torch.tensor([width - 1], device=device),
+                                            use_cache=True)
+            last = logits[:, -1]
         stats.forward_passes += 1
         stats.full_passes += 1
         stats.positions_computed += n * width
         kv_real = real
-        first = clean_logits(logits[:, -1])
+        first = clean_logits(last)
 
     k = 0
     pending: Optional[torch.Tensor] = None  # logits of the current block computed by the last commit pass
@@ -161,12 +194,19 @@ def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: Sa
                 stats.forward_passes += 1
                 if not kv_cache:
                     out = _uncached(net, rows, active, starts, block_ids, B, stats)
+                elif static is not None:
+                    out = _slot_aligned(static.denoise(block_ids, pos), first[idx])
+                    stats.positions_computed += block_ids.shape[0] * B
                 elif sub_block_cache and step > 0 and stale is not None:
                     out = _sub_cached(net, stale, kv_real, block_ids, pos, lo, hi, first[idx], stats)
                 else:
                     out, stale = _cached(net, kv, kv_real, block_ids, pos, first[idx], stats, keep_kv=sub_block_cache)
                 return clean_logits(out)
 
+            if first_slot == "greedy" and lo == 0:  # Fast-dLLM v2: the first undecided slot by argmax, first
+                at_zero = kv_cache and bool(block_open[:, 0].all())  # slot 0 reads the cached last token: no pass
+                _commit_first_greedy(block_ids, block_open, first[idx][:, None] if at_zero else logits_fn(0, allowed))
+                pending, stale = None, None  # the block changed
             run.denoise(block_ids, block_open, allowed, max(1, math.ceil(steps * sub / B)), logits_fn, rows=active,
                         on_commit=drop_pending, snapshot=snapshot)
         # --- the block is decided: write it back, stop rows at EOS / at their last block ----------
@@ -185,7 +225,13 @@ def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: Sa
         if keep and kv_cache:
             sel = torch.tensor(keep, device=device)
             clean, clean_pos = block_ids.index_select(0, sel), pos.index_select(0, sel)
-            if sub_block_cache:
+            if static is not None:  # the whole batch (fixed): commit and the next block's first pass
+                nxt = torch.stack([rows.tokens[active[j], starts[j] + B: starts[j] + 2 * B] for j in keep])
+                first_sel, pending = static.commit_and_next(clean, clean_pos, nxt)
+                stats.forward_passes += 1
+                stats.positions_computed += clean.shape[0] * 2 * B
+                pending = clean_logits(pending)
+            elif sub_block_cache:
                 kv, kv_real, first_sel = _commit(net, kv, kv_real, clean, clean_pos, sel, stats)
             else:  # one pass: commit this block and run the next block's first denoising step
                 nxt = torch.stack([rows.tokens[active[j], starts[j] + B: starts[j] + 2 * B] for j in keep])
@@ -196,6 +242,15 @@ def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: Sa
         active = [active[j] for j in keep]
         k += 1
     return run.finish(rows.canvas(pad_id), rows.span)
+
+
+def _commit_first_greedy(block_ids: torch.Tensor, block_open: torch.Tensor, logits: torch.Tensor) -> None:
+    """Commit every row's first undecided slot to the argmax of its slot-aligned ``logits`` (rows,
+    >= that slot + 1, V), in place (the strategy's suppressed ids already at -inf)."""
+    rows = torch.nonzero(block_open.any(1)).flatten()
+    col = block_open.int().argmax(1)[rows]
+    block_ids[rows, col] = logits[rows, col].argmax(-1)
+    block_open[rows, col] = False
 
 
 def _slot_aligned(query_logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,9 @@ def generate_blocks(net, tokenizer, prompts: Sequence[str], *, length: Optional[
     ``steps``: denoising steps per block at most (default the block size: one slot per step at
     least); ``strategy`` defaults to ``threshold`` (parallel decoding). Options beyond the
     strategy's: ``kv_cache`` (default True: the exact cache; False = the uncached reference),
-    ``sub_block`` and ``sub_block_cache`` (Fast-dLLM v2). Approximate caches (``prefix`` /
+    ``sub_block`` and ``sub_block_cache`` (Fast-dLLM v2), ``graphs`` (the passes over a static KV
+    cache, compiled: CUDA graphs on a GPU; the same tokens), ``first_slot`` (``strategy``, or ``greedy``:
+    Fast-dLLM v2's argmax first slot of every block). Approximate caches (``prefix`` /
     ``dual``) and suffixes (infilling) are refused: blocks are causal.
     """
     if cache not in (None, "none"):
@@ -223,6 +225,8 @@ def generate_blocks(net, tokenizer, prompts: Sequence[str], *, length: Optional[
     kv_cache = bool(strategy_options.pop("kv_cache", True))
     sub_block = strategy_options.pop("sub_block", None)
     sub_block_cache = bool(strategy_options.pop("sub_block_cache", False))
+    graphs = strategy_options.pop("graphs", False)
+    first_slot = strategy_options.pop("first_slot", "strategy")
     stop_at_eos = max_length is not None
     length = max_length if stop_at_eos else (64 if length is None else length)
     size = int(block_size if block_size is not None else net.diffusion.block_size)
@@ -254,7 +258,8 @@ def generate_blocks(net, tokenizer, prompts: Sequence[str], *, length: Optional[
         out = block_decode(net, prefixes, length, config, block_size=size, schedule=schedule, seeds=seeds,
                            shift=shift, eos_id=tokenizer.eos_token_id, pad_id=pad,
                            suppress_ids=suppressed_ids(net, tokenizer),
-                           kv_cache=kv_cache, sub_block=sub_block, sub_block_cache=sub_block_cache)
+                           kv_cache=kv_cache, sub_block=sub_block, sub_block_cache=sub_block_cache, graphs=graphs,
+                           first_slot=first_slot)
     finally:
         net.train(was_training)
     return Generation(texts=[tokenizer.decode(row) for row in out.tokens], token_ids=out.tokens,
