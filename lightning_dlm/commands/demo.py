@@ -61,6 +61,42 @@ def log_validations(trainer, before: float, after: float) -> Optional[str]:
     return log_dir
 
 
+def pretrained_causal_lm(config: str) -> Optional[str]:
+    """The config's ``model.backbone.pretrained`` when it is a local plain causal LM folder (no
+    ``diffusion_config.json``): the AR model the demo compares against; else None."""
+    from lightning_dlm.io.safe_read import is_exported_folder
+
+    backbone = ((OmegaConf.to_container(OmegaConf.load(config)).get("model") or {}).get("backbone") or {})
+    path = backbone.get("pretrained")
+    if isinstance(path, str) and os.path.isfile(os.path.join(path, "config.json")) and not is_exported_folder(path):
+        return path
+    return None
+
+
+def _fit(config: str, overrides: List[str], steps_override: List[str]):
+    """The fit's CLI object and its last checkpoint."""
+    fit = _run_cli(["fit", "--config", config, *overrides, *steps_override])
+    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    if not ckpt or not os.path.isfile(ckpt):
+        raise DLMError("the fit wrote no checkpoint: check checkpoint.every_n_train_steps and trainer.max_steps")
+    return fit, ckpt
+
+
+def _fresh(config: str, run_dir: Optional[str]) -> None:
+    ckpt_dir = checkpoint_dir(OmegaConf.to_container(OmegaConf.load(config)) if run_dir is None
+                              else {"trainer": {"default_root_dir": run_dir}})
+    if os.path.isdir(ckpt_dir):
+        # the demo starts over each time: it replaces its own earlier run, and only that
+        print(f"[demo] removing the previous demo checkpoints in {ckpt_dir}")
+        shutil.rmtree(ckpt_dir)
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
 def demo(
     config: str,
     prompt: str = DEFAULT_PROMPT,
@@ -74,11 +110,15 @@ def demo(
     block_size: Optional[int] = 8,
     max_steps: Optional[int] = None,
     run_dir: Optional[str] = None,
+    block_config: Optional[str] = None,
+    prompts: Optional[List[str]] = None,
+    speed_length: int = 256,
+    threshold: float = 0.9,
 ) -> None:
-    """Adapt, evaluate before/after, and sample.
+    """Adapt, evaluate before/after, and sample; beside the AR model it started from.
 
     Args:
-        config: experiment YAML (e.g. experiments/smollm2_shakespeare.yaml).
+        config: experiment YAML (e.g. experiments/micro/adapt.yaml, experiments/smollm2_shakespeare.yaml).
         prompt: prefix of the continuation sample.
         infill_prefix: text before the infilled region.
         infill_suffix: text after it.
@@ -90,66 +130,134 @@ def demo(
         block_size: decode left to right in blocks of this many tokens (None: the whole span at once).
             Confidence order in blocks of 8 is what read most like language at the demo's budget
             (experiments/demo_quality/RESULTS.md).
-        max_steps: override trainer.max_steps of the config.
+        max_steps: override trainer.max_steps of the config (and of block_config).
         run_dir: write logs and checkpoints here instead of the config's folders.
+        block_config: also adapt the same AR model in block mode with this YAML (e.g.
+            experiments/micro/adapt_block.yaml) and time its decoding against the AR model's.
+        prompts: more prompts for the side-by-side samples (default: just ``prompt``).
+        speed_length: tokens generated when timing decoding (batch 1).
+        threshold: the block model's parallel-decoding confidence threshold.
     """
     from lightning_dlm.model.diffusion_model import DiffusionModel
     from lightning_dlm.sampling import generate
 
-    if not os.path.isfile(config):
-        raise DLMError(f"config '{config}' does not exist: give a YAML under experiments/")
-    overrides: List[str] = []
-    if run_dir is not None:
-        overrides += ["--trainer.default_root_dir", run_dir]
-    ckpt_dir = checkpoint_dir(OmegaConf.to_container(OmegaConf.load(config)) if run_dir is None
-                              else {"trainer": {"default_root_dir": run_dir}})
-    if os.path.isdir(ckpt_dir):
-        # the demo starts over each time: it replaces its own earlier run, and only that
-        print(f"[demo] removing the previous demo checkpoints in {ckpt_dir}")
-        shutil.rmtree(ckpt_dir)
-    # the validations before and after write no logs of their own: their values go into the fit's
-    # TensorBoard run at the steps they stand for (0 and the last), beside the training curves
-    # (and no table of Lightning's: the demo says the value in its own words)
+    for path, what in ((config, "config"), (block_config, "block_config")):
+        if path is not None and not os.path.isfile(path):
+            raise DLMError(f"{what} '{path}' does not exist: give a YAML under experiments/")
+    if block_config is not None and run_dir is not None:
+        raise DLMError("run_dir applies to one config: drop run_dir when giving block_config (each config has its folder)")
+    ar_path = pretrained_causal_lm(config)
+    overrides: List[str] = ["--trainer.default_root_dir", run_dir] if run_dir is not None else []
+    for path in (config, block_config):
+        if path is not None:
+            _fresh(path, run_dir)
+    # the validations write no logs of their own: their values go into the fit's TensorBoard run at
+    # the steps they stand for (0 and the last), beside the training curves
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--verbose", "false", *overrides]
-    t0 = time.time()
-    print("[demo] 1/4 validating the pretrained model before adaptation (diffusion NELBO bound)")
-    before = _val_nelbo(_run_cli(["validate", "--config", config, *quiet]))
-    print(f"[demo] the pretrained model: val/nelbo {before:.3f}")
-    t1 = time.time()
-    print(f"[demo] 2/4 adapting it into a diffusion LM (dlm fit --config {config})")
     steps_override = ["--trainer.max_steps", str(max_steps)] if max_steps is not None else []
-    fit = _run_cli(["fit", "--config", config, *overrides, *steps_override])
-    ckpt = fit.trainer.checkpoint_callback.last_model_path
-    if not ckpt or not os.path.isfile(ckpt):
-        raise DLMError("the fit wrote no checkpoint: check checkpoint.every_n_train_steps and trainer.max_steps")
-    t2 = time.time()
-    print("[demo] 3/4 validating the adapted model")
+    stages = 4 + (ar_path is not None) + 2 * (block_config is not None)
+    stage = iter(range(1, stages + 1))
+    times = {}
+    t0 = time.time()
+    ar_nll = None
+    if ar_path is not None:
+        print(f"[demo] {next(stage)}/{stages} the AR model {ar_path}: exact NLL on the held-out text")
+        ar_nll = _val_nelbo(_run_cli(["validate", "--config", config, "--model.objective", "ar", *quiet]))
+        print(f"[demo] the AR model: val NLL {ar_nll:.3f} (perplexity {math.exp(min(ar_nll, 50)):,.1f})")
+    print(f"[demo] {next(stage)}/{stages} validating it as a diffusion LM before adaptation (NELBO bound)")
+    before = _val_nelbo(_run_cli(["validate", "--config", config, *quiet]))
+    print(f"[demo] before adaptation: val/nelbo {before:.3f}")
+    times["validate"] = time.time() - t0
+    t1 = time.time()
+    print(f"[demo] {next(stage)}/{stages} adapting it into a diffusion LM (dlm fit --config {config})")
+    fit, ckpt = _fit(config, overrides, steps_override)
+    times["fit"] = time.time() - t1
+    print(f"[demo] {next(stage)}/{stages} validating the adapted model")
     after = _val_nelbo(_run_cli(["validate", "--config", config, "--ckpt_path", ckpt, *quiet]))
     print(f"[demo] the adapted model: val/nelbo {after:.3f}")
     log_dir = log_validations(fit.trainer, before, after)
+    block_ckpt = block_after = None
+    if block_config is not None:
+        t2 = time.time()
+        print(f"[demo] {next(stage)}/{stages} adapting it in block mode (dlm fit --config {block_config})")
+        block_ckpt = _fit(block_config, [], steps_override)[1]
+        times["fit (block)"] = time.time() - t2
+        print(f"[demo] {next(stage)}/{stages} validating the block model")
+        block_after = _val_nelbo(_run_cli(["validate", "--config", block_config, "--ckpt_path", block_ckpt, *quiet]))
+        print(f"[demo] the block model: val/nelbo {block_after:.3f}")
     t3 = time.time()
-    print(f"[demo] 4/4 sampling from {ckpt}")
+    print(f"[demo] {next(stage)}/{stages} sampling")
     module = DiffusionModel.from_pretrained(ckpt)
-    decoding = dict(temperature=temperature, top_p=top_p, strategy=strategy, seed=0)
-    cont = generate(module, [prompt], length=length, steps=steps, block_size=block_size, **decoding)
-    fill = generate(module, [infill_prefix], suffixes=[infill_suffix], length=length // 2, steps=steps // 2,
-                    block_size=block_size if block_size and block_size <= length // 2 else None, **decoding)
-    t4 = time.time()
+    decoding = dict(temperature=temperature, top_p=top_p, seed=0)
+    every = [prompt, *[p for p in (prompts or []) if p != prompt]]
+    ar = block = None
+    if ar_path is not None:
+        from lightning_dlm.evaluation.evaluators import load_evaluator
+
+        ar = load_evaluator(ar_path, kind="ar")
+    if block_ckpt is not None:
+        block = DiffusionModel.from_pretrained(block_ckpt)
     bar = "=" * 72
     mark = span_marker(sys.stdout)
     how = f"{strategy} order" + (f" in blocks of {block_size}" if block_size else "")
-    print(f"\n{bar}\nContinuation ({length} tokens, {steps} steps, {how}, generated text {mark.legend}):\n{bar}")
-    print(f"{prompt}{mark(cont.texts[0])}")
-    print(f"\n{bar}\nInfilling ({length // 2} tokens between a fixed prefix and suffix):\n{bar}")
+    rows = []
+    for i, text in enumerate(every):
+        cont = generate(module, [text], length=length, steps=steps, block_size=block_size, strategy=strategy,
+                        **decoding)
+        shown = [("diffusion LM (full recipe)", cont.texts[0])]
+        if block is not None:
+            shown.append(("block diffusion LM", generate(block, [text], length=length, strategy="threshold",
+                                                         threshold=threshold, **decoding).texts[0]))
+        if ar is not None:
+            shown.insert(0, ("AR model (its own generate)", ar.generate([text], length, **decoding)[0]))
+        print(f"\n{bar}\nPrompt {i + 1}: {length} tokens each (diffusion: {steps} steps, {how}; generated text "
+              f"{mark.legend}):\n{bar}")
+        for name, sample in shown:
+            print(f"--- {name}\n{text}{mark(sample)}")
+        rows.append((text, shown))
+    fill = generate(module, [infill_prefix], suffixes=[infill_suffix], length=length // 2, steps=steps // 2,
+                    block_size=block_size if block_size and block_size <= length // 2 else None, strategy=strategy,
+                    **decoding)
+    print(f"\n{bar}\nInfilling ({length // 2} tokens between a fixed prefix and suffix; an AR model cannot):\n{bar}")
     print(f"{infill_prefix}{mark(fill.texts[0])}{infill_suffix}")
+    judged = {}
+    if ar is not None:
+        from lightning_dlm.evaluation.genppl import score_samples
+
+        names = [name for name, _ in rows[0][1]]
+        for j, name in enumerate(names):
+            judged[name] = score_samples(ar, [text for text, _ in rows], [shown[j][1] for _, shown in rows])
+    times["sample"] = time.time() - t3
+    speed = None
+    if block is not None and ar is not None:
+        t4 = time.time()
+        print(f"[demo] timing {speed_length} tokens at batch 1: the AR model's generate (KV cache) and the block model")
+        ar.generate([prompt], 8, **decoding)  # warm-up of both paths
+        generate(block, [prompt], length=16, strategy="threshold", threshold=threshold, **decoding)
+        _, ar_s = _timed(lambda: ar.generate([prompt], speed_length, **decoding))
+        out, block_s = _timed(lambda: generate(block, [prompt], length=speed_length, strategy="threshold",
+                                               threshold=threshold, **decoding))
+        speed = dict(ar_tps=speed_length / ar_s, block_tps=speed_length / block_s, passes=out.forward_passes)
+        times["speed"] = time.time() - t4
     print(f"\n{bar}\nSummary\n{bar}")
+    if ar_nll is not None:
+        print(f"AR model, exact NLL         : {ar_nll:8.3f}   (perplexity {math.exp(min(ar_nll, 50)):,.1f})")
     print(f"val/nelbo before adaptation : {before:8.3f}   (perplexity bound {math.exp(min(before, 50)):,.1f})")
-    print(f"val/nelbo after adaptation  : {after:8.3f}   (perplexity bound {math.exp(min(after, 50)):,.1f})")
-    print(f"checkpoint                  : {ckpt}")
+    ratio = f", {math.exp(min(after, 50)) / math.exp(min(ar_nll, 50)):.2f}x the AR perplexity" if ar_nll is not None else ""
+    print(f"val/nelbo after adaptation  : {after:8.3f}   (perplexity bound {math.exp(min(after, 50)):,.1f}{ratio})")
+    if block_after is not None:
+        print(f"block model, val/nelbo      : {block_after:8.3f}   (perplexity bound {math.exp(min(block_after, 50)):,.1f})")
+    for name, result in judged.items():
+        print(f"samples of the {name:<28}: gen. perplexity {result['gen_ppl']:7.1f} under the AR model, "
+              f"distinct-2 {result['distinct_2']:.3f}, entropy {result['entropy']:.2f} bits")
+    if speed is not None:
+        print(f"decoding {speed_length} tokens, batch 1 : AR generate {speed['ar_tps']:,.0f} tok/s ({speed_length} passes), "
+              f"block model {speed['block_tps']:,.0f} tok/s ({speed['passes']} passes, "
+              f"{speed_length / max(speed['passes'], 1):.1f} tokens a pass): {speed['block_tps'] / speed['ar_tps']:.2f}x")
+    print(f"checkpoint                  : {ckpt}" + (f"\nblock checkpoint            : {block_ckpt}" if block_ckpt else ""))
     if log_dir:
         print(f"tensorboard                 : tensorboard --logdir {log_dir}  (val/nelbo at step 0 = before)")
-    print(f"time: validate {t1 - t0:.0f}s, fit {t2 - t1:.0f}s, validate {t3 - t2:.0f}s, sample {t4 - t3:.0f}s, "
-          f"total {t4 - t0:.0f}s")
+    print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f", total {time.time() - t0:.0f}s")
 
 
 def demo_command(args: List[str]) -> None:

@@ -18,15 +18,16 @@ from lightning_dlm.io.export import check_out_dir
 from lightning_dlm.io.format import DTYPE_CHOICES
 from lightning_dlm.io.safe_read import is_exported_folder, require_exists
 from lightning_dlm.model.diffusion_model import DiffusionModel
-from lightning_dlm.model.pretrained import load_model
+from lightning_dlm.model.pretrained import load_model, save_causal_lm
 
 
 def export(ckpt: str, out: str, dtype: str = "keep", progress: Optional[Callable[[str], None]] = None,
-           trust_checkpoint: bool = False) -> str:
+           trust_checkpoint: bool = False, causal_lm: bool = False) -> str:
     """Write the model of ``ckpt`` (a ``.ckpt`` or sharded checkpoint folder from ``dlm fit``) as a
     Hugging Face folder ``out`` (new or empty). ``dtype``: ``keep`` (the checkpoint's), ``float32``
     or ``bfloat16``. ``progress`` receives one line per stage. ``trust_checkpoint``: unpickle the
     checkpoint in full (code in it can run); by default only tensors and plain data are read.
+    ``causal_lm``: write an AR run's model as a plain transformers causal LM folder instead.
     The model is assembled on the meta device from the checkpoint's own tensors, and the folder
     written under a temporary name and renamed at the end. Returns ``out``."""
     say = progress or (lambda line: None)
@@ -44,6 +45,8 @@ def export(ckpt: str, out: str, dtype: str = "keep", progress: Optional[Callable
     say(f"model: {model.config.model_type}, {n_params / 1e6:.2f}M parameters, "
         f"{str(model.model.dtype).replace('torch.', '')}, mask token {model.mask_token_id} "
         f"({'added' if model.mask_token_added else 'reused'})")
+    if causal_lm:
+        return save_causal_lm(model, out, progress=say)
     return model.save_pretrained(out, progress=say)
 
 
@@ -52,7 +55,7 @@ def _progress(line: str) -> None:
 
 
 def export_checkpoint(ckpt: str, out: str, dtype: Literal["keep", "float32", "bfloat16"] = "keep",
-                      trust_checkpoint: bool = False) -> None:
+                      causal_lm: bool = False, trust_checkpoint: bool = False) -> None:
     """Export a lightning_dlm checkpoint as a Hugging Face folder (safetensors weights, config,
     tokenizer with the mask token, diffusion_config.json).
 
@@ -60,10 +63,12 @@ def export_checkpoint(ckpt: str, out: str, dtype: Literal["keep", "float32", "bf
         ckpt: a .ckpt file or a sharded checkpoint folder written by `dlm fit`.
         out: the folder to write (must not exist, or be empty).
         dtype: dtype of the exported weights: keep (the checkpoint's), float32 or bfloat16.
+        causal_lm: write the model of an AR run (model.objective: ar) as a plain transformers causal
+            LM folder (no diffusion_config.json), a pretrained model for model.backbone.pretrained.
         trust_checkpoint: unpickle the checkpoint in full, which runs any code in it: only for a file
             whose author you trust (by default only tensors and plain data are read).
     """
-    export(ckpt, out, dtype=dtype, progress=_progress, trust_checkpoint=trust_checkpoint)
+    export(ckpt, out, dtype=dtype, progress=_progress, trust_checkpoint=trust_checkpoint, causal_lm=causal_lm)
 
 
 def export_command(args: List[str]) -> None:

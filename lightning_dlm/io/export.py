@@ -29,12 +29,13 @@ def check_out_dir(out: str) -> None:
         raise DLMError(f"output path '{out}' is a file: give a new or empty folder (nothing was written)")
 
 
-def write_export_folder(out: str, model, tokenizer, config: Dict[str, Any],
+def write_export_folder(out: str, model, tokenizer, config: Optional[Dict[str, Any]],
                         progress: Optional[Callable[[str], None]] = None) -> str:
     """Write the export format into ``out`` (new or empty): the transformers ``model``
     (safetensors), the ``tokenizer`` (naming the mask token) and ``config`` as
     ``diffusion_config.json``. Written under a temporary name beside ``out`` and renamed at the
-    end, so a failure leaves nothing half-written."""
+    end, so a failure leaves nothing half-written. ``config=None`` writes a plain transformers
+    causal LM folder (no ``diffusion_config.json``): what ``model.backbone.pretrained`` adapts."""
     say = progress or (lambda line: None)
     out = os.path.abspath(out)
     check_out_dir(out)
@@ -46,10 +47,11 @@ def write_export_folder(out: str, model, tokenizer, config: Dict[str, Any],
         say(f"writing {out}")
         model.save_pretrained(staging, max_shard_size="5GB")
         tokenizer.save_pretrained(staging)
-        with open(os.path.join(staging, EXPORT_CONFIG), "w", encoding="utf-8") as fh:
-            json.dump(config, fh, indent=2)
-            fh.write("\n")
-        _check_saved_tokenizer(staging, config["mask_token_id"])
+        if config is not None:
+            with open(os.path.join(staging, EXPORT_CONFIG), "w", encoding="utf-8") as fh:
+                json.dump(config, fh, indent=2)
+                fh.write("\n")
+            _check_saved_tokenizer(staging, config["mask_token_id"])
         _readable_like_siblings(staging)
         check_out_dir(out)  # again: something may have appeared there meanwhile
         try:
