@@ -92,6 +92,25 @@ def fsdp_clipping_check(rank: int, world: int, max_norm: float = 0.05) -> dict:
             "clipped_norm": torch.linalg.vector_norm(torch.stack([g.norm() for g in clipped.values()])).item()}
 
 
+def tiny_module_and_data(batch_size: int):
+    """The tiny LLaMA diffusion module and the fixture corpus the multi-process checks train."""
+    from lightning_dlm.core.config import DiffusionConfig
+    from lightning_dlm.data.datamodule import TextDataModule
+    from lightning_dlm.data.sources import CorpusSource
+    from lightning_dlm.model import BackboneConfig, MaskTokenConfig
+    from lightning_dlm.training.module import DiffusionLM
+    from tests.conftest import TINY_CORPUS, TINY_TOKENIZER
+
+    model = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0,
+                 eos_token_id=0)
+    module = DiffusionLM(backbone=BackboneConfig(config=model, tokenizer=TINY_TOKENIZER, mask_token=MaskTokenConfig()),
+                         diffusion=DiffusionConfig(anneal_steps=3))
+    data = TextDataModule(train=[CorpusSource(path=TINY_CORPUS, sample_by="paragraph")], tokenizer=TINY_TOKENIZER,
+                          seq_len=32, batch_size=batch_size)
+    return module, data
+
+
 def cpu_fsdp_strategy(**kwargs):
     """Lightning's FSDPStrategy on CPU processes. Lightning refuses FSDP without CUDA (a subclass
     passes its check) and wraps with ``device_id=root_device.index`` (None on a CPU, which FSDP
@@ -119,11 +138,6 @@ def lightning_fsdp_check(out_dir: str, max_norm: float = 0.05) -> dict:
     import lightning as L
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from lightning_dlm.core.config import DiffusionConfig
-    from lightning_dlm.data import CorpusSource, TextDataModule
-    from lightning_dlm.model import BackboneConfig, MaskTokenConfig
-    from lightning_dlm.training.module import DiffusionLM
-    from tests.conftest import TINY_CORPUS, TINY_TOKENIZER
 
     class Record(L.Callback):
         """Per-step loss and the global gradient norm before and after clipping (FSDP's own norm)."""
@@ -139,13 +153,7 @@ def lightning_fsdp_check(out_dir: str, max_norm: float = 0.05) -> dict:
             self.after.append(trainer.strategy.model.clip_grad_norm_(float("inf")).item())
 
     def fit(steps, callbacks, ckpt_path=None):
-        model = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0,
-                     eos_token_id=0)
-        module = DiffusionLM(backbone=BackboneConfig(config=model, tokenizer=TINY_TOKENIZER, mask_token=MaskTokenConfig()),
-                             diffusion=DiffusionConfig(anneal_steps=3))
-        data = TextDataModule(train=[CorpusSource(path=TINY_CORPUS, sample_by="paragraph")], tokenizer=TINY_TOKENIZER,
-                              seq_len=32, batch_size=4)
+        module, data = tiny_module_and_data(batch_size=4)
         strategy = cpu_fsdp_strategy(auto_wrap_policy={LlamaDecoderLayer}, activation_checkpointing_policy={LlamaDecoderLayer},
                                    state_dict_type="sharded")
         trainer = L.Trainer(default_root_dir=out_dir, max_steps=steps, accelerator="cpu", devices=2, strategy=strategy,

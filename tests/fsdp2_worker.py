@@ -102,15 +102,11 @@ def equal_check(out_dir: str, *_, steps: int = 3, max_norm: float = 0.05) -> dic
 def lightning_check(out_dir: str, *_, max_norm: float = 0.05) -> dict:
     import lightning as L
 
-    from lightning_dlm.core.config import DiffusionConfig
     from lightning_dlm.core.errors import DLMError
-    from lightning_dlm.data import CorpusSource, TextDataModule
-    from lightning_dlm.model import BackboneConfig, MaskTokenConfig
     from lightning_dlm.training.callbacks import TrainingThroughput
     from lightning_dlm.training.distributed import global_grad_norm
     from lightning_dlm.training.fsdp2 import FSDP2Strategy
-    from lightning_dlm.training.module import DiffusionLM
-    from tests.conftest import TINY_CORPUS, TINY_TOKENIZER
+    from tests.ddp_worker import tiny_module_and_data
 
     class Record(L.Callback):
         def __init__(self):
@@ -125,13 +121,7 @@ def lightning_check(out_dir: str, *_, max_norm: float = 0.05) -> dict:
             self.local = sum(p.to_local().numel() for p in pl_module.net.parameters())
 
     def fit(steps, callbacks, ckpt_path=None, devices=2):
-        model = dict(model_type="llama", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0,
-                     eos_token_id=0)
-        module = DiffusionLM(backbone=BackboneConfig(config=model, tokenizer=TINY_TOKENIZER, mask_token=MaskTokenConfig()),
-                             diffusion=DiffusionConfig(anneal_steps=3))
-        data = TextDataModule(train=[CorpusSource(path=TINY_CORPUS, sample_by="paragraph")], tokenizer=TINY_TOKENIZER,
-                              seq_len=32, batch_size=3)
+        module, data = tiny_module_and_data(batch_size=3)
         strategy = FSDP2Strategy(param_dtype=None, reduce_dtype=None, activation_checkpointing=True, global_batch_size=4)
         trainer = L.Trainer(default_root_dir=out_dir, max_steps=steps, accelerator="cpu", devices=devices, strategy=strategy,
                             gradient_clip_val=max_norm, logger=False, enable_progress_bar=False,
