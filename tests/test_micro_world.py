@@ -302,7 +302,9 @@ def test_a_seq_len_beyond_the_micro_models_positions_is_one_line(tmp_path, capsy
     from lightning_dlm.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
+        corpus = os.path.join(REPO, "data", "fixtures", "tiny_corpus.txt")  # the test needs no assets/
         main(["fit", "--config", os.path.join(MICRO, "adapt.yaml"), "--data.seq_len", "1024",
+              "--data.train", json.dumps([{"path": corpus}]), "--data.val", json.dumps([{"path": corpus}]),
               "--trainer.default_root_dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code != 0 and len(err) == 1, err

@@ -45,6 +45,23 @@ def test_a_two_arm_sweep_runs_then_skips_both_arms(tmp_path, capsys):
     assert len(capsys.readouterr().out.strip().splitlines()) == 3  # header + 2 arms
 
 
+def wait_for_lock_release(path, limit_s: float = 60.0) -> None:
+    """Until no process holds the run lock at ``path``: SIGKILL is delivered at once, but a killed
+    grandchild releases its files when the kernel has torn it down, which a loaded box delays."""
+    import fcntl
+
+    deadline = time.time() + limit_s
+    while time.time() < deadline:
+        with open(path, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                time.sleep(0.2)
+    raise AssertionError(f"{path} still locked {limit_s:.0f} s after the kill")
+
+
 def test_an_interrupted_sweep_resumes_the_unfinished_arm(tmp_path):
     longer = dict(SHORT, **{"trainer.max_steps": 60, "checkpoint.every_n_train_steps": 5,
                             "trainer.val_check_interval": 30})
@@ -59,6 +76,7 @@ def test_an_interrupted_sweep_resumes_the_unfinished_arm(tmp_path):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the arm's dlm fit
     proc.wait()
+    wait_for_lock_release(out / "second" / ".dlm.lock")  # the killed dlm fit (not our child) exits on its own time
     assert (out / "first" / "DONE").is_file() and not (out / "second" / "DONE").exists() and last.exists()
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
