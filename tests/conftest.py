@@ -138,3 +138,17 @@ def _fail_on_our_deprecations():
         unique = list(dict.fromkeys(recorder.found))
         pytest.fail("a deprecated API called by our code (fix the call):\n  " + "\n  ".join(unique), pytrace=False)
     return result
+
+
+@pytest.fixture(autouse=True)
+def restore_sigint():
+    """Every test leaves SIGINT as it found it. An in-process fit (``main(["fit", ...])``, the demo)
+    lets Lightning install its own SIGINT handling, and a subprocess started later inherits an
+    ignored SIGINT, so Ctrl-C tests of other files running after it in the same worker never see
+    the interrupt."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    if signal.getsignal(signal.SIGINT) is not handler:
+        signal.signal(signal.SIGINT, handler)
