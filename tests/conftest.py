@@ -152,3 +152,12 @@ def restore_sigint():
     yield
     if signal.getsignal(signal.SIGINT) is not handler:
         signal.signal(signal.SIGINT, handler)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child whose Ctrl-C a test sends: SIGINT at its default, whatever this test
+    process inherited or a library here set (an ignored SIGINT is inherited across exec, and Python
+    then leaves it ignored)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

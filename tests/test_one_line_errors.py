@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lightning_dlm.cli import main
-from tests.conftest import REPO, TINY_TOKENIZER
+from tests.conftest import REPO, TINY_TOKENIZER, default_sigint
 from tests.test_safe_loading import crafted_files, debug_ckpt  # noqa: F401 - debug_ckpt: the module's fixture
 
 DEBUG = os.path.join(REPO, "experiments", "debug.yaml")
@@ -118,7 +118,8 @@ def chat_folder(tmp_path_factory):
 
 def spawn_chat(pexpect, folder, *extra):
     return pexpect.spawn(sys.executable, ["-c", SLOW_CHAT, "chat", "--ckpt", folder, "--max_length", "4", "--device",
-                                          "cpu", *extra], cwd=REPO, env=child_env(), timeout=120, encoding="utf-8")
+                                          "cpu", *extra], cwd=REPO, env=child_env(), timeout=120, encoding="utf-8",
+                         preexec_fn=default_sigint)
 
 
 def test_ctrl_c_in_chat_mid_reply_and_at_the_prompt(chat_folder):

@@ -30,7 +30,7 @@ from lightning_dlm.cli import main
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.training import runs
 from lightning_dlm.training.runs import LOCK_NAME, RunLock, existing_checkpoints, launching_rank, lock_run
-from tests.conftest import REPO
+from tests.conftest import REPO, default_sigint
 from tests.test_sweep import SHORT, write_grid
 
 DEBUG = os.path.join(REPO, "experiments", "debug.yaml")
@@ -304,7 +304,7 @@ def test_ctrl_c_in_a_sweep_is_one_line_and_the_arm_resumes_after_the_sweep_moved
     command = [sys.executable, "-m", "lightning_dlm", "sweep", "--config", DEBUG, "--grid", grid]
     log = open(tmp_path / "sweep.err", "w+")
     proc = subprocess.Popen(command + ["--out", str(out)], cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=log,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
     last = out / "second" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.exists() and time.time() < deadline and proc.poll() is None:
