@@ -19,7 +19,7 @@ from lightning_dlm.core.config import DiffusionConfig
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.model import BackboneConfig, MaskTokenConfig
 from lightning_dlm.model import compiled as compiled_mod
-from lightning_dlm.model.compiled import check_compile_support, decoder_layers
+from lightning_dlm.model.compiled import check_compile_support, compiled_layers
 from lightning_dlm.model.fused_kernels import check_liger
 from lightning_dlm.training.module import DiffusionLM
 from lightning_dlm.training.optim import OptimConfig, build_optimizer, fused_adamw
@@ -61,7 +61,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients():
     compiled = module(compile=True)
     compiled.configure_model()
     compiled.net.load_state_dict(eager.net.state_dict())
-    layers = decoder_layers(compiled.net.model)
+    layers = compiled_layers(compiled.net.model)
     assert len(layers) == 2 and all(layer._compiled_call_impl is not None for layer in layers)
     assert list(compiled.net.state_dict()) == list(eager.net.state_dict())  # the eager names: checkpoints unchanged
     ids = torch.randint(1, 500, (2, 32), generator=torch.Generator().manual_seed(1))

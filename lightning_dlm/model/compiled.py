@@ -23,27 +23,16 @@ import torch
 from torch import nn
 
 from lightning_dlm.core.errors import DLMError
+from lightning_dlm.model.layers import decoder_layer_classes, decoder_layers
 
 #: the C++ compilers inductor looks for on the CPU (``CXX`` first, as inductor does)
 CPU_COMPILERS = ("g++", "clang++", "c++")
 
 
-def decoder_layers(model: nn.Module) -> List[nn.Module]:
-    """The repeated decoder layers of a transformers causal LM: the ``nn.ModuleList`` of the decoder
-    (``model.get_decoder()``) holding ``num_hidden_layers`` modules (LLaMA's ``model.layers``,
-    GPT-2's ``transformer.h``, ...); a PEFT-wrapped model is searched through its base model."""
-    config = getattr(model, "config", None)
-    count = None
-    if config is not None:
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        count = getattr(text, "num_hidden_layers", None)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    lists = [m for m in decoder.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    for modules in lists:
-        if count is None or len(modules) == count:
-            return list(modules)
-    raise DLMError(f"found no list of {count} decoder layers in {type(model).__name__}: set backbone.compile: false "
-                   f"for this model family")
+def compiled_layers(model: nn.Module) -> List[nn.Module]:
+    """The decoder layers regional compilation compiles: the same units FSDP shards, the instances of
+    the model's own ``_no_split_modules`` classes (:mod:`lightning_dlm.model.layers`)."""
+    return decoder_layers(model, decoder_layer_classes(model, option="backbone.compile"))
 
 
 def cpu_compiler() -> str:
@@ -78,7 +67,7 @@ def compile_decoder_layers(model: nn.Module, device, backend: str = "inductor") 
     (``eager`` traces without generating kernels: the benchmarks' quick CPU check)."""
     if backend == "inductor":
         check_compile_support(device)
-    layers = decoder_layers(model)
+    layers = compiled_layers(model)
     for layer in layers:
         layer.compile(backend=backend)
     return len(layers)
