@@ -207,6 +207,69 @@ def test_cached_block_sampler_equals_uncached_token_for_token(tokenizer, strateg
     assert alone.token_ids[0] == cached.token_ids[1]  # a prompt decodes the same alone as in a batch
 
 
+def test_no_shift_cached_block_sampler_equals_uncached_token_for_token(tokenizer):
+    """BD3LM's convention (slot i read from position i itself): the cached decode, the uncached one,
+    the static-cache passes and the sub-block cache agree, and a row decodes the same alone."""
+    net = tiny_net(4, impl="sdpa", vocab=len(tokenizer) + 1, tokenizer=tokenizer, shift=False)
+    with torch.no_grad():
+        net.model.lm_head.weight.mul_(40.0)
+    prompts = ["the cat", "a much longer prompt that spans more than one block", "x"]
+    for strategy, temperature in (("threshold", 0.0), ("random", 0.9)):
+        kw = dict(length=13, strategy=strategy, temperature=temperature, seed=3)
+        cached, uncached = generate(net, prompts, **kw), generate(net, prompts, kv_cache=False, **kw)
+        assert cached.token_ids == uncached.token_ids, strategy
+        assert generate(net, prompts[1:2], **kw).token_ids[0] == cached.token_ids[1]
+        assert net.mask_token_id not in sum(cached.token_ids, [])
+    same = dict(length=8, strategy="confidence", temperature=0.0, seed=1)
+    assert generate(net, ["the cat"], graphs="none", **same).token_ids == generate(net, ["the cat"], **same).token_ids
+    approx = generate(net, ["the cat", "x"], length=9, sub_block=2, sub_block_cache=True, seed=1)
+    assert [len(r) for r in approx.token_ids] == [9, 9] and net.mask_token_id not in sum(approx.token_ids, [])
+
+
+def reference_no_shift_decode(net, prompt, length, B):
+    """Greedy confidence decoding, one slot a step, written from the equations with no cache: at
+    every step the whole sequence so far (committed tokens, then the current block with masks in its
+    undecided slots, the last block filled to its end with masks) runs under the block-causal mask;
+    slot i's distribution is the logits at
+    position i (no shift); the most probable undecided slot of the block gets its argmax token."""
+    end = len(prompt) + length
+    tokens = list(prompt) + [net.mask_token_id] * (-(-end // B) * B - len(prompt))  # whole blocks of masks
+    for start in range(len(prompt) // B * B, end, B):
+        while True:
+            open_slots = [i for i in range(start, min(start + B, end)) if i >= len(prompt)
+                          and tokens[i] == net.mask_token_id]
+            if not open_slots:
+                break
+            width = start + B
+            pos = torch.arange(width)
+            allowed = (pos[None, :] // B) <= (pos[:, None] // B)
+            mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+            with torch.no_grad():
+                logits = net.model(input_ids=torch.tensor([tokens[:width]]), attention_mask=mask[None, None],
+                                   position_ids=pos[None]).logits[0].float()
+            logits[:, net.mask_token_id] = float("-inf")
+            probs = logits.softmax(-1)
+            best = max(open_slots, key=lambda i: float(probs[i].max()))
+            tokens[best] = int(probs[best].argmax())
+    return tokens[len(prompt):end]
+
+
+@pytest.mark.parametrize("prompt", [[5, 6, 7], [5, 6, 7, 8, 9, 10, 11, 12], []])  # mid-block, aligned, empty
+def test_no_shift_block_decoding_is_the_reference_loop(prompt):
+    """Catches a shift left in the no-shift path (slot i read from query i - 1) or a block read
+    from the wrong queries: the cached decoder must give the test's own loop token for token."""
+    net = tiny_net(4, impl="sdpa", shift=False)
+    with torch.no_grad():
+        net.model.lm_head.weight.mul_(20.0)
+    config = SamplerConfig(steps=4, temperature=0.0, strategy="confidence")
+    out = block_decode(net, [prompt], 10, config, block_size=4, schedule=get_schedule("linear"), seeds=[0],
+                       shift=False, suppress_ids=(net.mask_token_id,))
+    assert out.tokens[0] == reference_no_shift_decode(net, prompt, 10, 4)
+    shifted = block_decode(net, [prompt or [3]], 10, config, block_size=4, schedule=get_schedule("linear"),
+                           seeds=[0], shift=True, suppress_ids=(net.mask_token_id,))
+    assert shifted.tokens[0] != out.tokens[0]  # the two conventions read different logits
+
+
 def test_block_sampler_stops_rows_at_eos(tokenizer):
     net = tiny_net(4, impl="sdpa", vocab=len(tokenizer) + 1, tokenizer=tokenizer)
     eos = tokenizer.eos_token_id

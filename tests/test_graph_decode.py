@@ -21,12 +21,12 @@ B = 4
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]]  # equal lengths: the same blocks per row
 
 
-def block_net(device="cpu", seed=0):
+def block_net(device="cpu", seed=0, shift=True):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa")
     net = DiffusionModel(LlamaForCausalLM(cfg).eval(), 96, False, attn_implementation="sdpa",
-                         diffusion=DiffusionConfig(attention="block", block_size=B).check())
+                         diffusion=DiffusionConfig(attention="block", block_size=B, shift=shift).check())
     return net.to(device)
 
 
@@ -34,17 +34,19 @@ def decode(net, prefixes=PROMPTS, length=12, strategy="confidence", temperature=
     config = SamplerConfig(steps=steps, temperature=temperature, strategy=strategy,
                            stop_at_eos=kw.pop("stop_at_eos", False))
     return block_decode(net, prefixes, length, config, block_size=B, schedule=get_schedule("linear"),
-                        seeds=list(range(1, len(prefixes) + 1)), **kw)
+                        seeds=list(range(1, len(prefixes) + 1)), shift=net.shift, **kw)
 
 
-@pytest.mark.parametrize("strategy, temperature, prefixes", [
-    ("confidence", 0.0, PROMPTS),
-    ("random", 0.9, PROMPTS),
-    ("threshold", 0.0, [[3, 4]]),  # a prompt shorter than a block: no prefill pass
-    ("confidence", 0.0, [[3, 4, 5, 6, 7, 8, 9, 10, 11]]),  # a prompt ending mid-block
+@pytest.mark.parametrize("strategy, temperature, prefixes, shift", [
+    ("confidence", 0.0, PROMPTS, True),
+    ("random", 0.9, PROMPTS, True),
+    ("threshold", 0.0, [[3, 4]], True),  # a prompt shorter than a block: no prefill pass
+    ("confidence", 0.0, [[3, 4, 5, 6, 7, 8, 9, 10, 11]], True),  # a prompt ending mid-block
+    ("confidence", 0.0, PROMPTS, False),  # BD3LM's convention: slot i from query i
+    ("random", 0.9, [[3, 4, 5, 6, 7, 8, 9, 10, 11]], False),
 ])
-def test_the_static_cache_passes_give_the_dynamic_cache_tokens(strategy, temperature, prefixes):
-    net = block_net()
+def test_the_static_cache_passes_give_the_dynamic_cache_tokens(strategy, temperature, prefixes, shift):
+    net = block_net(shift=shift)
     eager = decode(net, prefixes, strategy=strategy, temperature=temperature)
     static = decode(net, prefixes, strategy=strategy, temperature=temperature, graphs="none")
     assert torch.equal(static.ids, eager.ids)

@@ -12,6 +12,13 @@ training; the block holding the end of the prompt is completed first):
   shift, its last position's logits predict the first slot of the next block (the first slot of
   a block reads the last clean token of the block before it, as in training).
 
+The shift. With it (``shift=True``: Fast-dLLM v2, our own block models) slot i of a block reads
+the logits of position i - 1, so a block's first slot comes from the previous block's last clean
+position (computed by the commit pass). Without it (``shift=False``: BD3LM, dllm's Tiny-A2D BD3LM)
+slot i reads position i itself, a mask while undecided, so every slot of a block comes from the
+block's own queries; the prompt may then be empty. Only the pass helpers below (which queries'
+logits they keep, :func:`_slot_queries`, and how they align them, :func:`_aligned`) depend on it.
+
 The first slot. A block's first undecided slot is decided by the strategy with the other slots
 (the default, ``first_slot="strategy"``); Fast-dLLM v2 instead commits it greedily (the argmax of
 its prediction from the last committed token) before the block's denoising:
@@ -110,10 +117,8 @@ def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: Sa
     token). The greedy slot is not counted in ``stats.steps`` / ``committed_per_step``."""
     device = next(net.parameters()).device
     run = DecodeRun(config, schedule, seeds, len(prefixes), device, eos_id, suppress_ids)
-    if not shift:
-        raise DLMError("block decoding reads every slot from the position before it (the shift): this model was "
-                       "trained without it (diffusion.shift: false); train block models with shift: true")
-    if any(len(x) == 0 for x in prefixes):
+    shift = bool(shift)
+    if shift and any(len(x) == 0 for x in prefixes):
         raise DLMError("with the shift, every prompt needs at least one token (a BOS) to predict from")
     if sub_block is not None and (sub_block < 1 or block_size % sub_block):
         raise DLMError(f"sub_block {sub_block} must be >= 1 and divide the block size {block_size}")
@@ -131,7 +136,7 @@ def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: Sa
                             sub_block=sub_block, sub_block_cache=sub_block_cache)
         blocks = rows.last_block[0] - rows.first_block[0] + 1
         backend = "inductor" if graphs is True else (None if graphs == "none" else str(graphs))
-        static = StaticBlockPasses(net, n, (cmax + blocks) * B, B, backend=backend)
+        static = StaticBlockPasses(net, n, (cmax + blocks) * B, B, backend=backend, shift=shift)
 
     # --- prefill: the whole prompt blocks of every row (left-padded to cmax blocks) ---------------
     kv: Optional[Cache] = None  # the committed blocks' keys/values
@@ -189,22 +194,23 @@ def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: Sa
                 nonlocal stale
                 if pending is not None:  # the block has not changed since the commit pass computed them
                     return pending
-                if kv_cache and B == 1:  # the only slot reads the last committed position: no pass
+                if shift and kv_cache and B == 1:  # the only slot reads the last committed position: no pass
                     return clean_logits(first[idx][:, None])
                 stats.forward_passes += 1
                 if not kv_cache:
-                    out = _uncached(net, rows, active, starts, block_ids, B, stats)
+                    out = _uncached(net, rows, active, starts, block_ids, B, shift, stats)
                 elif static is not None:
-                    out = _slot_aligned(static.denoise(block_ids, pos), first[idx])
+                    out = _aligned(static.denoise(block_ids, pos), first[idx], shift)
                     stats.positions_computed += block_ids.shape[0] * B
                 elif sub_block_cache and step > 0 and stale is not None:
-                    out = _sub_cached(net, stale, kv_real, block_ids, pos, lo, hi, first[idx], stats)
+                    out = _sub_cached(net, stale, kv_real, block_ids, pos, lo, hi, first[idx], shift, stats)
                 else:
-                    out, stale = _cached(net, kv, kv_real, block_ids, pos, first[idx], stats, keep_kv=sub_block_cache)
+                    out, stale = _cached(net, kv, kv_real, block_ids, pos, first[idx], shift, stats,
+                                         keep_kv=sub_block_cache)
                 return clean_logits(out)
 
             if first_slot == "greedy" and lo == 0:  # Fast-dLLM v2: the first undecided slot by argmax, first
-                at_zero = kv_cache and bool(block_open[:, 0].all())  # slot 0 reads the cached last token: no pass
+                at_zero = shift and kv_cache and bool(block_open[:, 0].all())  # slot 0 reads the cached last token
                 _commit_first_greedy(block_ids, block_open, first[idx][:, None] if at_zero else logits_fn(0, allowed))
                 pending, stale = None, None  # the block changed
             run.denoise(block_ids, block_open, allowed, max(1, math.ceil(steps * sub / B)), logits_fn, rows=active,
@@ -235,7 +241,8 @@ def block_decode(net, prefixes: Sequence[Sequence[int]], length: int, config: Sa
                 kv, kv_real, first_sel = _commit(net, kv, kv_real, clean, clean_pos, sel, stats)
             else:  # one pass: commit this block and run the next block's first denoising step
                 nxt = torch.stack([rows.tokens[active[j], starts[j] + B: starts[j] + 2 * B] for j in keep])
-                kv, kv_real, first_sel, pending = _commit_and_next(net, kv, kv_real, clean, clean_pos, nxt, sel, stats)
+                kv, kv_real, first_sel, pending = _commit_and_next(net, kv, kv_real, clean, clean_pos, nxt, sel, shift,
+                                                                   stats)
                 pending = clean_logits(pending)
             first = first.clone()
             first[idx[sel]] = clean_logits(first_sel)
@@ -253,36 +260,53 @@ def _commit_first_greedy(block_ids: torch.Tensor, block_open: torch.Tensor, logi
     block_open[rows, col] = False
 
 
-def _slot_aligned(query_logits: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-    """(rows, B, V): slot 0 from the previous block's last clean position, slot i from query i - 1."""
+def _slot_queries(start: int, B: int, shift: bool, device) -> torch.Tensor:
+    """The B query positions whose logits are the slots of a block at queries ``start .. start+B-1``
+    when the position before it is a query too: with the shift ``start-1 .. start+B-2`` (slot i
+    reads query i - 1), without it ``start .. start+B-1`` (slot i reads query i)."""
+    return torch.arange(start - int(shift), start - int(shift) + B, device=device)
+
+
+def _aligned(query_logits: torch.Tensor, first: torch.Tensor, shift: bool) -> torch.Tensor:
+    """(rows, B, V) slot-aligned logits of a block from the logits of its kept queries:
+    with the shift slot 0 from the previous block's last clean position (``first``) and slot i from
+    query i - 1; without it, slot i from query i (``first`` unused)."""
+    if not shift:
+        return query_logits
     return torch.cat([first[:, None].to(query_logits.dtype), query_logits], dim=1)
 
 
-def _cached(net, kv: Optional[Cache], kv_real, block_ids, pos, first, stats,
+def _cached(net, kv: Optional[Cache], kv_real, block_ids, pos, first, shift: bool, stats,
             keep_kv: bool = False) -> Tuple[torch.Tensor, Optional[Cache]]:
     """The current block attending the cached committed blocks (exact). Returns slot-aligned logits
     and, with ``keep_kv``, the cache with the block's own keys/values appended (the sub-block cache)."""
     rows, B = block_ids.shape
-    keep = torch.arange(0, B - 1, device=block_ids.device)
     mask = None if kv is None else torch.cat([kv_real, torch.ones_like(block_ids)], dim=1)
+    keep = torch.arange(0, B - int(shift), device=block_ids.device)  # with the shift slot 0 is ``first``
     logits, cache = net.cached_forward(block_ids, mask, pos, keep, past=None if kv is None else copy_kv(kv),
                                        use_cache=keep_kv)
     stats.positions_computed += rows * B
-    return _slot_aligned(logits, first), cache if keep_kv else None
+    return _aligned(logits, first, shift), cache if keep_kv else None
 
 
-def _sub_cached(net, stale: Cache, kv_real, block_ids, pos, lo: int, hi: int, first, stats) -> torch.Tensor:
-    """Fast-dLLM v2's sub-block cache (approximate): the sub-block's queries (and the one before it)
-    attend the committed cache and the block's other columns as cached at the sub-block's first step."""
+def _sub_cached(net, stale: Cache, kv_real, block_ids, pos, lo: int, hi: int, first, shift: bool,
+                stats) -> torch.Tensor:
+    """Fast-dLLM v2's sub-block cache (approximate): the sub-block's queries (with the shift, and
+    the one before it) attend the committed cache and the block's other columns as cached at the
+    sub-block's first step. Slot-aligned logits; slots outside the sub-block are zeros."""
     (rows, B), device = block_ids.shape, block_ids.device
-    a, c = max(lo - 1, 0), stale.get_seq_length() - B  # c: the committed columns before the block's
+    a = max(lo - 1, 0) if shift else lo  # the first query recomputed
+    c = stale.get_seq_length() - B  # the committed columns before the block's
     cols = torch.cat([torch.arange(0, c + a, device=device), torch.arange(c + hi, c + B, device=device)])
     real = torch.ones((rows, len(cols) - c + hi - a), dtype=torch.long, device=device)
     mask = real if kv_real is None else torch.cat([kv_real, real], 1)
-    keep = torch.arange(0, hi - 1 - a, device=device)
+    keep = torch.arange(0, hi - a - int(shift), device=device)
     logits, _ = net.cached_forward(block_ids[:, a:hi], mask, pos[:, a:hi], keep, past=copy_kv(stale, cols=cols))
     stats.positions_computed += rows * (hi - a)
     out = torch.zeros((rows, B, logits.shape[-1]), dtype=logits.dtype, device=device)
+    if not shift:
+        out[:, lo:hi] = logits  # slot i from query i
+        return out
     out[:, a + 1: hi] = logits  # slot i from query i - 1
     if a == 0:
         out[:, 0] = first.to(logits.dtype)
@@ -305,11 +329,12 @@ def _commit(net, kv: Optional[Cache], kv_real, block_ids, pos, sel, stats):
     return cache, real, logits[:, -1]
 
 
-def _commit_and_next(net, kv: Optional[Cache], kv_real, block_ids, pos, nxt, sel, stats):
+def _commit_and_next(net, kv: Optional[Cache], kv_real, block_ids, pos, nxt, sel, shift: bool, stats):
     """:func:`_commit` and the first denoising pass of the next block in one forward pass: the clean
     block's queries see the cache and themselves, the next block's see the cache, the clean block
     and themselves; only the clean block's keys/values are kept. Returns the new cache, its key
-    mask, the first-slot logits and the next block's slot-aligned logits."""
+    mask, the first-slot logits (with the shift: the clean block's last position; without it
+    unused) and the next block's slot-aligned logits."""
     (rows, B), device = block_ids.shape, block_ids.device
     c = 0 if kv is None else kv.get_seq_length()
     prev = torch.zeros((rows, 0), dtype=torch.long, device=device) if kv is None else kv_real.index_select(0, sel)
@@ -320,7 +345,7 @@ def _commit_and_next(net, kv: Optional[Cache], kv_real, block_ids, pos, nxt, sel
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     ids = torch.cat([block_ids, nxt], 1)
     positions = torch.cat([pos, pos + B], 1)
-    keep = torch.arange(B - 1, 2 * B - 1, device=device)
+    keep = _slot_queries(B, B, shift, device)  # the next block's slots
     logits, cache = net.cached_forward(ids, mask[:, None], positions, keep,
                                        past=None if kv is None else copy_kv(kv, rows=sel), use_cache=True)
     stats.forward_passes += 1
@@ -330,7 +355,7 @@ def _commit_and_next(net, kv: Optional[Cache], kv_real, block_ids, pos, nxt, sel
     return cache, real, logits[:, 0], logits
 
 
-def _uncached(net, rows: _Rows, active, starts, block_ids, B: int, stats):
+def _uncached(net, rows: _Rows, active, starts, block_ids, B: int, shift: bool, stats):
     """The reference pass: every committed block and the current one, no cache (block-causal
     pattern), slot-aligned logits of the current block."""
     device = block_ids.device
@@ -343,7 +368,7 @@ def _uncached(net, rows: _Rows, active, starts, block_ids, B: int, stats):
         real[j, width - s - B:] = 1
     positions = (real.cumsum(1) - 1).clamp_min(0)
     mask = _block_causal_mask(net, positions, real, B)
-    keep = torch.arange(width - B - 1, width - 1, device=device).clamp_min(0)
+    keep = _slot_queries(width - B, B, shift, device).clamp_min(0)  # slot-aligned (clamped: an empty prefix)
     logits, _ = net.cached_forward(ids, mask, positions, keep)
     stats.full_passes += 1
     stats.positions_computed += len(active) * width

@@ -69,9 +69,12 @@ class StaticBlockPasses:
         block_size: B.
         backend: the ``torch.compile`` backend of the two fixed-shape passes (:func:`compile_pass`),
             or None to run the same computation eagerly (the reference the compiled one equals).
+        shift: whether slot i reads query i - 1 (the denoising pass then keeps queries 0..B-2, the
+            commit pass B-1..2B-2) or query i (0..B-1 and B..2B-1).
     """
 
-    def __init__(self, net, rows: int, width: int, block_size: int, backend: Optional[str] = "inductor"):
+    def __init__(self, net, rows: int, width: int, block_size: int, backend: Optional[str] = "inductor",
+                 shift: bool = True):
         self.net, self.B, self.width = net, block_size, width
         self.device = next(net.parameters()).device
         self.cache = StaticCache(config=net.model.config, max_cache_len=width)
@@ -79,8 +82,9 @@ class StaticBlockPasses:
         self.end = 0  # committed columns (the cache's length between passes)
         self.dtype = net.mask_dtype()
         self.takes_keep = "logits_to_keep" in inspect.signature(net.model.forward).parameters
-        self.denoise_keep = torch.arange(0, block_size - 1, device=self.device)
-        self.commit_keep = torch.arange(block_size - 1, 2 * block_size - 1, device=self.device)
+        s = int(bool(shift))
+        self.denoise_keep = torch.arange(0, block_size - s, device=self.device)
+        self.commit_keep = torch.arange(block_size - s, 2 * block_size - s, device=self.device)
         compiled = backend is not None
         self._denoise = compile_pass(self._forward, self.device, backend) if compiled else self._forward
         self._commit = compile_pass(self._forward, self.device, backend) if compiled else self._forward
@@ -111,8 +115,8 @@ class StaticBlockPasses:
         return logits[:, -1]
 
     def denoise(self, block_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One denoising pass of the current block (rows, B): logits of its queries 0..B-2
-        (rows, B-1, V); the block's keys/values are dropped again."""
+        """One denoising pass of the current block (rows, B): logits of its queries 0..B-2 with the
+        shift (rows, B-1, V), 0..B-1 without; the block's keys/values are dropped again."""
         rows, B = block_ids.shape
         allowed = self.real[:, None, :].expand(rows, B, self.width).clone()
         allowed[:, :, self.end: self.end + B] = True
@@ -123,7 +127,8 @@ class StaticBlockPasses:
     def commit_and_next(self, clean: torch.Tensor, positions: torch.Tensor,
                         nxt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Commit the clean block and run the next block's first denoising pass in one (2B) pass.
-        Returns the next block's first-slot logits (rows, V) and its slot-aligned logits (rows, B, V)."""
+        Returns the next block's first-slot logits (rows, V; without the shift, unused) and its
+        slot-aligned logits (rows, B, V)."""
         rows, B = clean.shape
         c = self.end
         allowed = self.real[:, None, :].expand(rows, 2 * B, self.width).clone()
