@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
 TINY_TOKENIZER = REPO / "data" / "fixtures" / "tiny_tokenizer"
 MICRO_MODEL = REPO / "experiments" / "micro" / "model"
 MICRO_BLOCK = REPO / "experiments" / "micro" / "block_model"

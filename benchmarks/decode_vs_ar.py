@@ -54,14 +54,14 @@ from lightning_dlm.evaluation.genppl import score_samples  # noqa: E402
 from lightning_dlm.sampling import generate  # noqa: E402
 
 PROMPTS = [
-    "ROMEO:\nBut soft, what light through yonder window breaks?\n\nJULIET:\n",
-    "KING HENRY:\nOnce more unto the breach, dear friends,",
-    "HAMLET:\nTo be, or not to be:",
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\n",
-    "MACBETH:\nIs this a dagger which I see before me,",
-    "PORTIA:\nThe quality of mercy is not strain'd;",
-    "GLOUCESTER:\nNow is the winter of our discontent",
-    "PROSPERO:\nWe are such stuff as dreams are made on,",
+    "ROMEO.\nBut soft, what light through yonder window breaks?\n\nJULIET.\n",
+    "KING HENRY.\nOnce more unto the breach, dear friends,",
+    "HAMLET.\nTo be, or not to be:",
+    "FIRST CITIZEN.\nBefore we proceed any further, hear me speak.\n\nALL.\n",
+    "MACBETH.\nIs this a dagger which I see before me,",
+    "PORTIA.\nThe quality of mercy is not strain'd;",
+    "GLOUCESTER.\nNow is the winter of our discontent",
+    "PROSPERO.\nWe are such stuff as dreams are made on,",
 ]
 TINY_TOKENIZER = REPO / "data" / "fixtures" / "tiny_tokenizer"
 QUALITY = ("gen_ppl", "distinct_2", "entropy")

@@ -541,7 +541,7 @@ def part_sample(args, device, part: Part) -> None:
     net = diffusion_backbone(shape, device, dtype)
     causal = copy.deepcopy(net.model)
     causal.config.is_causal = True
-    prompt = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+    prompt = "ROMEO.\nBut soft, what light through yonder window breaks?\n"
     prompt_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
     configs = [
         ("diffusion: random order, T=L (baseline)", dict(strategy="random", steps=length)),

@@ -68,7 +68,7 @@ from lightning_dlm.sampling import generate  # noqa: E402
 
 DEMO_CKPTS = ["/tmp/fresh/runs/smollm2_shakespeare/checkpoints/last.ckpt",
               str(REPO / "runs/smollm2_shakespeare/checkpoints/last.ckpt")]
-DEFAULT_PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n\nJULIET:\n"
+DEFAULT_PROMPT = "ROMEO.\nBut soft, what light through yonder window breaks?\n\nJULIET.\n"
 TINY_TOKENIZER = REPO / "data" / "fixtures" / "tiny_tokenizer"
 
 
