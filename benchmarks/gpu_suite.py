@@ -30,9 +30,9 @@ Issue 23's parts and rows (``--new-rows`` runs only these, sized for one lease):
 
 5. ``decode``: block decoding eager against CUDA graphs (``graphs=True``), against AR
    ``generate`` eager and ``generate(cache_implementation="static")`` with transformers' compiled
-   forward (benchmarks/decode_graphs.py); the micro model's quality rows when it exists.
-6. ``fsdp2``: ``dlm fit --trainer.strategy fsdp2`` on one device ("skipped: FSDP2 path missing"
-   in a checkout without lightning_dlm.training.fsdp2).
+   forward (benchmarks/decode_graphs.py); the quality rows on the micro world's shipped AR and
+   block models (experiments/micro/model, experiments/micro/block_model).
+6. ``fsdp2``: ``dlm fit --trainer.strategy fsdp2`` on one device.
 7. ``flex``: the BlockMask's full / partial / empty blocks of each annealing mask kind at the
    training length, and the annealing step of each kind on FlexAttention and on the dense mask.
 8. the train part's groups (``--train-groups``): ``base`` (the rows above), ``compiled`` (eager vs
@@ -499,18 +499,9 @@ def part_decode(args, device, part: Part) -> None:
 
 # --- the fsdp2 part: dlm fit under FSDP2 on one device ---------------------------------------------
 
-def fsdp2_available() -> bool:
-    """Whether this checkout has the FSDP2 path (``--trainer.strategy fsdp2``)."""
-    return importlib.util.find_spec("lightning_dlm.training.fsdp2") is not None
-
-
 def part_fsdp2(args, device, part: Part) -> None:
     """A few steps of ``dlm fit --trainer.strategy fsdp2`` on one device (the FSDP2 path's plumbing:
     fully_shard units, mixed precision, DCP checkpoint), through the CLI."""
-    if not fsdp2_available():
-        part.status = "skipped"
-        part.notes.append("skipped: FSDP2 path missing (lightning_dlm.training.fsdp2)")
-        return
     run_fit(args, device, part, strategy="fsdp2")
 
 

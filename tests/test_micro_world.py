@@ -294,8 +294,31 @@ def test_the_shipped_micro_model_matches_its_checksums_and_an_altered_copy_is_re
     with pytest.raises(DLMError, match="lacks model.safetensors"):
         resolve_hf_config(BackboneConfig(pretrained=str(copy)))
     shutil.rmtree(copy)
-    with pytest.raises(DLMError, match="is missing .*make micro-model"):
+    with pytest.raises(DLMError, match="is missing .*make micro-model`$"):
         resolve_hf_config(BackboneConfig(pretrained=str(copy)))
+
+
+def test_the_shipped_block_model_is_intact_and_an_altered_copy_does_not_load(tmp_path):
+    """The micro world's block-diffusion LM (block16.seed0, exported in bf16 for the GPU suite's
+    decoding-quality rows): checked against its checksums by DiffusionModel.from_pretrained."""
+    import shutil
+
+    from lightning_dlm.io.checksums import verify_folder
+    from lightning_dlm.model import DiffusionModel
+
+    shipped = os.path.join(MICRO, "block_model")
+    assert verify_folder(shipped) == shipped + ".sha256"
+    net = DiffusionModel.from_pretrained(shipped)
+    assert net.diffusion.attention == "block" and net.diffusion.block_size == 16 and net.shift
+    assert net.mask_token_id == 1 and not net.mask_token_added and net.info["tokens_seen"] == 409600
+    copy = tmp_path / "block_model"
+    shutil.copytree(shipped, copy)
+    shutil.copy(shipped + ".sha256", str(copy) + ".sha256")
+    (copy / "diffusion_config.json").write_text((copy / "diffusion_config.json").read_text().replace('"shift": true',
+                                                                                                   '"shift": false'))
+    with pytest.raises(DLMError, match=r"diffusion_config.json' differs from its checksum .*"
+                                       r"`make micro-block-model`$"):
+        DiffusionModel.from_pretrained(str(copy))
 
 
 def test_a_seq_len_beyond_the_micro_models_positions_is_one_line(tmp_path, capsys):

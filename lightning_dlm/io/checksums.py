@@ -3,9 +3,11 @@
 A folder the project ships in git (``experiments/micro/model``, the micro world's pretrained AR
 model) is what every later step starts from, so a changed byte would silently change every result.
 Its files' SHA-256 digests sit beside it in ``sha256sum``'s format (``<hex>  <file name>``, one
-line a file); :func:`verify_folder` checks them whenever the folder is loaded as a pretrained
-model, and refuses a missing, changed or extra weight file in one line that says how to restore it.
-A folder without a checksum file beside it is not checked.
+line a file); :func:`verify_folder` checks them whenever the folder is loaded (as a pretrained
+backbone, or by ``DiffusionModel.from_pretrained``), and refuses a missing, changed or extra file
+in one line that says how to restore it. A line ``# rebuild: <command>`` in the checksum file names
+the command that rebuilds the folder (quoted in that line). A folder without a checksum file
+beside it is not checked.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Dict, Optional
 
 from lightning_dlm.core.errors import DLMError
 
-RESTORE = "restore it with `git checkout -- {folder}`, or rebuild it with `make micro-model`"
+RESTORE = "restore it with `git checkout -- {folder}`"
+REBUILD_PREFIX = "# rebuild: "
 
 
 def checksum_path(folder: str) -> str:
@@ -37,20 +40,32 @@ def folder_digests(folder: str) -> Dict[str, str]:
             if os.path.isfile(os.path.join(folder, name))}
 
 
-def write_checksums(folder: str) -> str:
-    """Write ``<folder>.sha256`` for the files of ``folder``; returns its path."""
+def write_checksums(folder: str, rebuild: Optional[str] = None) -> str:
+    """Write ``<folder>.sha256`` for the files of ``folder`` (with ``rebuild``, the command that
+    rebuilds it, as its first line); returns its path."""
     path = checksum_path(folder)
     with open(path, "w", encoding="utf-8") as fh:
+        if rebuild:
+            fh.write(f"{REBUILD_PREFIX}{rebuild}\n")
         for name, hexdigest in folder_digests(folder).items():
             fh.write(f"{hexdigest}  {name}\n")
     return path
+
+
+def rebuild_command(path: str) -> Optional[str]:
+    """The command a checksum file names in its ``# rebuild:`` line, if any."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith(REBUILD_PREFIX):
+                return line[len(REBUILD_PREFIX):].strip() or None
+    return None
 
 
 def read_checksums(path: str) -> Dict[str, str]:
     out = {}
     with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
-            if not line.strip():
+            if not line.strip() or line.startswith("#"):
                 continue
             parts = line.rstrip("\n").split("  ", 1)
             if len(parts) != 2 or len(parts[0]) != 64:
@@ -66,6 +81,9 @@ def verify_folder(folder: str) -> Optional[str]:
     if not os.path.isfile(path):
         return None
     restore = RESTORE.format(folder=folder)
+    rebuild = rebuild_command(path)
+    if rebuild:
+        restore += f", or rebuild it with `{rebuild}`"
     if not os.path.isdir(folder):
         raise DLMError(f"model folder '{folder}' is missing (its checksums are in {path}): {restore}")
     expected = read_checksums(path)

@@ -11,6 +11,7 @@ initialisation, no second copy of the weights).
 from __future__ import annotations
 
 import copy
+import os
 from collections import Counter
 from typing import Any, Callable, Dict, Optional
 
@@ -19,6 +20,7 @@ import torch
 from lightning_dlm.core.config import DiffusionConfig
 from lightning_dlm.core.errors import DLMError, first_line
 from lightning_dlm.core.records import coerce_config
+from lightning_dlm.io.checksums import verify_folder
 from lightning_dlm.io.export import write_export_folder
 from lightning_dlm.io.format import DTYPE_CHOICES, export_config
 from lightning_dlm.io.loaders import StoredModel, custom_code_refusal, read_stored
@@ -147,10 +149,12 @@ def check_backbone(cfg: BackboneConfig, diffusion: DiffusionConfig) -> BackboneC
 
 def load_model(path: str, factory: Callable[..., Any], trust_checkpoint: bool = False,
                dtype: Optional[torch.dtype] = None, trust_remote_code: bool = False):
-    """The model at ``path`` (any source :mod:`lightning_dlm.io.loaders` reads) on the CPU.
+    """The model at ``path`` (any source :mod:`lightning_dlm.io.loaders` reads) on the CPU; a folder
+    with checksums beside it (:mod:`lightning_dlm.io.checksums`) is checked first.
     ``trust_remote_code`` is refused (one line): nothing here runs a folder's own code."""
     if trust_remote_code:
         raise refuse_remote_code(f"loading '{path}'")
+    verify_folder(os.path.expanduser(str(path)))  # a shipped folder against the checksums beside it
     return assemble(read_stored(str(path), trust=trust_checkpoint), factory, dtype)
 
 
