@@ -76,7 +76,6 @@ def test_compiled_layers_give_the_eager_loss_and_gradients():
 
 
 @needs_compiler
-@pytest.mark.slow
 def test_resume_is_exact_with_compile_on(tmp_path):
     L.seed_everything(0)
     full = LossRecorder()

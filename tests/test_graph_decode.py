@@ -61,7 +61,6 @@ def test_the_traced_passes_give_the_eager_tokens():
     assert torch.equal(traced.ids, eager.ids)
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not cpu_compiler(), reason="inductor needs a C++ compiler on the CPU")
 def test_the_compiled_decoder_gives_the_eager_tokens_on_the_cpu():
     net = block_net()
