@@ -13,6 +13,12 @@ the end of turn), ``dllm/core/trainers/mdlm.py`` (``right_shift_logits: False``:
 ``examples/a2d/README.md`` (``block_size=32`` for the BD3LM model). Both publish the same config, so
 the BD3LM model is told apart by its name (``bd3lm`` in the folder's path or hub name). Loaded as
 transformers' ``Qwen3ForCausalLM``: bidirectional (MDLM) or in our block mode (BD3LM).
+
+The BD3LM trainer places blocks on positions 0, B, 2B, ... of each sequence (block id = position
+// B) and reads slot i from position i (no shift); our block decoder keeps that alignment. dllm's
+``dllm/core/samplers/bd3lm.py`` instead left-pads the prompt to whole blocks (block ids on the
+padded columns, RoPE positions unpadded), so its first generated block begins at the prompt's end;
+the two agree when the prompt's length is a multiple of the block size.
 """
 
 from __future__ import annotations
