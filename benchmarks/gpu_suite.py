@@ -324,7 +324,7 @@ def train_plan(args, gpu: bool):
         raise PartError(f"unknown train group(s) {', '.join(unknown)}: choose from {', '.join(TRAIN_GROUPS)}")
     shapes = ([("smollm2-135m", 2048, [16, 8, 4]), ("llama-1b", 2048, [8, 4, 2, 1])] if gpu
               else [("tiny", 64, [2])])
-    if args.shapes:
+    if args.shapes and gpu:  # the dry run always runs its one tiny shape
         shapes = [s for s in shapes if s[0] in args.shapes.split(",")]
     plan = [(shape, seq, cands, group) for shape, seq, cands in shapes for group in groups if group != "memory"]
     if "memory" in groups:  # the 128K-vocabulary shape: the fused row CE's memory against the plain head

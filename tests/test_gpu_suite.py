@@ -81,6 +81,23 @@ def test_dry_run_runs_every_part_and_writes_its_tables(tmp_path):
     assert "## decode: passed" in text and "## flex: passed" in text
 
 
+def test_the_new_rows_dry_run_covers_every_new_row(tmp_path):
+    """`--new-rows` (issue 23's one command) on the CPU: its parts, and every train group of the new
+    rows on the tiny shape even though the command names the 1B shapes (a filter that dropped them
+    left only the memory group in this dry run)."""
+    proc, report, _ = _run(tmp_path, "--new-rows")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    parts = report["parts"]
+    assert list(parts) == ["tests", "decode", "fsdp2", "flex", "train"]
+    assert all(p["status"] in ("passed", "skipped") for p in parts.values())
+    tiny = parts["train"]["figures"]["tiny"]
+    assert set(tiny["groups"]) == {"compiled", "memory"}  # liger and fused (compiled + Liger): CUDA only,
+    for key in ("causal-liger", "after-liger", "causal-compiled-liger", "after-compiled-liger"):  # listed, skipped
+        assert tiny[key]["status"] == "skipped: needs CUDA", key
+    assert tiny["after-compiled"]["status"] == "measured" and tiny["after"]["status"] == "measured"
+    assert len(parts["decode"]["figures"]["quality"]) == 2  # the shipped micro models' quality rows
+
+
 def test_a_failing_part_is_reported_and_the_rest_still_runs(tmp_path, monkeypatch):
     import gpu_suite
 
