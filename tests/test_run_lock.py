@@ -153,6 +153,45 @@ def test_the_lock_is_held_while_training_and_released_on_ctrl_c(tmp_path):
     RunLock(str(root)).acquire().release()  # free again
 
 
+class CtrlCAt(L.Callback):
+    """Presses Ctrl-C (a KeyboardInterrupt) at the end of training step ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("stop_at, expected", [
+    (3, "interrupted at step 3: resume from its last checkpoint (step 2) with --ckpt_path {ckpt}"),
+    (1, "interrupted at step 1, before its first checkpoint: nothing was saved to resume from"),
+])
+def test_ctrl_c_in_a_fit_is_one_line_naming_what_to_resume_and_exit_130(tmp_path, capsys, stop_at, expected):
+    """Lightning catches the interrupt, stops gracefully and exits 1 without a word in quiet mode:
+    dlm says where the run stands and exits 130 like any Ctrl-C; the line's resume command works."""
+    root = tmp_path / "run"
+    callbacks = tmp_path / "callbacks.yaml"
+    callbacks.write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "tests.test_run_lock.CtrlCAt", "init_args": {"step": stop_at}}]}}))
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT from its graceful stop on
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(fit_args(root, 6, "--config", str(callbacks)))
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert exit_info.value.code == 130
+    ckpt = root / "checkpoints" / "last.ckpt"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == expected.format(ckpt=ckpt) and not any("Traceback" in line for line in err)
+    assert not (root / LOCK_NAME).exists()
+    if stop_at == 3:
+        assert step_of(ckpt) == 2
+        fit(root, 4, "--ckpt_path", str(ckpt))  # the command the line gives
+        assert step_of(ckpt) == 4
+
+
 def test_only_rank_zero_locks_and_the_other_ranks_share_its_lock(tmp_path, monkeypatch):
     config = {"trainer": {"default_root_dir": str(tmp_path / "ddp")}, "checkpoint": {"dirpath": None}}
     for name in runs.RANK_VARIABLES:

@@ -9,7 +9,7 @@ Entry points import their command on first use, so ``dlm --help`` loads no model
 lightning_dlm's own lines: the libraries' chatter (Lightning's device lines and tips, warnings,
 transformers' reports and bars) is off unless ``--verbose`` is given, anywhere on the command line,
 or ``DLM_VERBOSE=1`` (:mod:`lightning_dlm.training.quiet`). A bad command line or input is one line
-``error: ...`` (exit 2); Ctrl-C is one line ``interrupted`` (exit 130) unless the subcommand handles it.
+``error: ...`` (exit 2); Ctrl-C is one line (exit 130): ``interrupted``, or in a fit where it stopped and the checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -114,8 +114,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     except DLMError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        # Ctrl-C anywhere a subcommand does not handle it itself (fit: Lightning stops gracefully and exits;
-        # chat and sweep say their own line): one line, the shell's exit code for SIGINT, no traceback
-        print(("\n" if _is_terminal(sys.stderr) else "") + "interrupted", file=sys.stderr, flush=True)  # past the ^C
+    except KeyboardInterrupt as interrupt:
+        # Ctrl-C anywhere a subcommand does not handle it itself (chat and sweep say their own line): one
+        # line (a fit's names the checkpoint to resume from; the other ranks of a fit say nothing), the
+        # shell's exit code for SIGINT, no traceback
+        message = str(interrupt) if type(interrupt) is not KeyboardInterrupt else "interrupted"
+        if message:
+            print(("\n" if _is_terminal(sys.stderr) else "") + message, file=sys.stderr, flush=True)  # past the ^C
         sys.exit(130)

@@ -1,9 +1,10 @@
 """The Lightning CLI of ``dlm fit/validate/test`` (and ``dlm sft``, ``dlm demo``): LightningCLI with a
 step-based checkpoint callback, the tokenizer linked model -> data, resume checks and atomic
-checkpoint files."""
+checkpoint files; Ctrl-C in a fit is one line saying what to resume from (exit 130)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import List, Optional
 
@@ -94,6 +95,13 @@ class DLMCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         try:
             super().__init__(*args, **kwargs)
+        except SystemExit as stop:
+            # Lightning catches Ctrl-C, stops gracefully (callbacks told, loggers closed) and exits 1
+            # without a word in quiet mode: say where the run stands and exit as any Ctrl-C does (130)
+            trainer = getattr(self, "trainer", None)
+            if stop.code == 1 and trainer is not None and trainer.interrupted:
+                raise FitInterrupted(interrupted_line(trainer) if trainer.is_global_zero else "") from None
+            raise
         finally:  # the run ended, failed or was interrupted: its folders are free again
             release_run(self._run_locks)
             self._run_locks = []
@@ -131,6 +139,22 @@ class DLMCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+class FitInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a fit: its message is the line to print (empty on ranks other than 0)."""
+
+
+def interrupted_line(trainer) -> str:
+    """Where a fit stopped by Ctrl-C stands: its step and the checkpoint to resume from, if any."""
+    step = trainer.global_step
+    checkpoint = trainer.checkpoint_callback
+    last = getattr(checkpoint, "last_model_path", "") if checkpoint is not None else ""
+    if last and os.path.isfile(last):
+        saved = getattr(checkpoint, "last_full_step", None)
+        at = f" (step {saved})" if saved is not None else ""
+        return f"interrupted at step {step}: resume from its last checkpoint{at} with --ckpt_path {last}"
+    return f"interrupted at step {step}, before its first checkpoint: nothing was saved to resume from"
 
 
 def lightning_kwargs() -> dict:

@@ -89,6 +89,7 @@ class StepCheckpoint(ModelCheckpoint):
         )
         self.keep_last_k = keep_last_k
         self.step_files: List[str] = []  # the step files written in this folder, oldest first
+        self.last_full_step: Optional[int] = None  # the step of the last.ckpt this run wrote
 
     @property
     def state_key(self) -> str:
@@ -104,6 +105,8 @@ class StepCheckpoint(ModelCheckpoint):
             super()._save_checkpoint(trainer, filepath)
         finally:
             self.save_weights_only = weights_only
+        if not step_file:
+            self.last_full_step = trainer.global_step
         if step_file:
             if filepath in self.step_files:
                 self.step_files.remove(filepath)
