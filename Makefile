@@ -11,7 +11,7 @@ ASSETS ?= assets
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install assets demo demo-smollm2 micro-model micro-block-model replicate eval ablation ablation-eval notebooks lint test test-slow mutations bench gpu-wheels gpu-dry-run clean clean-runs
+.PHONY: install assets demo demo-smollm2 micro-model micro-block-model replicate eval ablation ablation-eval notebooks lint test test-slow mutations bench gpu-wheels gpu-dry-run test-gpu-versions clean clean-runs
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -135,6 +135,19 @@ gpu-wheels:
 # The GPU suite's CPU dry run (tiny shapes; make test runs it too).
 gpu-dry-run: $(STAMP)
 	$(PY) benchmarks/gpu_suite.py --dry-run --out runs/gpu_suite_dry_run
+
+# The tests of every path the GPU suite takes, against the transformers the lent GPU machine
+# carries (5.17, with its huggingface_hub), installed beside the venv's own 5.24 (a few minutes).
+GPU_VERSIONS ?= .gpu-versions
+GPU_VERSION_PINS ?= transformers==5.17.0 huggingface_hub==1.33.0 httpx==0.28.1 httpcore==1.0.9
+GPU_PATH_TESTS ?= tests/test_graph_decode.py tests/test_block_diffusion.py tests/test_decode_loop.py tests/test_sampling.py \
+	tests/test_samplers.py tests/test_fsdp2.py tests/test_compile.py tests/test_gpu_suite.py tests/test_releases.py \
+	tests/test_model.py tests/test_training.py tests/test_flex_attention.py tests/test_flex_sparsity.py tests/test_export.py
+test-gpu-versions: $(STAMP)
+	rm -rf $(GPU_VERSIONS)
+	$(PY) -m pip install -q --no-deps --target $(GPU_VERSIONS) $(GPU_VERSION_PINS)
+	PYTHONPATH=$(GPU_VERSIONS) $(PY) -c "import transformers; print('transformers', transformers.__version__)"
+	PYTHONPATH=$(GPU_VERSIONS) $(PY) -m pytest -q -n 2 $(GPU_PATH_TESTS)
 
 # Build leftovers only: runs/ (checkpoints and logs of your runs, the demo's included) is kept.
 clean:

@@ -42,6 +42,7 @@ from lightning_dlm.core.loss import drop_logit, drop_logit_ce
 from lightning_dlm.core.schedules import NoiseSchedule, get_schedule
 from lightning_dlm.model.config import BackboneConfig
 from lightning_dlm.model.flex_masks import FLEX, block_mask_from_mod, check_flex_call, check_flex_support, flex_block_mask
+from lightning_dlm.model.hf_compat import cache_keyword, enable_activation_checkpointing, returned_cache
 from lightning_dlm.model.loading import load_causal_lm, mask_token_config, max_positions, resolve_hf_config
 from lightning_dlm.model.mask_token import provide_mask_token
 from lightning_dlm.model.pretrained import load_model, save_model
@@ -101,6 +102,7 @@ class DiffusionModel(nn.Module):
         self._row_logits_exact: Optional[bool] = None  # decided by check_row_logits
         # whether the model computes its LM head at chosen positions only (decided once, not per step)
         self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache_keyword = cache_keyword(model)  # cache= (transformers 5.24) or past_key_values= (5.17)
         # (hidden (N, H), LM head, targets (N,)) -> CE (N,) without the logits (backbone.kernels: liger)
         self.fused_row_ce = None
         # A diffusion LM attends both ways: transformers builds bidirectional masks from this flag.
@@ -121,7 +123,7 @@ class DiffusionModel(nn.Module):
             check_flex_support(MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None), hf_config)
         model = build_empty_causal_lm(cfg) if empty else load_causal_lm(cfg)
         if cfg.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         mask_id, added = provide_mask_token(model, tokenizer, mask_token_config(cfg, tokenizer), seed)
         if cfg.lora is not None:  # adapters (and the mask row) train; merged into the weights on export
             from lightning_dlm.model.lora import apply_lora
@@ -373,12 +375,13 @@ class DiffusionModel(nn.Module):
         """The sampler's forward: explicit ``position_ids``, optional past keys/values (transformers
         cache), the logits at positions ``keep`` only (the LM head runs there alone where the model
         takes ``logits_to_keep``). Returns ``(logits (B, len(keep), V), cache)``: ``past`` is a
-        transformers ``Cache`` (or None), passed as transformers' ``cache=`` and returned as the
-        output's ``cache`` (the names ``past_key_values`` replaced, deprecated in transformers 5.x)."""
+        transformers ``Cache`` (or None), passed under the keyword the model takes (``cache=`` in
+        transformers 5.24, ``past_key_values=`` in 5.17: :mod:`lightning_dlm.model.hf_compat`)."""
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         if self._takes_logits_to_keep:
             kwargs["logits_to_keep"] = keep
-        out = self.model(**kwargs, cache=past, use_cache=use_cache)
+        kwargs[self._cache_keyword] = past
+        out = self.model(**kwargs, use_cache=use_cache)
         logits = out.logits if self._takes_logits_to_keep else out.logits.index_select(1, keep)
-        return logits, out.cache
+        return logits, returned_cache(out)
 

@@ -9,8 +9,8 @@ prompt blocks and every block to decode) neither pass changes shape from block t
 * the pass writes its block's keys/values at the cache's current end and attends all W columns
   under a (rows, 1, Q, W) additive mask: committed real keys and its own block (and, for the
   commit pass, the clean block for the next block's queries); columns not written yet are masked;
-* after a denoising pass the cache is cropped back by B (``StaticCache.crop``: only its length
-  counter moves, the tensors keep their addresses), so the undecided block is overwritten by the
+* after a denoising pass the cache is cropped back by B (:func:`~lightning_dlm.model.hf_compat.drop_last`:
+  only its length counters move, the tensors keep their addresses), so the undecided block is overwritten by the
   next pass; after a commit pass it is cropped by B too, keeping the clean block.
 
 The two passes are compiled with ``torch.compile`` (``mode="reduce-overhead"`` on CUDA: the
@@ -32,6 +32,7 @@ import torch
 from transformers import StaticCache
 
 from lightning_dlm.core.errors import DLMError
+from lightning_dlm.model.hf_compat import cache_keyword, drop_last
 
 
 def check_static_shapes(first_blocks: Sequence[int], last_blocks: Sequence[int], *, stop_at_eos: bool,
@@ -82,6 +83,7 @@ class StaticBlockPasses:
         self.end = 0  # committed columns (the cache's length between passes)
         self.dtype = net.mask_dtype()
         self.takes_keep = "logits_to_keep" in inspect.signature(net.model.forward).parameters
+        self.cache_keyword = cache_keyword(net.model)  # cache= or past_key_values= (transformers 5.17)
         s = int(bool(shift))
         self.denoise_keep = torch.arange(0, block_size - s, device=self.device)
         self.commit_keep = torch.arange(block_size - s, 2 * block_size - s, device=self.device)
@@ -92,8 +94,8 @@ class StaticBlockPasses:
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  keep: torch.Tensor) -> torch.Tensor:
         kwargs = dict(logits_to_keep=keep) if self.takes_keep else {}
-        out = self.net.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
-                             use_cache=True, **kwargs)
+        kwargs[self.cache_keyword] = self.cache
+        out = self.net.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         return out.logits if self.takes_keep else out.logits.index_select(1, keep)
 
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
@@ -121,7 +123,7 @@ class StaticBlockPasses:
         allowed = self.real[:, None, :].expand(rows, B, self.width).clone()
         allowed[:, :, self.end: self.end + B] = True
         logits = self._denoise(block_ids, self._mask(allowed), positions, self.denoise_keep).clone()
-        self.cache.crop(-B)
+        drop_last(self.cache, B)
         return logits
 
     def commit_and_next(self, clean: torch.Tensor, positions: torch.Tensor,
@@ -137,7 +139,7 @@ class StaticBlockPasses:
         ids = torch.cat([clean, nxt], 1)
         logits = self._commit(ids, self._mask(allowed), torch.cat([positions, positions + B], 1),
                               self.commit_keep).clone()
-        self.cache.crop(-B)  # keep the clean block, drop the undecided next one
+        drop_last(self.cache, B)  # keep the clean block, drop the undecided next one
         self.real[:, c: c + B] = True
         self.end = c + B
         return logits[:, 0], logits

@@ -14,9 +14,10 @@ the options of fully sharded data parallelism, and :func:`shard_diffusion_model`
   (``auto``: bfloat16 under ``trainer.precision: bf16-mixed``, else their own float32), gradients
   reduce-scattered in ``reduce_dtype`` (default None: the parameter dtype; float32 as an option, at
   twice the gradient traffic), float32 master weights and AdamW state;
-* activation checkpointing of the decoder layers through transformers' public
-  ``activation_checkpointing_enable`` (non-reentrant ``torch.utils.checkpoint``, which FSDP2 composes
-  with: a recomputed layer gathers its parameters again);
+* activation checkpointing of the decoder layers through transformers' public API
+  (:func:`~lightning_dlm.model.hf_compat.enable_activation_checkpointing`: non-reentrant
+  ``torch.utils.checkpoint``, which FSDP2 composes with: a recomputed layer gathers its parameters
+  again);
 * a pretrained model is built on the meta device and each rank reads only its own shards from the
   safetensors (:mod:`lightning_dlm.model.sharded_loading`);
 * clipping by the global norm: the gradients are DTensors and ``torch.nn.utils.get_total_norm``
@@ -42,6 +43,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from torch import nn
 
 from lightning_dlm.core.errors import DLMError
+from lightning_dlm.model.hf_compat import enable_activation_checkpointing
 from lightning_dlm.model.layers import decoder_layer_classes, decoder_layers
 
 STRATEGY_NAME = "fsdp2"
@@ -164,7 +166,7 @@ def shard_diffusion_model(net: nn.Module, mesh, wrap_classes=None, mp_policy=Non
 
     classes = decoder_layer_classes(net, wrap_classes, option=WRAP_OPTION)
     if activation_checkpointing:
-        net.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(net.model)
     policy = mp_policy if mp_policy is not None else MixedPrecisionPolicy()
     layers = decoder_layers(net, classes)
     if not layers:
