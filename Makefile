@@ -142,7 +142,8 @@ GPU_VERSIONS ?= .gpu-versions
 GPU_VERSION_PINS ?= transformers==5.17.0 huggingface_hub==1.33.0 httpx==0.28.1 httpcore==1.0.9
 GPU_PATH_TESTS ?= tests/test_graph_decode.py tests/test_block_diffusion.py tests/test_decode_loop.py tests/test_sampling.py \
 	tests/test_samplers.py tests/test_fsdp2.py tests/test_compile.py tests/test_gpu_suite.py tests/test_releases.py \
-	tests/test_model.py tests/test_training.py tests/test_flex_attention.py tests/test_flex_sparsity.py tests/test_export.py
+	tests/test_model.py tests/test_training.py tests/test_flex_attention.py tests/test_flex_sparsity.py tests/test_export.py \
+	tests/test_hf_compat.py
 test-gpu-versions: $(STAMP)
 	rm -rf $(GPU_VERSIONS)
 	$(PY) -m pip install -q --no-deps --target $(GPU_VERSIONS) $(GPU_VERSION_PINS)
