@@ -104,6 +104,19 @@ def test_keep_last_k_keeps_the_most_recent_step_files_across_a_resume(tmp_path):
     assert load(folder / "last.ckpt")["global_step"] == 6
 
 
+def test_a_step_file_written_after_the_last_ckpt_is_rewritten_on_resume_not_versioned(tmp_path):
+    """Ctrl-C between a step file and last.ckpt (both written at a checkpoint step, step file
+    first) leaves a step file newer than last.ckpt. The resumed run reaches that step again with
+    the same state (resume is exact) and rewrites the file; Lightning's version counter would add
+    a step0000004-v1.ckpt beside it (seen in the sweep's Ctrl-C test)."""
+    fit(tmp_path, "--trainer.max_steps", "2")
+    folder = tmp_path / "checkpoints"
+    shutil.copy(folder / "step0000002.ckpt", folder / "step0000004.ckpt")  # what the interrupted run left
+    fit(tmp_path, "--trainer.max_steps", "4", "--ckpt_path", str(folder / "last.ckpt"))
+    assert existing_checkpoints(str(folder)) == ["last.ckpt", "step0000002.ckpt", "step0000004.ckpt"]
+    assert load(folder / "step0000004.ckpt")["global_step"] == 4  # rewritten by the resumed run
+
+
 def test_full_step_files_on_request_and_none_with_keep_last_k_0(tmp_path):
     fit(tmp_path / "full", "--checkpoint.save_weights_only", "false", "--trainer.max_steps", "2")
     folder = tmp_path / "full" / "checkpoints"

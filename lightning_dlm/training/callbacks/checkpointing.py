@@ -21,9 +21,11 @@ resume from an earlier step than the last.
 
 A run folder moved or copied elsewhere resumes in place: resumed from a checkpoint of its own
 checkpoint folder, the paths the state remembers (``last.ckpt``, the step files, the best ones)
-are read as files of the folder it is in now, and ``last.ckpt`` there is rewritten, never joined
-by a ``last-v1.ckpt``. Pruning (``keep_last_k``, ``save_top_k``) counts the step files found in
-the folder too, so the files a ``kill -9`` left beyond the limit go at the next save.
+are read as files of the folder it is in now, and ``last.ckpt`` and the step files there are
+rewritten, never joined by a ``last-v1.ckpt`` or ``step0000080-v1.ckpt`` (a step file newer than
+``last.ckpt``, left by a Ctrl-C between the two saves of a step, is rewritten by the resumed
+run). Pruning (``keep_last_k``, ``save_top_k``) counts the step files found in the folder too, so
+the files a ``kill -9`` left beyond the limit go at the next save.
 """
 
 from __future__ import annotations
@@ -144,10 +146,15 @@ class StepCheckpoint(ModelCheckpoint):
         return [os.path.join(str(self.dirpath), name) for name in names]
 
     def file_exists(self, filepath, trainer) -> bool:
-        # last.ckpt of the folder the run resumed from is the run's own: rewritten, never versioned
-        # (the same answer on every rank: no collective is skipped on one rank only)
-        if (os.path.basename(str(filepath)) == self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION and self.dirpath
-                and os.path.dirname(str(filepath)) == str(self.dirpath) and self.resumed_here(trainer)):
+        # In the folder the run resumed from, last.ckpt and the step files are the run's own:
+        # rewritten, never versioned. A step file can be newer than last.ckpt (Ctrl-C between the
+        # two saves of a checkpoint step, the step file first); the resumed run reaches that step
+        # again with the same state (resume is exact) and rewrites it. The same answer on every
+        # rank: no collective is skipped on one rank only.
+        name, pattern = os.path.basename(str(filepath)), self.step_file_names()
+        own = name == self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION or (
+            pattern is not None and pattern.match(name) is not None and pattern.match(name).group(1) is None)
+        if own and self.dirpath and os.path.dirname(str(filepath)) == str(self.dirpath) and self.resumed_here(trainer):
             return False
         return super().file_exists(filepath, trainer)
 
