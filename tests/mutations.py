@@ -65,7 +65,7 @@ MUTATIONS: List[Mutation] = [
              ("tests/test_hf_compat.py::test_the_cache_keyword_is_read_from_the_models_forward",),
              "transformers 5.17 swallows cache= silently: the keyword must be the model's own"),
     Mutation("step-file-versioned-on-resume", "lightning_dlm/training/callbacks/checkpointing.py",
-             "pattern.match(name).group(1) is None)", "pattern.match(name).group(1) is None and False)",
+             "step_file.group(1) is None)", "step_file.group(1) is None and False)",
              ("tests/test_checkpointing.py::test_a_step_file_written_after_the_last_ckpt_is_rewritten_on_resume_not_versioned",),
              "a step file newer than last.ckpt is rewritten by the resumed run, not versioned"),
     Mutation("generate-drops-the-suffix", "lightning_dlm/sampling/generate.py",

@@ -48,16 +48,22 @@ def objective_loss_and_grads(net, objective, ids, step):
     return loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
 
 
+def twin_models():
+    """Two copies of the tiny model on CUDA in training mode, with the same weights."""
+    cfg = BackboneConfig(config=dict(MODEL), mask_token=MaskTokenConfig(mode="reuse", id=4095))
+    torch.manual_seed(0)
+    reference = DiffusionModel.from_config(cfg, None).cuda().train()
+    other = DiffusionModel.from_config(cfg, None).cuda().train()
+    other.load_state_dict(reference.state_dict())
+    return reference, other
+
+
 @pytest.mark.parametrize("objective", ["diffusion", "ar"])
 def test_liger_kernels_match_the_plain_path(objective, exact_fp32):
     needs("liger_kernel")
     from lightning_dlm.model.fused_kernels import apply_liger
 
-    cfg = BackboneConfig(config=dict(MODEL), mask_token=MaskTokenConfig(mode="reuse", id=4095))
-    torch.manual_seed(0)
-    plain = DiffusionModel.from_config(cfg, None).cuda().train()
-    fused = DiffusionModel.from_config(cfg, None).cuda().train()
-    fused.load_state_dict(plain.state_dict())
+    plain, fused = twin_models()
     counts = apply_liger(fused, torch.device("cuda"))
     assert counts == {"rms_norm": 2 * 2 + 1, "swiglu": 2}
     assert fused.fused_row_ce is not None and list(fused.state_dict()) == list(plain.state_dict())
@@ -75,11 +81,7 @@ def test_compiled_layers_on_cuda_match_eager(exact_fp32):
     needs("triton")
     from lightning_dlm.model.compiled import compile_decoder_layers
 
-    cfg = BackboneConfig(config=dict(MODEL), mask_token=MaskTokenConfig(mode="reuse", id=4095))
-    torch.manual_seed(0)
-    eager = DiffusionModel.from_config(cfg, None).cuda().train()
-    compiled = DiffusionModel.from_config(cfg, None).cuda().train()
-    compiled.load_state_dict(eager.state_dict())
+    eager, compiled = twin_models()
     assert compile_decoder_layers(compiled.model, torch.device("cuda")) == 2
     ids = torch.randint(1, 4000, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     for step in (0, 5):

@@ -16,8 +16,9 @@ The shift. With it (``shift=True``: Fast-dLLM v2, our own block models) slot i o
 the logits of position i - 1, so a block's first slot comes from the previous block's last clean
 position (computed by the commit pass). Without it (``shift=False``: BD3LM, dllm's Tiny-A2D BD3LM)
 slot i reads position i itself, a mask while undecided, so every slot of a block comes from the
-block's own queries; the prompt may then be empty. Only the pass helpers below (which queries'
-logits they keep, :func:`_slot_queries`, and how they align them, :func:`_aligned`) depend on it.
+block's own queries; the prompt may then be empty. Only the pass helpers below depend on it: which
+queries' logits they keep (the sampler's :func:`~lightning_dlm.sampling.canvas.slot_logit_positions`)
+and how they align them (:func:`_aligned`).
 
 The first slot. A block's first undecided slot is decided by the strategy with the other slots
 (the default, ``first_slot="strategy"``); Fast-dLLM v2 instead commits it greedily (the argmax of
@@ -51,6 +52,7 @@ import torch
 from transformers import Cache
 
 from lightning_dlm.core.errors import DLMError
+from lightning_dlm.sampling.canvas import slot_logit_positions
 from lightning_dlm.sampling.denoisers import copy_kv
 from lightning_dlm.sampling.engine import Decoded, DecodeRun, SamplerConfig, eos_done
 from lightning_dlm.sampling.static_blocks import StaticBlockPasses, check_static_shapes
@@ -260,13 +262,6 @@ def _commit_first_greedy(block_ids: torch.Tensor, block_open: torch.Tensor, logi
     block_open[rows, col] = False
 
 
-def _slot_queries(start: int, B: int, shift: bool, device) -> torch.Tensor:
-    """The B query positions whose logits are the slots of a block at queries ``start .. start+B-1``
-    when the position before it is a query too: with the shift ``start-1 .. start+B-2`` (slot i
-    reads query i - 1), without it ``start .. start+B-1`` (slot i reads query i)."""
-    return torch.arange(start - int(shift), start - int(shift) + B, device=device)
-
-
 def _aligned(query_logits: torch.Tensor, first: torch.Tensor, shift: bool) -> torch.Tensor:
     """(rows, B, V) slot-aligned logits of a block from the logits of its kept queries:
     with the shift slot 0 from the previous block's last clean position (``first``) and slot i from
@@ -282,7 +277,7 @@ def _cached(net, kv: Optional[Cache], kv_real, block_ids, pos, first, shift: boo
     and, with ``keep_kv``, the cache with the block's own keys/values appended (the sub-block cache)."""
     rows, B = block_ids.shape
     mask = None if kv is None else torch.cat([kv_real, torch.ones_like(block_ids)], dim=1)
-    keep = torch.arange(0, B - int(shift), device=block_ids.device)  # with the shift slot 0 is ``first``
+    keep = torch.arange(*slot_logit_positions(int(shift), B, shift), device=block_ids.device)  # shift: slot 0 is ``first``
     logits, cache = net.cached_forward(block_ids, mask, pos, keep, past=None if kv is None else copy_kv(kv),
                                        use_cache=keep_kv)
     stats.positions_computed += rows * B
@@ -345,7 +340,7 @@ def _commit_and_next(net, kv: Optional[Cache], kv_real, block_ids, pos, nxt, sel
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     ids = torch.cat([block_ids, nxt], 1)
     positions = torch.cat([pos, pos + B], 1)
-    keep = _slot_queries(B, B, shift, device)  # the next block's slots
+    keep = torch.arange(*slot_logit_positions(B, 2 * B, shift), device=device)  # the next block's slots
     logits, cache = net.cached_forward(ids, mask[:, None], positions, keep,
                                        past=None if kv is None else copy_kv(kv, rows=sel), use_cache=True)
     stats.forward_passes += 1
@@ -368,7 +363,9 @@ def _uncached(net, rows: _Rows, active, starts, block_ids, B: int, shift: bool, 
         real[j, width - s - B:] = 1
     positions = (real.cumsum(1) - 1).clamp_min(0)
     mask = _block_causal_mask(net, positions, real, B)
-    keep = _slot_queries(width - B, B, shift, device).clamp_min(0)  # slot-aligned (clamped: an empty prefix)
+    # the block's slots (slot_logit_positions), clamped at 0: a first block that starts at position 0
+    # holds the prompt's first token in its slot 0, never decoded
+    keep = torch.arange(width - B - int(shift), width - int(shift), device=device).clamp_min(0)
     logits, _ = net.cached_forward(ids, mask, positions, keep)
     stats.full_passes += 1
     stats.positions_computed += len(active) * width

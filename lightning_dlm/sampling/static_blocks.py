@@ -33,6 +33,7 @@ from transformers import StaticCache
 
 from lightning_dlm.core.errors import DLMError
 from lightning_dlm.model.hf_compat import cache_keyword, drop_last
+from lightning_dlm.sampling.canvas import slot_logit_positions
 
 
 def check_static_shapes(first_blocks: Sequence[int], last_blocks: Sequence[int], *, stop_at_eos: bool,
@@ -84,9 +85,9 @@ class StaticBlockPasses:
         self.dtype = net.mask_dtype()
         self.takes_keep = "logits_to_keep" in inspect.signature(net.model.forward).parameters
         self.cache_keyword = cache_keyword(net.model)  # cache= or past_key_values= (transformers 5.17)
-        s = int(bool(shift))
-        self.denoise_keep = torch.arange(0, block_size - s, device=self.device)
-        self.commit_keep = torch.arange(block_size - s, 2 * block_size - s, device=self.device)
+        first = int(bool(shift))  # with the shift, slot 0 reads the position before the block
+        self.denoise_keep = torch.arange(*slot_logit_positions(first, block_size, shift), device=self.device)
+        self.commit_keep = torch.arange(*slot_logit_positions(block_size, 2 * block_size, shift), device=self.device)
         compiled = backend is not None
         self._denoise = compile_pass(self._forward, self.device, backend) if compiled else self._forward
         self._commit = compile_pass(self._forward, self.device, backend) if compiled else self._forward

@@ -150,6 +150,19 @@ class ReleaseLoader(Loader):
             eos = eos[0] if eos else None
         return int(eos) if isinstance(eos, int) else tokenizer.eos_token_id
 
+    def mask_at_id(self, path: str, tokenizer, token: str, mask_id: int) -> int:
+        """``mask_id`` (the id the release's config names), checked: the tokenizer holds ``token`` there."""
+        if mask_id >= len(tokenizer) or tokenizer.convert_ids_to_tokens(mask_id) != token:
+            raise self.missing_mask(path, token, mask_id)
+        return mask_id
+
+    def mask_by_token(self, path: str, tokenizer, token: str, usual_id: Optional[int] = None) -> int:
+        """The id of ``token`` in the tokenizer's vocabulary (``usual_id``: where the release has it, for the error)."""
+        mask_id = tokenizer.get_vocab().get(token)
+        if mask_id is None:
+            raise self.missing_mask(path, token, usual_id)
+        return int(mask_id)
+
     def missing_mask(self, path: str, token: str, token_id: Optional[int] = None) -> DLMError:
         where = f" at id {token_id}" if token_id is not None else ""
         return DLMError(f"'{path}' is a {self.title} folder but its tokenizer lacks the mask token {token!r}{where}: "

@@ -42,7 +42,4 @@ class Dream(ReleaseLoader):
         return {"shift": True, "attention": "bidirectional"}
 
     def mask_token(self, path: str, config: Dict[str, Any], tokenizer) -> int:
-        mask_id = int(config.get("mask_token_id", 151666))
-        if mask_id >= len(tokenizer) or tokenizer.convert_ids_to_tokens(mask_id) != MASK:
-            raise self.missing_mask(path, MASK, mask_id)
-        return mask_id
+        return self.mask_at_id(path, tokenizer, MASK, int(config.get("mask_token_id", 151666)))

@@ -44,7 +44,4 @@ class FastDLLMv2(ReleaseLoader):
                 "complementary_masks": bool(config.get("conplemenrary_mask", True))}
 
     def mask_token(self, path: str, config: Dict[str, Any], tokenizer) -> int:
-        mask_id = tokenizer.get_vocab().get(MASK)
-        if mask_id is None:
-            raise self.missing_mask(path, MASK, 151665)
-        return int(mask_id)
+        return self.mask_by_token(path, tokenizer, MASK, 151665)

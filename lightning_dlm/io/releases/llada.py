@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from lightning_dlm.io.releases.base import DROPPED_KEYS, ReleaseLoader, register_release
+from lightning_dlm.io.releases.base import ReleaseLoader, register_release
 
 MASK = "<|mdm_mask|>"
 #: the model_type our own LLaDA class is registered under (lightning_dlm.model.llada)
@@ -37,16 +37,8 @@ class LLaDA(ReleaseLoader):
     target_type = LLADA_TYPE
     embedding_key = "model.transformer.wte.weight"
 
-    def hf_config(self, config: Dict[str, Any]) -> Dict[str, Any]:
-        out = {key: value for key, value in config.items() if key not in DROPPED_KEYS}
-        out["model_type"] = LLADA_TYPE
-        return out
-
     def conventions(self, config: Dict[str, Any]) -> Dict[str, Any]:
         return {"shift": False, "attention": "bidirectional"}
 
     def mask_token(self, path: str, config: Dict[str, Any], tokenizer) -> int:
-        mask_id = int(config.get("mask_token_id", 126336))
-        if mask_id >= len(tokenizer) or tokenizer.convert_ids_to_tokens(mask_id) != MASK:
-            raise self.missing_mask(path, MASK, mask_id)
-        return mask_id
+        return self.mask_at_id(path, tokenizer, MASK, int(config.get("mask_token_id", 126336)))

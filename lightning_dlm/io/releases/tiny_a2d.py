@@ -42,10 +42,7 @@ class TinyA2D(ReleaseLoader):
         return ("bd3lm" in os.path.abspath(path).lower()) == self.block
 
     def mask_token(self, path: str, config: Dict[str, Any], tokenizer) -> int:
-        mask_id = tokenizer.get_vocab().get(MASK)
-        if mask_id is None:
-            raise self.missing_mask(path, MASK)
-        return int(mask_id)
+        return self.mask_by_token(path, tokenizer, MASK)
 
 
 @register_release

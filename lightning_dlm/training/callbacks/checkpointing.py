@@ -152,8 +152,9 @@ class StepCheckpoint(ModelCheckpoint):
         # again with the same state (resume is exact) and rewrites it. The same answer on every
         # rank: no collective is skipped on one rank only.
         name, pattern = os.path.basename(str(filepath)), self.step_file_names()
+        step_file = pattern.match(name) if pattern is not None else None
         own = name == self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION or (
-            pattern is not None and pattern.match(name) is not None and pattern.match(name).group(1) is None)
+            step_file is not None and step_file.group(1) is None)  # group 1: a version suffix
         if own and self.dirpath and os.path.dirname(str(filepath)) == str(self.dirpath) and self.resumed_here(trainer):
             return False
         return super().file_exists(filepath, trainer)
